@@ -1,0 +1,1 @@
+"""The ``loracompress`` command line (installed as package ``loracompress_cli``)."""

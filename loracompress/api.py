@@ -1,0 +1,96 @@
+"""One-call entry points: a path in, a path out. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.adapter import Adapter, load_adapter, parse_dtype, save_adapter
+from loracompress.budget import Budget
+from loracompress.errors import LoraCompressError
+from loracompress.methods.svd import Selector, compress_svd
+from loracompress.outputs import check_output_path
+from loracompress.report import CARD_NAME, REPORT_NAME, card, compression_report, report_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    """Everything ``prune`` can be told. Calibration fields are used when ``data`` is given."""
+
+    budget: str | None = None
+    method: str = "svd"
+    select: str | None = None
+    min_rank: int = 0
+    max_rank: int | None = None
+    dtype: str | None = None
+    force: bool = False
+    allow_nonfinite: bool = False
+
+
+def default_output(source: str | Path) -> Path:
+    src = Path(source).resolve()
+    return src.parent / f"{src.name}-compressed"
+
+
+def prune(source: str | Path, output: str | Path | None, options: PruneOptions) -> dict[str, Any]:
+    """Compress the adapter at ``source`` into ``output``; returns the compression report.
+
+    Everything that can be checked is checked before work starts, so a bad output path or a
+    bad budget never costs a long run.
+    """
+    t0 = time.perf_counter()
+    out = Path(output) if output is not None else default_output(source)
+    check_output_path(out, force=options.force, inputs=[Path(source)])
+    budget = Budget.parse(options.budget) if options.budget is not None else None
+    select = Selector.parse(options.select) if options.select else None
+    if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
+        raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
+    adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
+    out_dtype = parse_dtype(options.dtype) or adapter.dtype
+    if options.method != "svd":
+        raise LoraCompressError(
+            f"method {options.method!r} needs calibration data and a base model (--data, --base-model)"
+        )
+    result = compress_svd(
+        adapter,
+        budget,
+        select=select,
+        min_rank=options.min_rank,
+        max_rank=options.max_rank,
+        itemsize=torch.empty(0, dtype=out_dtype).element_size(),
+    )
+    report = compression_report(
+        source=str(source),
+        output=str(out),
+        before=adapter,
+        after=result.adapter,
+        method="svd",
+        settings={"select": options.select, "min_rank": options.min_rank, "max_rank": options.max_rank,
+                  "allocation": "global sigma^2/(in+out)"},
+        budget=options.budget,
+        target_params=result.target_params,
+        out_dtype=out_dtype,
+        retained_energy=result.retained_energy,
+        total_retained_energy=result.total_retained_energy,
+        seconds=time.perf_counter() - t0,
+    )
+    write_result(result.adapter, out, report, out_dtype, options.force)
+    return report
+
+
+def write_result(adapter: Adapter, out: Path, report: dict[str, Any], dtype: torch.dtype, force: bool) -> None:
+    """The adapter, its report and its card, atomically."""
+    save_adapter(
+        adapter,
+        out,
+        dtype=dtype,
+        force=force,
+        extra_files={REPORT_NAME: report_json(report), CARD_NAME: card(report)},
+    )

@@ -1,0 +1,209 @@
+"""Parameter budgets and the one allocator that meets them.
+
+A budget is what the user types (``0.5``, ``50%``, ``1.2M``, ``300k``, ``4MB``, ``4MiB``,
+``rank=8``); :meth:`Budget.resolve` turns it into a **parameter count** for a given adapter.
+One rank component of a module costs ``in + out`` parameters, so ranks are never the currency:
+a rank of ``gate_proj`` in Llama-7B costs 15,104 parameters, a rank of ``q_proj`` 8,192.
+
+:func:`allocate` is the single place that turns per-component scores into per-module ranks
+under a budget; every method meets its budget through it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from loracompress.errors import LoraCompressError
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_HELP = "use a fraction (0.5), a percentage (50%), a parameter count (1.2M, 300k), a size (4MB, 4MiB) or rank=8"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget. ``kind`` is one of ``fraction``, ``params``, ``bytes``, ``rank``."""
+
+    kind: str
+    value: float
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        raw = str(text).strip()
+        s = raw.lower().replace("_", "").replace(",", "")
+        if not s:
+            raise LoraCompressError(f"empty budget; {_HELP}")
+        if m := re.fullmatch(r"rank\s*=\s*(\d+)", s):
+            r = int(m[1])
+            if r < 1:
+                raise LoraCompressError(f"budget {raw!r}: rank must be at least 1; {_HELP}")
+            return cls("rank", r, raw)
+        if m := re.fullmatch(r"([0-9.e+-]+)\s*%", s):
+            pct = _number(m[1], raw)
+            _check_fraction(pct / 100, raw)
+            return cls("fraction", pct / 100, raw)
+        if m := re.fullmatch(r"([0-9.e+-]+)\s*(kib|mib|gib|kb|mb|gb|b)", s):
+            n = _number(m[1], raw) * _BYTES[m[2]]
+            if n <= 0:
+                raise LoraCompressError(f"budget {raw!r} must be positive; {_HELP}")
+            return cls("bytes", n, raw)
+        if m := re.fullmatch(r"([0-9.e+-]+)\s*([kmg]?)", s):
+            x = _number(m[1], raw)
+            if m[2] == "" and x >= 1:
+                if x == 1:
+                    return cls("fraction", 1.0, raw)
+                if x < 1000:  # "2" is far more likely a mistaken "2x" than a 2-parameter budget
+                    raise LoraCompressError(
+                        f"budget {raw!r} is ambiguous: a fraction must be in (0, 1]; for a parameter count add a suffix (e.g. {raw}k)"
+                    )
+                return cls("params", x, raw)  # a bare number above 1000 is a parameter count
+            if m[2] == "":
+                _check_fraction(x, raw)
+                return cls("fraction", x, raw)
+            n = x * _SUFFIX[m[2]]
+            if n <= 0:
+                raise LoraCompressError(f"budget {raw!r} must be positive; {_HELP}")
+            return cls("params", n, raw)
+        raise LoraCompressError(f"cannot parse budget {raw!r}; {_HELP}")
+
+    def resolve(self, costs: Sequence[int], ranks: Sequence[int], itemsize: int) -> int:
+        """The budget as a parameter count for modules of the given per-rank ``costs`` and ``ranks``.
+
+        Raises when the budget is not smaller than what the adapter already has, or rounds to zero.
+        """
+        total = int(sum(c * r for c, r in zip(costs, ranks)))
+        if self.kind == "fraction":
+            target = math.floor(self.value * total)
+        elif self.kind == "params":
+            target = int(self.value)
+        elif self.kind == "bytes":
+            target = int(self.value // itemsize)
+        else:  # rank: the parameters of uniform rank r (capped by each module's current rank)
+            target = int(sum(c * min(int(self.value), r) for c, r in zip(costs, ranks)))
+        if target <= 0:
+            raise LoraCompressError(f"budget {self.text!r} rounds to zero parameters; give a larger budget")
+        if target > total and self.kind != "fraction":
+            raise LoraCompressError(
+                f"budget {self.text!r} ({_fmt(target)} parameters) is more than the adapter has "
+                f"({_fmt(total)}); give a smaller budget"
+            )
+        smallest = min((c for c, r in zip(costs, ranks) if r > 0), default=0)
+        if target < smallest:
+            raise LoraCompressError(
+                f"budget {self.text!r} ({_fmt(target)} parameters) cannot hold even one rank of the smallest "
+                f"module ({_fmt(smallest)}); give a larger budget"
+            )
+        return min(target, total)
+
+
+def _number(s: str, raw: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise LoraCompressError(f"cannot parse budget {raw!r}; {_HELP}") from None
+    if not math.isfinite(x):
+        raise LoraCompressError(f"budget {raw!r} is not a finite number; {_HELP}")
+    return x
+
+
+def _check_fraction(x: float, raw: str) -> None:
+    if not 0 < x <= 1:
+        raise LoraCompressError(f"budget {raw!r} must be a fraction in (0, 1] of the adapter's parameters; {_HELP}")
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def allocate(
+    values: Mapping[str, Sequence[float] | np.ndarray],
+    costs: Mapping[str, int],
+    target: int,
+    min_rank: int | Mapping[str, int] = 0,
+    max_rank: int | Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Choose how many leading components each module keeps, within ``target`` parameters.
+
+    Args:
+        values: per module, the value of each component in the order it would be kept (for
+            SVD: ``σ²`` descending). Only a prefix of each module can be kept.
+        costs: per module, the parameters one component costs (``in + out``).
+        target: the parameter budget; never exceeded.
+        min_rank / max_rank: bounds per module (an int for all, or a mapping).
+
+    Components are taken greedily by value per parameter. The greedy choice is compared with
+    the best *uniform* rank that fits and the better of the two is returned, so the result is
+    never worse than uniform truncation of the same size, by construction.
+    """
+    names = list(values)
+    vals = {n: np.asarray(values[n], dtype=np.float64) for n in names}
+    lo = {n: min(_bound(min_rank, n, 0), len(vals[n])) for n in names}
+    hi = {n: min(_bound(max_rank, n, len(vals[n])), len(vals[n])) for n in names}
+    for n in names:
+        if lo[n] > hi[n]:
+            raise LoraCompressError(f"--min-rank {lo[n]} is above the maximum rank {hi[n]} allowed for {n}")
+    floor_cost = sum(lo[n] * costs[n] for n in names)
+    if floor_cost > target:
+        raise LoraCompressError(
+            f"--min-rank needs {_fmt(floor_cost)} parameters but the budget is {_fmt(target)}; lower --min-rank or raise the budget"
+        )
+    ranks = dict(lo)
+    spent = floor_cost
+    # Candidates beyond the floor, best value-per-parameter first. Within one module SVD values
+    # are descending, so its candidates come out in order; a prefix is kept by construction, and
+    # the running-minimum below enforces it for any order of values.
+    cand: list[tuple[float, str, int]] = []
+    for n in names:
+        ratio = vals[n] / max(costs[n], 1)
+        ratio = np.minimum.accumulate(ratio) if len(ratio) else ratio
+        cand.extend((float(ratio[i]), n, i) for i in range(lo[n], hi[n]))
+    cand.sort(key=lambda t: (-t[0], t[2]))
+    blocked: set[str] = set()
+    for _, n, i in cand:
+        if n in blocked or i != ranks[n]:
+            continue
+        if spent + costs[n] > target:
+            blocked.add(n)  # a later, cheaper module may still fit
+            continue
+        ranks[n] += 1
+        spent += costs[n]
+    uniform = _best_uniform(vals, costs, target, lo, hi)
+    if uniform is not None and _value(vals, uniform) > _value(vals, ranks) + 1e-12:
+        return uniform
+    return ranks
+
+
+def _bound(bound: int | Mapping[str, int] | None, name: str, default: int) -> int:
+    if bound is None:
+        return default
+    if isinstance(bound, Mapping):
+        return int(bound.get(name, default))
+    return int(bound)
+
+
+def _value(vals: Mapping[str, np.ndarray], ranks: Mapping[str, int]) -> float:
+    return float(sum(vals[n][: ranks[n]].sum() for n in ranks))
+
+
+def _best_uniform(
+    vals: Mapping[str, np.ndarray], costs: Mapping[str, int], target: int, lo: Mapping[str, int], hi: Mapping[str, int]
+) -> dict[str, int] | None:
+    best = None
+    for k in range(0, max(hi.values(), default=0) + 1):
+        ranks = {n: min(max(k, lo[n]), hi[n]) for n in vals}
+        if sum(ranks[n] * costs[n] for n in vals) > target:
+            break
+        best = ranks
+    return best

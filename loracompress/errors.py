@@ -1,0 +1,20 @@
+"""The project's error types.
+
+Every problem a user can fix (a bad path, a corrupt file, a nonsense budget) is raised as
+:class:`LoraCompressError` with a one-line message that says what is wrong and how to fix it.
+The CLI turns it into exit code 2 without a traceback. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class LoraCompressError(Exception):
+    """A user-fixable problem. ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code = 2
+
+
+class CheckFailed(Exception):
+    """``loracompress check`` found a breach: exit code 1, not a user error."""
+
+    exit_code = 1

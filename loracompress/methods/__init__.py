@@ -1,0 +1,1 @@
+"""Compression methods. ``svd`` is training-free; the others are calibration methods driven by the engine."""

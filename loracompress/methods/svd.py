@@ -1,0 +1,146 @@
+"""Training-free compression: exact SVD of each module, one global allocation under the budget.
+
+Each module's ``ΔW = s·B@A`` is factorised exactly (:func:`loracompress.linalg.lowrank_svd`);
+components are then kept across the whole adapter by ``σ² / (in + out)`` until the budget is
+met (:func:`loracompress.budget.allocate`). Per-module selectors, as kohya's ``resize_lora``
+users know them, can cap each module's rank first:
+
+- ``energy:F`` keeps the smallest rank whose components hold at least fraction ``F`` of the
+  module's squared Frobenius norm (``Σσ²``), e.g. ``energy:0.95``.
+- ``fro:F`` keeps the smallest rank whose approximation has Frobenius norm at least ``F`` times
+  the module's (``sqrt(Σ_kept σ²) / sqrt(Σσ²) ≥ F``); ``fro:0.9`` equals ``energy:0.81``.
+- ``ratio:R`` keeps every component with ``σ_i ≥ σ_max / R``, e.g. ``ratio:10``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from loracompress.adapter import Adapter, LoraModule
+from loracompress.budget import Budget, allocate
+from loracompress.errors import LoraCompressError
+from loracompress.linalg import LowRankSVD, effective_rank, lowrank_svd
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A per-module rank rule: ``energy:0.95``, ``fro:0.9`` or ``ratio:10``."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        kind, _, num = text.partition(":")
+        kind = kind.strip().lower()
+        try:
+            value = float(num)
+        except ValueError:
+            value = float("nan")
+        if kind in ("energy", "fro") and 0 < value <= 1:
+            return cls(kind, value)
+        if kind == "ratio" and value >= 1:
+            return cls(kind, value)
+        raise LoraCompressError(
+            f"cannot parse --select {text!r}: use energy:F or fro:F with F in (0, 1], or ratio:R with R >= 1"
+        )
+
+    def rank(self, svd: LowRankSVD) -> int:
+        if svd.S.numel() == 0:
+            return 0
+        if self.kind == "energy":
+            return effective_rank(svd.energy, self.value)
+        if self.kind == "fro":
+            return effective_rank(svd.energy, self.value**2)
+        return int((svd.S >= svd.S[0] / self.value).sum())
+
+
+@dataclass
+class SvdResult:
+    """The compressed adapter and what the report needs to say about it."""
+
+    adapter: Adapter
+    ranks_before: dict[str, int]
+    ranks_after: dict[str, int]
+    retained_energy: dict[str, float] = field(default_factory=dict)
+    target_params: int | None = None
+    #: fraction of the adapter's total ``Σσ²`` that the kept components hold
+    total_retained_energy: float = 1.0
+
+
+def decompose(adapter: Adapter) -> dict[str, LowRankSVD]:
+    """The exact SVD of every module's delta."""
+    return {path: lowrank_svd(m.B, m.A, m.scale) for path, m in adapter.modules.items()}
+
+
+def truncated_adapter(adapter: Adapter, svds: Mapping[str, LowRankSVD], ranks: Mapping[str, int]) -> Adapter:
+    """Modules rebuilt from their top-``rank`` components, scale 1 (folded). Rank 0 modules are dropped."""
+    modules: dict[str, LoraModule] = {}
+    for path, svd in svds.items():
+        k = ranks[path]
+        if k <= 0:
+            continue
+        A, B = svd.factors(k, torch.float32)
+        modules[path] = LoraModule(A=A, B=B, scale=1.0)
+    return adapter.replace(modules, metadata={**adapter.metadata, "loracompress.order": "svd"})
+
+
+def compress_svd(
+    adapter: Adapter,
+    budget: Budget | None,
+    *,
+    select: Selector | None = None,
+    min_rank: int = 0,
+    max_rank: int | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
+    itemsize: int | None = None,
+    svds: Mapping[str, LowRankSVD] | None = None,
+) -> SvdResult:
+    """Compress ``adapter`` to ``budget`` parameters by a global SVD allocation.
+
+    Args:
+        budget: the parameter budget (``None`` with a selector: the selector alone decides).
+        select: per-module rank caps (see module docstring).
+        values: per-module component values to allocate by, in the order of ``svds``; default
+            ``σ²`` (weight space). The activation-aware cut passes output-space ``σ²`` here.
+        itemsize: bytes per parameter for byte budgets (default: the adapter's dtype).
+        svds: precomputed factorisations (default: computed here).
+    """
+    if budget is None and select is None:
+        raise LoraCompressError("nothing to do: give --budget, --select, or both")
+    svds = dict(svds) if svds is not None else decompose(adapter)
+    vals = {p: (values[p] if values is not None else s.energy) for p, s in svds.items()}
+    costs = {p: adapter.modules[p].cost for p in svds}
+    caps: dict[str, int] = {p: adapter.modules[p].rank for p in svds}
+    if max_rank is not None:
+        caps = {p: min(c, max_rank) for p, c in caps.items()}
+    if select is not None:
+        caps = {p: min(c, max(select.rank(svds[p]), min_rank)) for p, c in caps.items()}
+    if budget is not None:
+        itemsize = itemsize or torch.empty(0, dtype=adapter.dtype).element_size()
+        target = budget.resolve([costs[p] for p in svds], [adapter.modules[p].rank for p in svds], itemsize)
+        ranks = allocate({p: vals[p].double().numpy() for p in svds}, costs, target, min_rank=min_rank, max_rank=caps)
+    else:
+        target = None
+        ranks = caps
+    small = truncated_adapter(adapter, svds, ranks)
+    retained = {}
+    kept_total = all_total = 0.0
+    for p, s in svds.items():
+        total = float(s.energy.sum())
+        kept = float(s.energy[: ranks[p]].sum())
+        retained[p] = kept / total if total > 0 else 1.0
+        kept_total += kept
+        all_total += total
+    result = SvdResult(
+        adapter=small,
+        ranks_before={p: m.rank for p, m in adapter.modules.items()},
+        ranks_after={p: ranks.get(p, 0) for p in adapter.modules},
+        retained_energy=retained,
+        target_params=target,
+        total_retained_energy=kept_total / all_total if all_total > 0 else 1.0,
+    )
+    return result

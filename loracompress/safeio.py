@@ -1,0 +1,82 @@
+"""Reading safetensors files defensively.
+
+The header is parsed and checked against the file size before any tensor is read, so a
+truncated file, a corrupt header or a header that claims absurd sizes becomes a one-line
+:class:`LoraCompressError` instead of a crash, a hang or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from loracompress.errors import LoraCompressError
+
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+# A LoRA header lists a few thousand tensors at most; 100 MB of JSON is already absurd.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse and validate a safetensors header. Returns (entries, metadata, data start offset)."""
+    fix = "re-download or re-save the file"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise LoraCompressError(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise LoraCompressError(
+                    f"{path}: corrupt or truncated safetensors header (claims {n} header bytes, file has {size}); {fix}"
+                )
+            raw = fh.read(n)
+    except OSError as err:
+        raise LoraCompressError(f"{path}: cannot be read ({err.strerror or err}); check the path and permissions") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraCompressError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise LoraCompressError(f"{path}: corrupt safetensors header (not an object); {fix}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise LoraCompressError(f"{path}: corrupt safetensors metadata; {fix}")
+    data_len = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in _ITEMSIZE or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise LoraCompressError(f"{path}: corrupt safetensors header entry for {name!r}; {fix}") from None
+        if end > data_len:
+            raise LoraCompressError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} but the data holds {data_len}; {fix}"
+            )
+        if (end - start) != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise LoraCompressError(f"{path}: corrupt header: tensor {name!r} size does not match its shape {shape}; {fix}")
+    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, validated first."""
+    _, metadata, _ = read_header(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise LoraCompressError(f"{path}: cannot be read as safetensors ({str(err)[:160]}); re-save the file") from None
+    return tensors, metadata

@@ -1,0 +1,115 @@
+"""Tiny real models and real PEFT adapters built from configs, offline, for tests.
+
+Every adapter is made by stock PEFT (``get_peft_model`` + ``save_pretrained``) with random
+non-zero B (PEFT initialises B to zero, which would make every delta trivially zero).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=80, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_embd=48, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "dense"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def make_adapter(
+    kind: str,
+    out_dir: Path,
+    *,
+    r: int = 8,
+    lora_alpha: int = 16,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    use_rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    decay: float = 0.7,
+    **extra: Any,
+) -> tuple[Path, torch.nn.Module]:
+    """Save a real PEFT adapter on a tiny ``kind`` model (llama, bert, gpt2); returns (dir, base).
+
+    The LoRA factors are random with a geometric spectrum (``decay**i`` per component) so that
+    truncation has something to keep and something to lose.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = {"llama": tiny_llama, "bert": tiny_bert_cls, "gpt2": tiny_gpt2}[kind](seed)
+    targets = {"llama": LLAMA_TARGETS, "bert": BERT_TARGETS, "gpt2": GPT2_TARGETS}[kind]
+    task = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS", "gpt2": "CAUSAL_LM"}[kind]
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, task_type=task,
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+                     use_rslora=use_rslora, fan_in_fan_out=(kind == "gpt2"), **extra)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                k = A.shape[0]
+                spectrum = torch.tensor([decay**i for i in range(k)])
+                A.copy_(torch.randn(A.shape, generator=g) / A.shape[1] ** 0.5)
+                B.copy_(torch.randn(B.shape, generator=g) * spectrum[None, :] * 0.3)
+            if kind == "bert" and name.endswith("classifier.modules_to_save.default"):
+                for p in mod.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir), base
+
+
+def peft_deltas(adapter_dir: Path, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The per-module ΔW that stock PEFT computes for the adapter on disk, keyed by module path."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
+    deltas = {}
+    for name, mod in model.base_model.model.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            d = mod.get_delta_weight("default").float()
+            if getattr(mod, "fan_in_fan_out", False):
+                d = d.T  # PEFT returns Conv1D deltas as [in, out]
+            deltas[name] = d
+    return deltas
+
+
+def sample_inputs(kind: str, batch: int = 2, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
