@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,31 @@ class PruneOptions:
     dtype: str | None = None
     force: bool = False
     allow_nonfinite: bool = False
+    # --- with data: activation-aware cut, calibration, evaluation
+    base_model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    text_field: str | None = None
+    label_field: str | None = None
+    max_samples: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    warmup: float = 0.1
+    seed: int = 0
+    kd_weight: float = 1.0
+    task_weight: float = 1.0
+    temperature: float = 2.0
+    device: str = "auto"
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+    checkpoint_every: int | None = None
+    resume: bool = False
+    evaluate: bool = True
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def default_output(source: str | Path) -> Path:
