@@ -113,3 +113,57 @@ def sample_inputs(kind: str, batch: int = 2, seq: int = 10, seed: int = 0) -> di
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 90, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# --------------------------------------------------------------------------- tiny tokenizer + saved base
+# A word-level tokenizer over a fixed 92-word vocabulary (ids 4..95) that fits the tiny models'
+# vocab_size=96; ids 0..3 are [PAD], [UNK], [CLS]/<s>, [SEP]/</s>.
+WORDS = (
+    "the a an and or but not is was are be good bad great awful fine poor love hate like movie film "
+    "book food service day night time place people man woman child dog cat car house city story plot "
+    "actor music song game team player win lose run walk eat drink see hear say tell think know want "
+    "need make take give find keep very too so really quite more less most best worst new old big "
+    "small long short happy sad funny boring red blue green one two three four"
+).split()
+assert len(WORDS) == 92, len(WORDS)
+
+
+def tiny_tokenizer(kind: str) -> Any:
+    """A ``PreTrainedTokenizerFast`` for the tiny ``kind`` model (bert: [CLS] a [SEP] b [SEP]; llama: <s> a)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {t: i for i, t in enumerate(specials + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    if kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", pair="[CLS] $A $B:1", special_tokens=[("[CLS]", 2)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       bos_token="[CLS]", eos_token="[SEP]", model_max_length=64)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[SEP]", model_max_length=64)
+
+
+def save_tiny_base(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny ``kind`` base model (same weights as :func:`make_adapter` uses) and its tokenizer."""
+    base = {"llama": tiny_llama, "bert": tiny_bert_cls, "gpt2": tiny_gpt2}[kind](seed)
+    base.config.pad_token_id = 0
+    base.save_pretrained(str(out_dir))
+    tiny_tokenizer(kind).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def tiny_sentences(n: int, seed: int = 0, min_words: int = 3, max_words: int = 12) -> list[str]:
+    """``n`` random sentences over the tiny tokenizer's vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
