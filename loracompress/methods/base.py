@@ -10,6 +10,7 @@
         optimizer.step(); optimizer.zero_grad()
         method.after_step(step)            # masks / pruning / rank growth / rewinding
     ranks = method.finalize()              # per-module ranks meeting the budget exactly
+    meta = method.metadata()               # str -> str, merged into the output's safetensors metadata
 
 Methods never run their own loop and never do I/O. Allocation state (scores, EMAs, masks to
 apply) lives in the method, not in the layers; a method changes a layer only through its
@@ -71,6 +72,10 @@ class Method:
     def finalize(self) -> dict[str, int]:
         """Per-module ranks; the engine keeps those components (by current mask) and drops the rest."""
         raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """Safetensors metadata for the output adapter, called after ``finalize`` (e.g. DyLoRA's order)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in ``compression_report.json``."""
