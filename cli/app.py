@@ -30,6 +30,8 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "inspect_cmd",
     "prune_cmd",
+    "check_cmd",
+    "report_cmd",
 ]
 
 
