@@ -310,7 +310,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _section(doc: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
-    table: Any = doc if path.name != PYPROJECT_FILE else doc.get("tool", {}).get("loracompress", {})
+    table: Any = doc
+    for key in ("tool", "loracompress") if path.name == PYPROJECT_FILE else ():
+        table = table.get(key) if isinstance(table, Mapping) else None
     section = table.get("check") if isinstance(table, Mapping) else None
     if section is not None and not isinstance(section, dict):
         raise LoraCompressError(f"{path}: check must be a table")
@@ -423,15 +425,19 @@ def folder_bytes(folder: Path) -> int:
 def read_report(folder: Path) -> dict[str, Any] | None:
     """The folder's ``compression_report.json``, or None when there is none."""
     path = folder / REPORT_NAME
-    if not path.is_file():
-        return None
+    return _read_json_object(path, str(path), "re-run the compression that wrote it") if path.is_file() else None
+
+
+def _read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoraCompressError(f"{path}: not valid JSON ({err}); re-run the compression that wrote it") from None
-    if not isinstance(report, dict):
-        raise LoraCompressError(f"{path}: expected a JSON object; re-run the compression that wrote it")
-    return report
+        raise LoraCompressError(f"{what}: not valid JSON ({err}); {fix}") from None
+    except OSError as err:
+        raise LoraCompressError(f"{what}: cannot be read ({err.strerror or err}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise LoraCompressError(f"{what}: expected a JSON object; {fix}")
+    return doc
 
 
 def measure(folder: Path, display: str) -> Measurement:
@@ -497,11 +503,8 @@ def load_baseline(path: Path) -> dict[str, dict[str, Any]]:
     fix = "regenerate it with `loracompress report PATH... --json > FILE` or `check --update-baseline`"
     if not path.is_file():
         raise LoraCompressError(f"baseline {path}: no such file; {fix}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoraCompressError(f"baseline {path}: not valid JSON ({err}); {fix}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("adapters"), dict):
+    doc = _read_json_object(path, f"baseline {path}", fix)
+    if not isinstance(doc.get("adapters"), dict):
         raise LoraCompressError(f"baseline {path}: expected an object with an \"adapters\" table; {fix}")
     if doc.get("format", BASELINE_FORMAT) != BASELINE_FORMAT:
         raise LoraCompressError(f"baseline {path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}; {fix}")
