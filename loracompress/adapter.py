@@ -188,7 +188,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LoraCompressError(f"{path}: not valid JSON ({err}); restore the file from the training run") from None
     if not isinstance(config, dict):
-        raise LoraCompressError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise LoraCompressError(f"{path}: expected a JSON object, got {type(config).__name__}; restore the file from the training run")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "ADALORA"):
         what = f"peft_type {config.get('peft_type')!r}" if "peft_type" in config else "no peft_type"
@@ -201,14 +201,30 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise LoraCompressError(
             f"{path}: bias={config['bias']!r} is not supported (the trained biases would be lost); retrain with bias='none'"
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise LoraCompressError(f"{path}: {key}={value!r} must be a positive number")
+    for key in ("r", "lora_alpha", "init_r"):
+        if key in ("r", "lora_alpha") or config.get(key) is not None:
+            _check_positive(config.get(key, 8), f"{path}: {key}", integer=key != "lora_alpha")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise LoraCompressError(f"{path}: {key} must be an object mapping module patterns to values")
+        for pattern, value in patterns.items():
+            _check_positive(value, f"{path}: {key}[{pattern!r}]", integer=key == "rank_pattern")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) not in (None, True, False):
+            raise LoraCompressError(f"{path}: {key}={config[key]!r} must be true or false; fix adapter_config.json")
     return config
+
+
+def _check_positive(value: Any, what: str, integer: bool) -> None:
+    """Ranks are positive integers, alphas positive finite numbers (JSON also allows NaN, 1e999, "8")."""
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise LoraCompressError(f"{what}={value!r} must be {kind}; fix adapter_config.json")
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -229,7 +245,9 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise LoraCompressError(f"{bin_path}: not a state dict of tensors; re-save the adapter with save_pretrained")
         return dict(state), {}
-    raise LoraCompressError(f"{directory}: no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing")
+    raise LoraCompressError(
+        f"{directory}: no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing: copy them next to {CONFIG_NAME}"
+    )
 
 
 def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
@@ -268,7 +286,9 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
         if part.startswith("embedding"):
             raise LoraCompressError(f"{directory}: LoRA on embeddings ({match['path']}) is not supported; target Linear layers only")
         if part == "magnitude_vector":
-            raise LoraCompressError(f"{directory}: DoRA weights (lora_magnitude_vector) are not supported")
+            raise LoraCompressError(
+                f"{directory}: DoRA weights (lora_magnitude_vector) are not supported; only plain LoRA weights can be compressed"
+            )
         parts.setdefault(match["path"], {})[part] = tensor
     if not parts:
         raise LoraCompressError(f"{directory}: no lora_A/lora_B tensors found; is this a LoRA adapter?")
@@ -284,7 +304,9 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
         p = parts[mpath]
         missing = [n for n in ("A", "B") if n not in p] + (["E"] if is_adalora and "E" not in p else [])
         if missing:
-            raise LoraCompressError(f"{directory}: module {mpath} has no lora_{missing[0]} tensor; the file is incomplete")
+            raise LoraCompressError(
+                f"{directory}: module {mpath} has no lora_{missing[0]} tensor; the file is incomplete: re-save the adapter"
+            )
         A, B = p["A"], p["B"]
         if A.ndim != 2 or B.ndim != 2:
             raise LoraCompressError(
@@ -292,7 +314,8 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             )
         if A.shape[0] != B.shape[1]:
             raise LoraCompressError(
-                f"{directory}: module {mpath}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} disagree on the rank"
+                f"{directory}: module {mpath}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} disagree on the rank; "
+                "the file is corrupt: re-save the adapter"
             )
         r = A.shape[0]
         if r > min(A.shape[1], B.shape[0]):
@@ -316,7 +339,7 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             if r_cfg != r:
                 raise LoraCompressError(
                     f"{directory}: adapter_config.json says r={r_cfg} for {mpath} but its weights have rank {r}; "
-                    "the config does not belong to these weights"
+                    "the config does not belong to these weights: use the adapter_config.json saved with them"
                 )
             scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
         for name, t in (("lora_A", A), ("lora_B", B)):
@@ -400,10 +423,14 @@ def portable_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict
     for path, m in adapter.modules.items():
         if m.rank == 0:
             continue
-        root = math.sqrt(abs(m.scale))
-        sign = 1.0 if m.scale >= 0 else -1.0
-        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = (m.A.float() * root).to(out_dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = (m.B.float() * (root * sign)).to(out_dtype).contiguous()
+        if m.scale == 1.0:  # already folded: no copy unless the dtype changes
+            A, B = m.A.to(out_dtype), m.B.to(out_dtype)
+        else:
+            root = math.sqrt(abs(m.scale))
+            sign = 1.0 if m.scale >= 0 else -1.0
+            A, B = (m.A.float() * root).to(out_dtype), (m.B.float() * (root * sign)).to(out_dtype)
+        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = A.contiguous()
+        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = B.contiguous()
     for key, t in adapter.extra_tensors.items():
         tensors[key] = t.contiguous()
     return tensors
@@ -411,11 +438,11 @@ def portable_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict
 
 def write_adapter_files(adapter: Adapter, directory: Path, dtype: torch.dtype | None = None) -> None:
     """Write the portable form into an existing (temporary) folder. See :func:`save_adapter`."""
-    from safetensors.torch import save_file
+    from loracompress.safeio import write_safetensors
 
     config = portable_config(adapter)
-    metadata = {"format": "pt", **{k: v for k, v in adapter.metadata.items() if k != "format"}}
-    save_file(portable_tensors(adapter, dtype), str(directory / SAFETENSORS_NAME), metadata=metadata)
+    metadata = {**adapter.metadata, "format": "pt"}
+    write_safetensors(directory / SAFETENSORS_NAME, portable_tensors(adapter, dtype), metadata)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

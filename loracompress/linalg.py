@@ -60,6 +60,15 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank
     return LowRankSVD(Qb @ Uc, S, Vhc @ Qa.T)
 
 
+def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Singular values of ``scale · B @ A`` only: R factors of the two QRs, no Q, no U/V (float64)."""
+    if A.shape[0] == 0:
+        return torch.zeros(0, dtype=_WORK_DTYPE)
+    Rb = torch.linalg.qr(B.detach().to(_WORK_DTYPE), mode="r").R
+    Ra = torch.linalg.qr(A.detach().T.to(_WORK_DTYPE), mode="r").R
+    return torch.linalg.svdvals((Rb @ Ra.T) * float(scale))
+
+
 def effective_rank(energy: torch.Tensor, fraction: float) -> int:
     """Smallest ``k`` whose top-``k`` components hold at least ``fraction`` of the total energy."""
     total = float(energy.sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -80,3 +81,41 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LoraCompressError(f"{path}: cannot be read as safetensors ({str(err)[:160]}); re-save the file") from None
     return tensors, metadata
+
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file deterministically, streaming one tensor at a time.
+
+    The reference writer keeps metadata in a hash map (key order varies between runs, so the same
+    adapter gives different bytes) and builds the whole file in memory first. Here keys are sorted,
+    so equal inputs give equal bytes, and each tensor is written straight from its storage.
+    """
+    names = sorted(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_CODES:
+            raise ValueError(f"cannot store dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            if t.numel():
+                fh.write(memoryview(t.view(torch.uint8).numpy()))  # no copy of the data
+        fh.flush()
+        os.fsync(fh.fileno())

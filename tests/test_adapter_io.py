@@ -59,7 +59,7 @@ def test_portable_roundtrip_loads_in_peft_and_global_scale_reader(tmp_path, kind
     assert cfg["r"] == cfg["lora_alpha"] == adapter.max_rank and cfg["use_rslora"] is False
     tensors = load_file(str(out / "adapter_model.safetensors"))
     global_scale = cfg["lora_alpha"] / cfg["r"]
-    for path, m in again.modules.items():
+    for path in again.modules:
         A = tensors[f"base_model.model.{path}.lora_A.weight"].float()
         B = tensors[f"base_model.model.{path}.lora_B.weight"].float()
         assert _rel(global_scale * B @ A, peft[path]) <= 1e-5

@@ -22,7 +22,7 @@ import torch
 from loracompress.adapter import Adapter, LoraModule
 from loracompress.budget import Budget, allocate
 from loracompress.errors import LoraCompressError
-from loracompress.linalg import LowRankSVD, effective_rank, lowrank_svd
+from loracompress.linalg import LowRankSVD, effective_rank, lowrank_svd, singular_values
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,15 @@ class Selector:
             f"cannot parse --select {text!r}: use energy:F or fro:F with F in (0, 1], or ratio:R with R >= 1"
         )
 
-    def rank(self, svd: LowRankSVD) -> int:
-        if svd.S.numel() == 0:
+    def rank(self, sigma: torch.Tensor) -> int:
+        """The rank this rule keeps for singular values ``sigma`` (descending)."""
+        if sigma.numel() == 0:
             return 0
         if self.kind == "energy":
-            return effective_rank(svd.energy, self.value)
+            return effective_rank(sigma**2, self.value)
         if self.kind == "fro":
-            return effective_rank(svd.energy, self.value**2)
-        return int((svd.S >= svd.S[0] / self.value).sum())
+            return effective_rank(sigma**2, self.value**2)
+        return int((sigma >= sigma[0] / self.value).sum())
 
 
 @dataclass
@@ -76,14 +77,24 @@ def decompose(adapter: Adapter) -> dict[str, LowRankSVD]:
     return {path: lowrank_svd(m.B, m.A, m.scale) for path, m in adapter.modules.items()}
 
 
-def truncated_adapter(adapter: Adapter, svds: Mapping[str, LowRankSVD], ranks: Mapping[str, int]) -> Adapter:
-    """Modules rebuilt from their top-``rank`` components, scale 1 (folded). Rank 0 modules are dropped."""
+def truncated_adapter(
+    adapter: Adapter,
+    svds: Mapping[str, LowRankSVD] | None,
+    ranks: Mapping[str, int],
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
+    """Modules rebuilt from their top-``rank`` components, scale 1 (folded). Rank-0 modules are dropped.
+
+    Without precomputed ``svds`` each module is factorised here, one at a time, so peak memory
+    stays near the input plus the output (the float64 work arrays of one module at a time).
+    """
     modules: dict[str, LoraModule] = {}
-    for path, svd in svds.items():
-        k = ranks[path]
+    for path, m in adapter.modules.items():
+        k = ranks.get(path, 0)
         if k <= 0:
             continue
-        A, B = svd.factors(k, torch.float32)
+        svd = svds[path] if svds is not None else lowrank_svd(m.B, m.A, m.scale)
+        A, B = svd.factors(k, dtype)
         modules[path] = LoraModule(A=A, B=B, scale=1.0)
     return adapter.replace(modules, metadata={**adapter.metadata, "loracompress.order": "svd"})
 
@@ -98,6 +109,7 @@ def compress_svd(
     values: Mapping[str, torch.Tensor] | None = None,
     itemsize: int | None = None,
     svds: Mapping[str, LowRankSVD] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SvdResult:
     """Compress ``adapter`` to ``budget`` parameters by a global SVD allocation.
 
@@ -107,31 +119,38 @@ def compress_svd(
         values: per-module component values to allocate by, in the order of ``svds``; default
             ``σ²`` (weight space). The activation-aware cut passes output-space ``σ²`` here.
         itemsize: bytes per parameter for byte budgets (default: the adapter's dtype).
-        svds: precomputed factorisations (default: computed here).
+        svds: precomputed factorisations (default: singular values first, then each kept
+            module factorised once more; nothing of size ``[d, r]`` is held for the whole adapter).
+        dtype: dtype of the output factors (default: the adapter's).
     """
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
-    svds = dict(svds) if svds is not None else decompose(adapter)
-    vals = {p: (values[p] if values is not None else s.energy) for p, s in svds.items()}
-    costs = {p: adapter.modules[p].cost for p in svds}
-    caps: dict[str, int] = {p: adapter.modules[p].rank for p in svds}
+    paths = list(adapter.modules)
+    if svds is not None:
+        sigma = {p: svds[p].S for p in paths}
+    else:
+        sigma = {p: singular_values(m.B, m.A, m.scale) for p, m in adapter.modules.items()}
+    energy = {p: s**2 for p, s in sigma.items()}
+    vals = {p: (values[p] if values is not None else energy[p]) for p in paths}
+    costs = {p: adapter.modules[p].cost for p in paths}
+    caps: dict[str, int] = {p: adapter.modules[p].rank for p in paths}
     if max_rank is not None:
         caps = {p: min(c, max_rank) for p, c in caps.items()}
     if select is not None:
-        caps = {p: min(c, max(select.rank(svds[p]), min_rank)) for p, c in caps.items()}
+        caps = {p: min(c, max(select.rank(sigma[p]), min_rank)) for p, c in caps.items()}
     if budget is not None:
         itemsize = itemsize or torch.empty(0, dtype=adapter.dtype).element_size()
-        target = budget.resolve([costs[p] for p in svds], [adapter.modules[p].rank for p in svds], itemsize)
-        ranks = allocate({p: vals[p].double().numpy() for p in svds}, costs, target, min_rank=min_rank, max_rank=caps)
+        target = budget.resolve([costs[p] for p in paths], [adapter.modules[p].rank for p in paths], itemsize)
+        ranks = allocate({p: vals[p].double().numpy() for p in paths}, costs, target, min_rank=min_rank, max_rank=caps)
     else:
         target = None
         ranks = caps
-    small = truncated_adapter(adapter, svds, ranks)
+    small = truncated_adapter(adapter, svds, ranks, dtype or adapter.dtype)
     retained = {}
     kept_total = all_total = 0.0
-    for p, s in svds.items():
-        total = float(s.energy.sum())
-        kept = float(s.energy[: ranks[p]].sum())
+    for p, e in energy.items():
+        total = float(e.sum())
+        kept = float(e[: ranks[p]].sum())
         retained[p] = kept / total if total > 0 else 1.0
         kept_total += kept
         all_total += total
