@@ -38,6 +38,8 @@ from loracompress.errors import LoraCompressError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) ignore
+#: batch keys that are model inputs (``labels`` is not: callers compute their own losses)
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 TEXT_FIELDS = ("text", "sentence", "content", "review", "document", "prompt", "input", "question",
                "instruction", "query", "body", "passage", "source", "sentence1", "premise", "tweet",
@@ -224,8 +226,8 @@ def _parse_csv(text: str, p: Path, delimiter: str) -> list[Any]:
 
 
 def _parse_text(text: str) -> list[str]:
-    lines = text.splitlines()
-    if any(not line.strip() for line in lines) and any(line.strip() for line in lines):
+    lines = text.strip().splitlines()  # blank lines only count between samples
+    if any(not line.strip() for line in lines):
         # Blank lines separate paragraphs: one sample each, its lines joined.
         paragraphs, cur = [], []
         for line in lines + [""]:
@@ -580,6 +582,47 @@ def _encode(e: Example, tokenizer: Any, task: str, seq_len: int) -> _Encoded:
     n_prompt = len(tokenizer(e.text)["input_ids"])
     labels = [IGNORE_INDEX if k < n_prompt else t for k, t in enumerate(full)]
     return _Encoded(ids=full, labels=labels)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The model's inputs from a batch (no ``labels``, so HF models do not compute a loss)."""
+    return {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def prepare_model(base_model: Any) -> None:
+    """Tell the model the tokenizer's pad id: HF classifiers with a decoder body (Llama, GPT-2, ...)
+    find each sequence's last token by it, and refuse batches of more than one without it."""
+    tok, config = getattr(base_model, "tokenizer", None), getattr(base_model.model, "config", None)
+    pad = getattr(tok, "pad_token_id", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None and isinstance(pad, int):
+        config.pad_token_id = pad
+
+
+def model_label2id(base_model: Any) -> dict[str, int] | None:
+    """The model's own label names (``config.label2id``), unless they are the generic ``LABEL_i``."""
+    mapping = getattr(getattr(base_model.model, "config", None), "label2id", None) or {}
+    if not mapping or all(str(k).startswith("LABEL_") for k in mapping):
+        return None
+    return {str(k): int(v) for k, v in mapping.items()}
+
+
+def read_for_model(
+    base_model: Any,
+    path: str | Path,
+    *,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> Examples:
+    """:func:`read_examples` for ``base_model``: string labels in the model's order, labels checked
+    against its head."""
+    examples = read_examples(path, text_field=text_field, label_field=label_field, max_samples=max_samples,
+                             seed=seed, label2id=model_label2id(base_model))
+    num_labels = int(getattr(getattr(base_model.model, "config", None), "num_labels", 0) or 0)
+    if task_of(base_model) == "cls" and num_labels:
+        check_labels(examples, num_labels)
+    return examples
 
 
 def task_of(base_model: Any) -> str:
