@@ -156,6 +156,8 @@ def save_tiny_base(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Write the tiny ``kind`` base model (same weights as :func:`make_adapter` uses) and its tokenizer."""
     base = {"llama": tiny_llama, "bert": tiny_bert_cls, "gpt2": tiny_gpt2}[kind](seed)
     base.config.pad_token_id = 0
+    if kind == "gpt2":  # GPT-2's defaults (50256) lie outside the tiny vocabulary
+        base.config.bos_token_id = base.config.eos_token_id = 3
     base.save_pretrained(str(out_dir))
     tiny_tokenizer(kind).save_pretrained(str(out_dir))
     return Path(out_dir)
