@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "prune_cmd",
     "check_cmd",
     "report_cmd",
+    "eval_cmd",
 ]
 
 

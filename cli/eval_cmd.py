@@ -1,0 +1,73 @@
+"""``loracompress eval``: a compressed adapter vs its original (or vs the base model) on held-out data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from loracompress_cli.common import console, human, print_json
+from rich.table import Table
+
+from loracompress.evaluate import EvalOptions, evaluate_paths
+
+
+def eval_cmd(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder to evaluate (e.g. the compressed one)."),
+    data: str = typer.Option(..., "--data", help="Held-out data: jsonl, csv/tsv, txt, parquet or a datasets folder."),
+    reference: Path | None = typer.Option(None, "--reference", "-r", help="The original adapter to compare with (default: the base model alone)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    text_field: str | None = typer.Option(None, "--text-field", help="Text field/column (detected by default)."),
+    label_field: str | None = typer.Option(None, "--label-field", help="Label field/column (detected by default)."),
+    max_samples: int | None = typer.Option(None, "--max-samples", help="Use a seeded random subset of this many samples."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --max-samples subset."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Compare ADAPTER with --reference (or with the base model alone): KL, top-1 agreement, accuracy or perplexity."""
+    options = EvalOptions(data=data, base_model=base_model, reference=str(reference) if reference else None,
+                          text_field=text_field, label_field=label_field, max_samples=max_samples, seq_len=seq_len,
+                          batch_size=batch_size, seed=seed, temperature=temperature, device=device,
+                          trust_remote_code=trust_remote_code)
+    result = evaluate_paths(adapter, options)
+    if as_json:
+        print_json(result)
+        return
+    console.print(_table(result))
+    for note in result.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def _table(r: dict[str, Any]) -> Table:
+    ref_name = "reference" if r["reference_adapter"] else "base model"
+    unit = f"{r['tokens']} tokens" if r["task"] == "lm" else f"{r['samples']} samples"
+    table = Table(title=f"{r['adapter']} vs {r['reference_adapter'] or 'the base model alone'}  ({r['data']}, {unit})")
+    for col in ("", ref_name, "adapter", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    if r["reference_adapter"]:
+        p = r["params"]
+        table.add_row("LoRA parameters", human(p["before"]), human(p["after"]),
+                      f"{p['after'] / p['before']:.3f}×" if p["before"] else "")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        table.add_row("accuracy", f"{a['before']:.4f}", f"{a['after']:.4f}", f"{_pct(a['retained'])} retained")
+    if "perplexity" in r:
+        p = r["perplexity"]
+        table.add_row("perplexity", f"{p['before']:.4g}", f"{p['after']:.4g}", f"{p['ratio']:.4f}×")
+    table.add_section()
+    table.add_row(f"KL({ref_name} ‖ adapter)", "", f"{r['kl']:.4g}", "")
+    table.add_row("top-1 agreement", "", f"{r['agreement']:.4f}", "")
+    return table
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
