@@ -193,9 +193,12 @@ def _parse_json(text: str, p: Path) -> list[Any]:
         return _parse_jsonl(text, p)  # JSON Lines saved as .json
     if isinstance(doc, dict):
         lists = [v for v in doc.values() if isinstance(v, list)]
-        if len(lists) != 1:
+        if len(lists) == len(doc) > 1 and len({len(v) for v in lists}) == 1:
+            doc = [dict(zip(doc, row)) for row in zip(*lists)]  # columns: {"text": [...], "label": [...]}
+        elif len(lists) == 1:
+            doc = lists[0]  # {"data": [...]}
+        else:
             return [_as_record(doc, p, "the document")]
-        doc = lists[0]  # {"data": [...]}
     if not isinstance(doc, list):
         raise LoraCompressError(f"data {p} is JSON but not a list of records; pass a list or JSON Lines")
     return [_as_record(row, p, f"record {i}") for i, row in enumerate(doc)]
@@ -413,7 +416,7 @@ def _labels(
         )
     kinds = {_label_kind(v) for v in present}
     if kinds == {"int"}:
-        ints = [int(v) for v in present]
+        ints = [int(float(v)) if isinstance(v, str) else int(v) for v in present]
         if all(v == -1 for v in ints):  # the HF convention for an unlabelled (test) split
             log.warning("data %s: every %r is -1 (unlabelled split); ignoring labels", p, name)
             return None, None
@@ -450,8 +453,11 @@ def _label_kind(v: Any) -> str:
     if isinstance(v, float):
         return "int" if v.is_integer() else "other"
     if isinstance(v, str):
-        s = v.strip()
-        return "int" if s.lstrip("-").isdigit() else "str"
+        try:
+            x = float(v)  # "1" or "1.0" from a CSV is a class index, "0.5" is not a class
+        except ValueError:
+            return "str"
+        return "int" if x.is_integer() else "other"
     return "other"
 
 

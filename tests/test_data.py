@@ -103,10 +103,16 @@ def test_plain_text_lines_and_paragraphs(tmp_path):
 
 def test_csv_quoted_fields_and_integer_labels(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text('text,label\n"a, b\nc",1\nplain,0\n')
+    path.write_text('text,label\n"a, b\nc",1\nplain,0\nthird, 2.0\n')
     ex = read_examples(path)
-    assert [(e.text, e.label) for e in ex] == [("a, b\nc", 1), ("plain", 0)]
+    assert [(e.text, e.label) for e in ex] == [("a, b\nc", 1), ("plain", 0), ("third", 2)]
     assert ex.label_names is None
+
+
+def test_column_oriented_json(tmp_path):
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"text": ["good", "bad"], "label": [1, 0]}))
+    assert [(e.text, e.label) for e in read_examples(path)] == [("good", 1), ("bad", 0)]
 
 
 def test_prompt_completion_and_sentence_pairs_are_detected(tmp_path):
@@ -158,6 +164,7 @@ def test_max_samples_is_a_seeded_subset_in_file_order(tmp_path):
         (b'{"id": 1, "score": 0.5}\n', "nofield.jsonl", r"no text field found \(fields: id, score\)"),
         (b'{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', "mixed.jsonl", "mixes label kinds"),
         (b'{"text": "a", "label": 0.5}\n', "float.jsonl", "non-class values"),
+        (b'text,label\na,0.5\nb,1\n', "float.csv", "non-class values"),
         (b'{"text": "a", "label": 1}\n{"text": "b"}\n', "partial.jsonl", "1 of 2 samples have no 'label'"),
         (b'{"text": "a", "label": -3}\n', "neg.jsonl", "negative"),
         (b'{"text": ["a", "b"]}\n', "list.jsonl", "not text"),
