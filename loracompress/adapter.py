@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,11 +237,12 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if bin_path.is_file():
         try:
             # weights_only=True: a pickle from the internet must never run code.
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LoraCompressError(
-                f"{bin_path}: cannot be read safely ({first[:160]}); re-save the adapter as safetensors"
+                f"{bin_path}: cannot be read safely ({_unpickling_detail(err)[:160]}); re-save the adapter as safetensors"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise LoraCompressError(f"{bin_path}: not a state dict of tensors; re-save the adapter with save_pretrained")
@@ -248,6 +250,15 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise LoraCompressError(
         f"{directory}: no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing: copy them next to {CONFIG_NAME}"
     )
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """The informative line of torch's weights-only error (which also suggests weights_only=False: never)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("WeightsUnpickler error:")[-1]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else type(err).__name__)
+    return detail.split(". Please use")[0]  # torch goes on to explain how to allowlist the global: no
 
 
 def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:

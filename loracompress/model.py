@@ -107,6 +107,8 @@ def load_base_model(
         if not path.is_dir() or not (path / "config.json").is_file():
             raise LoraCompressError(f"{path} is not a Hugging Face model folder (no config.json); pass --base-model PATH")
         load_from = str(path)
+    elif _looks_like_path(name):
+        raise LoraCompressError(f"base model folder {path} does not exist; pass --base-model with an existing folder")
     else:
         load_from = name  # a hub id: only its local cache is used
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,11 +121,17 @@ def load_base_model(
         ) from None
     except ValueError as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
             raise LoraCompressError(
                 f"base model {name!r} needs custom code; review it, then pass --trust-remote-code"
             ) from None
         raise LoraCompressError(f"cannot load base model {name!r}: {msg[:200]}") from None
+    except Exception as err:  # noqa: BLE001 - corrupt weights surface as SafetensorError, struct.error, ...
+        log.debug("loading %s failed", name, exc_info=True)
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoraCompressError(
+            f"cannot load base model {name!r} ({msg[:140]}); its files look damaged: re-download or re-save it"
+        ) from None
     model.eval()
     tokenizer = None
     if with_tokenizer:
@@ -132,6 +140,11 @@ def load_base_model(
     check_fit(model, adapter, base_name=f"base model {name!r}")
     model.to(device)
     return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file)
+
+
+def _looks_like_path(name: str) -> bool:
+    """``./m``, ``/abs/m``, ``~/m``, ``a/b/c`` are folders; a hub id is ``name`` or ``org/name``."""
+    return name.startswith((".", "/", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bool) -> Any:

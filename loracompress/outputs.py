@@ -7,6 +7,7 @@ output at the requested path: at worst a ``.NAME.tmp-*`` sibling, which the next
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import uuid
@@ -30,6 +31,8 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Pa
     out = Path(path)
     for src in inputs:
         src = Path(src)
+        if not src.exists():
+            continue  # the reader says the input is missing; an overlap message would only mislead
         src_dir = src if src.is_dir() else src.parent
         if _is_within(out, src_dir) or _is_within(src_dir, out):
             raise LoraCompressError(
@@ -40,6 +43,8 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Pa
     if out.exists() and not force:
         raise LoraCompressError(f"output {out} already exists; pass --force to replace it or choose another -o")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise LoraCompressError(f"cannot write {out}: {parent} is a file, not a folder; choose another -o")
     if not parent.is_dir():
         raise LoraCompressError(f"cannot write {out}: parent folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -49,7 +54,8 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Pa
 
 def _cleanup_stale(out: Path) -> None:
     """Remove temporary siblings left by earlier runs that were killed (kill -9, power loss)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+    # escape: an output named "run[1]" must not match (and delete) the temp folder of "run1"
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
         if pid.isdigit() and _pid_alive(int(pid)):
             continue  # another run is writing right now
@@ -87,8 +93,11 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Pa
             tmp.rename(out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise LoraCompressError(f"disk full while writing {out}; free space and run again (nothing was written)") from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise LoraCompressError(
+                f"disk full while writing {out} ({err.strerror}); free space or raise the quota/file-size limit "
+                "and run again (nothing was written)"
+            ) from None
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise LoraCompressError(f"cannot write {out}: {err.strerror}; choose another -o") from None
         raise
