@@ -17,6 +17,17 @@ import typer
 
 from loracompress.errors import CheckFailed, LoraCompressError
 
+# typer >= 0.20 vendors its own copy of click: its usage errors and Exit/Abort are not click's classes.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
+_EXITS: tuple[type[Exception], ...] = (click.exceptions.Exit, typer.Exit)
+_ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort)
+try:
+    from typer._click.exceptions import ClickException as _VendoredClickException
+
+    _USAGE_ERRORS += (_VendoredClickException,)
+except ImportError:  # an older typer that uses click itself
+    pass
+
 app = typer.Typer(
     name="loracompress",
     help="Compress trained LoRA adapters under a parameter budget, then ship them.",
@@ -59,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORACOMPRESS_DEBUG") == "1"
     try:
-        app(args=args, prog_name="loracompress", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        result = app(args=args, prog_name="loracompress", standalone_mode=False)
+    except _EXITS as e:
         return e.exit_code
-    except click.ClickException as e:
+    except _USAGE_ERRORS as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
     except LoraCompressError as e:
@@ -80,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    return 0
+    if result == 130:  # typer turns Ctrl-C inside a command into Exit(130) and returns the code
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
