@@ -44,6 +44,7 @@ COMMAND_MODULES = [
     "check_cmd",
     "report_cmd",
     "eval_cmd",
+    "truncate_cmd",
 ]
 
 

@@ -156,6 +156,16 @@ class AdaLoRA(Method):
                         final_mask_at_step=self.end, interval=self.interval)
         return info
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs for an exact resume (the engine saves the masks itself)."""
+        return {**self.importance.state_dict(), "history": [list(h) for h in self.history],
+                "final_done": self._final_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance.load_state_dict(state)
+        self.history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
+        self._final_done = bool(state.get("final_done", False))
+
     # ------------------------------------------------------------------ allocation
 
     def _allocate(self, budget: int, step: int) -> None:

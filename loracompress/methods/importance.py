@@ -21,10 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from loracompress.layers import LoraLayer
+
+_PARTS = ("lambda", "A", "B")
 
 
 @dataclass
@@ -86,6 +89,27 @@ class ComponentImportance:
             s = lam.score + a.score.mean(dim=1) + b.score.mean(dim=0)
             out[path] = s.detach().double().cpu()
         return out
+
+    def state_dict(self, prefix: str = "importance") -> dict[str, Any]:
+        """Tensors and counters to checkpoint (keys ``PREFIX.PATH.{lambda,A,B}.{ipt,unc}``)."""
+        out: dict[str, Any] = {f"{prefix}.updates": self.updates}
+        for path, emas in self._state.items():
+            for part, ema in zip(_PARTS, emas):
+                out[f"{prefix}.{path}.{part}.ipt"] = ema.ipt
+                out[f"{prefix}.{path}.{part}.unc"] = ema.unc
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any], prefix: str = "importance") -> None:
+        self.updates = int(state.get(f"{prefix}.updates", 0))
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            if key.startswith(prefix + ".") and key.endswith((".ipt", ".unc")):
+                path, part, kind = key[len(prefix) + 1:].rsplit(".", 2)
+                found.setdefault(path, {})[f"{part}.{kind}"] = value
+        self._state = {
+            path: tuple(_Ema(t[f"{part}.ipt"].clone(), t[f"{part}.unc"].clone()) for part in _PARTS)  # type: ignore[misc]
+            for path, t in found.items()
+        }
 
     @torch.no_grad()
     def permute(self, path: str, perm: torch.Tensor) -> None:

@@ -182,6 +182,28 @@ class IncreLoRA(Method):
             info.update(start_params=self.start_params, target_params=self.target, growth_steps=self.round_steps)
         return info
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs for an exact resume (the engine saves the masks itself)."""
+        return {
+            **self.importance.state_dict(),
+            "active": dict(self.active),
+            "ramp": {p: {str(i): s for i, s in r.items()} for p, r in self._ramp.items()},
+            "reserve_norms": {p: {str(i): list(n) for i, n in r.items()} for p, r in self._reserve_norms.items()},
+            "round": self._round,
+            "finished": self.finished,
+            "history": [list(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance.load_state_dict(state)
+        self.active = {p: int(k) for p, k in state["active"].items()}
+        self._ramp = {p: {int(i): int(s) for i, s in r.items()} for p, r in state["ramp"].items()}
+        self._reserve_norms = {p: {int(i): (float(n[0]), float(n[1])) for i, n in r.items()}
+                               for p, r in state["reserve_norms"].items()}
+        self._round = int(state["round"])
+        self.finished = bool(state["finished"])
+        self.history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
+
     # ------------------------------------------------------------------ growth
 
     @property

@@ -1,0 +1,71 @@
+"""``loracompress truncate``: search-free cuts of a DyLoRA-trained adapter, no data or training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from loracompress_cli.common import console, human, human_bytes, print_json
+from rich.table import Table
+
+from loracompress.errors import LoraCompressError
+from loracompress.truncate import TruncateOptions, truncate
+
+
+def truncate_cmd(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder (DyLoRA-ordered, from prune --method dylora)."),
+    budget: str | None = typer.Option(None, "--budget", "-b", help="One budget: 0.25, 25%, 1.2M, 4MB or rank=2."),
+    budgets: str | None = typer.Option(None, "--budgets", help="Several budgets, comma-separated: 0.5,0.25,0.125 (one sub-folder each)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-truncated)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data: measure each cut against the input adapter."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model for --eval-data (default: the adapter's)."),
+    text_field: str | None = typer.Option(None, "--text-field", help="Text field/column of --eval-data (detected by default)."),
+    label_field: str | None = typer.Option(None, "--label-field", help="Label field/column of --eval-data (detected by default)."),
+    max_samples: int | None = typer.Option(None, "--max-samples", help="Evaluate on at most this many samples."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+) -> None:
+    """Cut ADAPTER to --budget (or to each of --budgets) by keeping leading components; no data or training.
+
+    A DyLoRA-ordered adapter keeps each module's leading components (every cut was trained);
+    any other adapter is cut in SVD order, the training-free svd cut, with a warning.
+    """
+    if (budget is None) == (budgets is None):
+        raise LoraCompressError("give exactly one of --budget 0.25 or --budgets 0.5,0.25,0.125")
+    texts = [budget] if budget is not None else [b.strip() for b in str(budgets).split(",") if b.strip()]
+    out = output or adapter.resolve().parent / f"{adapter.resolve().name}-truncated"
+    options = TruncateOptions(budgets=texts, force=force, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                              eval_data=eval_data, base_model=base_model, text_field=text_field,
+                              label_field=label_field, max_samples=max_samples, seq_len=seq_len,
+                              batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+    reports = truncate(adapter, out, options)
+    if as_json:
+        print_json(reports if budgets is not None else reports[0])
+        return
+    table = Table(title=f"{adapter} → {out}")
+    for col in ("budget", "parameters", "ratio", "size", "max rank", "order"):
+        table.add_column(col, justify="left" if col in ("budget", "order") else "right")
+    measured = [k for k in ("kl", "agreement", "accuracy", "perplexity") if any(k in r["quality"] for r in reports)]
+    for k in measured:
+        before = next((r["quality"][k]["before"] for r in reports if isinstance(r["quality"].get(k), dict)), None)
+        table.add_column(k if before is None else f"{k} (input {before:.4g})", justify="right")
+    for r in reports:
+        row = [r["budget"]["text"], human(r["params_after"]), f"{r['param_ratio']:.4f}", human_bytes(r["bytes_after"]),
+               str(r["max_rank_after"]), r["settings"]["order"]]
+        for k in measured:
+            v = r["quality"].get(k)
+            v = v.get("after") if isinstance(v, dict) else v
+            row.append("" if v is None else f"{v:.4g}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("truncate")(truncate_cmd)
