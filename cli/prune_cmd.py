@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
-from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.common import console, err_console, human, human_bytes, print_json
 
 from loracompress.api import PruneOptions, default_output, prune
+from loracompress.errors import LoraCompressError
 
 
 def prune_cmd(
@@ -45,6 +52,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),
+    method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""
     options = PruneOptions(budget=budget, method=method, select=select, min_rank=min_rank, max_rank=max_rank,
@@ -54,8 +62,14 @@ def prune_cmd(
                            steps=steps, epochs=epochs, lr=lr, warmup=warmup, seed=seed, kd_weight=kd_weight,
                            task_weight=task_weight, temperature=temperature, device=device, precision=precision,
                            trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every, resume=resume,
-                           evaluate=not no_eval)
-    report = prune(adapter, output, options)
+                           evaluate=not no_eval, method_settings=_method_settings(method_option))
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks
+    if not main:
+        logging.getLogger().setLevel(logging.WARNING)
+    with _progress_bar(enabled=main and method != "svd") as progress:
+        report = prune(adapter, output, options, progress=progress)
+    if not main:
+        return
     if as_json:
         print_json(report)
         return
@@ -70,6 +84,40 @@ def prune_cmd(
         if isinstance(value, dict) and "before" in value:
             console.print(f"  {name}: {value['before']:.4g} → {value['after']:.4g}")
     console.print(f"wrote {out}")
+
+
+def _method_settings(items: list[str]) -> dict[str, Any]:
+    """``["rounds=2", "score=products"]`` -> ``{"rounds": 2, "score": "products"}`` (values read as JSON when they parse)."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LoraCompressError(f"--method-option {item!r}: write KEY=VALUE, e.g. -O rounds=2")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, float, float], None] | None]:
+    """A rich progress bar on stderr (step, loss, ETA) fed by the engine's progress callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"))
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("calibrate", total=None, loss="-", eta="-")
+
+        def update(step: int, total: int, loss: float, eta: float) -> None:
+            minutes, seconds = divmod(int(eta), 60)
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}", eta=f"{minutes}:{seconds:02d}")
+
+        yield update
 
 
 def register(app: typer.Typer) -> None:

@@ -64,8 +64,12 @@ def default_output(source: str | Path) -> Path:
     return src.parent / f"{src.name}-compressed"
 
 
-def prune(source: str | Path, output: str | Path | None, options: PruneOptions) -> dict[str, Any]:
+def prune(
+    source: str | Path, output: str | Path | None, options: PruneOptions, progress: Any | None = None
+) -> dict[str, Any]:
     """Compress the adapter at ``source`` into ``output``; returns the compression report.
+
+    ``progress(step, total, loss, eta_seconds)`` is called after each calibration step.
 
     Everything that can be checked is checked before work starts, so a bad output path or a
     bad budget never costs a long run.
@@ -77,12 +81,16 @@ def prune(source: str | Path, output: str | Path | None, options: PruneOptions) 
     select = Selector.parse(options.select) if options.select else None
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
         raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
+    if options.method != "svd":
+        if not options.data:
+            raise LoraCompressError(
+                f"method {options.method!r} calibrates on your data: pass --data FILE (and --base-model if needed)"
+            )
+        from loracompress.calibrate import calibrate
+
+        return calibrate(source, out, options, progress=progress)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
-    if options.method != "svd":
-        raise LoraCompressError(
-            f"method {options.method!r} needs calibration data and a base model (--data, --base-model)"
-        )
     result = compress_svd(
         adapter,
         budget,
