@@ -13,7 +13,7 @@ import torch
 from loracompress.adapter import Adapter, load_adapter, parse_dtype, save_adapter
 from loracompress.budget import Budget
 from loracompress.errors import LoraCompressError
-from loracompress.methods.svd import Selector, compress_svd
+from loracompress.methods.svd import Selector, SvdResult, compress_svd
 from loracompress.outputs import check_output_path
 from loracompress.report import CARD_NAME, REPORT_NAME, card, compression_report, report_json
 
@@ -91,31 +91,71 @@ def prune(
         return calibrate(source, out, options, progress=progress)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
-    result = compress_svd(
-        adapter,
-        budget,
-        select=select,
-        min_rank=options.min_rank,
-        max_rank=options.max_rank,
-        itemsize=torch.empty(0, dtype=out_dtype).element_size(),
-    )
+    settings: dict[str, Any] = {"allocation": "global sigma^2/(in+out)"}
+    quality: dict[str, Any] = {}
+    if options.data:  # the activation-aware cut, measured on held-out data
+        result, settings, quality = _activation_aware(adapter, options, budget, select, out_dtype)
+    else:
+        result = compress_svd(
+            adapter,
+            budget,
+            select=select,
+            min_rank=options.min_rank,
+            max_rank=options.max_rank,
+            itemsize=torch.empty(0, dtype=out_dtype).element_size(),
+            dtype=out_dtype,
+        )
     report = compression_report(
         source=str(source),
         output=str(out),
         before=adapter,
         after=result.adapter,
         method="svd",
-        settings={"select": options.select, "min_rank": options.min_rank, "max_rank": options.max_rank,
-                  "allocation": "global sigma^2/(in+out)"},
+        settings={"select": options.select, "min_rank": options.min_rank, "max_rank": options.max_rank, **settings},
         budget=options.budget,
         target_params=result.target_params,
         out_dtype=out_dtype,
         retained_energy=result.retained_energy,
         total_retained_energy=result.total_retained_energy,
+        quality=quality,
         seconds=time.perf_counter() - t0,
     )
     write_result(result.adapter, out, report, out_dtype, options.force)
     return report
+
+
+def _activation_aware(
+    adapter: Adapter, options: PruneOptions, budget: Budget | None, select: Selector | None, out_dtype: torch.dtype
+) -> tuple[SvdResult, dict[str, Any], dict[str, Any]]:
+    """``--method svd`` with ``--data``: the activation-aware cut; its settings and held-out quality."""
+    from loracompress.activation import DEFAULT_DAMPING, activation_aware_svd
+    from loracompress.calibrate import load_data
+    from loracompress.evaluate import compare_adapters
+    from loracompress.model import load_base_model
+
+    if budget is None and select is None:
+        raise LoraCompressError("nothing to do: give --budget, --select, or both")
+    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))
+    if damping < 0:
+        raise LoraCompressError(f"damping must be >= 0 (got {damping})")
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_base_model(options.base_model, adapter, device=device, trust_remote_code=options.trust_remote_code)
+    data = load_data(base, options)
+    result = activation_aware_svd(
+        base, adapter, data.train, budget, damping=damping, select=select, min_rank=options.min_rank,
+        max_rank=options.max_rank, itemsize=torch.empty(0, dtype=out_dtype).element_size(), dtype=out_dtype,
+    )
+    quality: dict[str, Any] = {}
+    if options.evaluate and data.held_out:
+        quality = compare_adapters(base, adapter, result.adapter, data.held_out, data.task)
+    settings = {"allocation": "global output-space sigma^2/(in+out)", "activation_aware": True,
+                "damping": damping, "base_model": base.source, "data": str(options.data),
+                "eval_data": options.eval_data, "eval_fraction": None if options.eval_data else options.eval_fraction,
+                "samples": data.samples, "held_out_samples": data.held_out_samples,
+                "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
+    return result, settings, quality
 
 
 def write_result(adapter: Adapter, out: Path, report: dict[str, Any], dtype: torch.dtype, force: bool) -> None:
