@@ -167,3 +167,19 @@ def peft_mismatch(adapter: Adapter, directory: Path, base: torch.nn.Module) -> f
     if set(deltas) != set(adapter.modules):
         raise AssertionError(f"PEFT sees modules {sorted(set(deltas) ^ set(adapter.modules))} differently")
     return max(float((deltas[p] - m.delta()).abs().max()) for p, m in adapter.modules.items())
+
+
+def check_output(calib: Calib, ranks: dict[str, int], budget: str, out_dir: Path,
+                 metadata: dict[str, str] | None = None) -> tuple[float, float]:
+    """The output meets ``budget`` exactly and stock PEFT reads it back; returns its held-out KL and the SVD cut's."""
+    from loracompress.adapter import save_adapter
+    from loracompress.methods.svd import compress_svd
+
+    target = target_params(calib.original, budget)
+    out = output_adapter(calib, ranks, metadata)
+    assert out.num_params <= target and nothing_else_fits(calib.original, ranks, target)
+    save_adapter(out, out_dir)
+    assert peft_mismatch(out, out_dir, calib.base) < 1e-5
+    test = batches(calib.kind, 3, seed=2)
+    svd = compress_svd(calib.original, Budget.parse(budget)).adapter
+    return held_out_kl(calib, out, test), held_out_kl(calib, svd, test)

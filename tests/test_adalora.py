@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from loracompress.adapter import save_adapter
 from loracompress.budget import Budget
 from loracompress.errors import LoraCompressError
 from loracompress.methods.adalora import AdaLoRA
 from loracompress.methods.svd import compress_svd
 from tests.method_loop import (
     batches,
+    check_output,
     drive,
-    held_out_kl,
     local_loss,
     nothing_else_fits,
-    output_adapter,
-    peft_mismatch,
     setup_calibration,
     target_params,
 )
@@ -66,13 +63,8 @@ def test_output_loads_in_peft_and_beats_svd_cut(tmp_path):
     calib = setup_calibration("bert", tmp_path)
     target = target_params(calib.original, "0.25")
     ranks = drive(AdaLoRA(), calib, target, steps=30, data=batches("bert", 6, seed=1))
-    out = output_adapter(calib, ranks)
-    assert out.num_params <= target and nothing_else_fits(calib.original, ranks, target)
-    save_adapter(out, tmp_path / "out")
-    assert peft_mismatch(out, tmp_path / "out", calib.base) < 1e-5
-    test = batches("bert", 3, seed=2)
-    svd = compress_svd(calib.original, Budget.parse("0.25")).adapter
-    assert held_out_kl(calib, out, test) < held_out_kl(calib, svd, test)
+    kl, kl_svd = check_output(calib, ranks, "0.25", tmp_path / "out")
+    assert kl < kl_svd
 
 
 def test_smaller_initial_budget_starts_from_the_svd_cut(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loracompress.adapter import ORDER_KEY, load_adapter, save_adapter
+from loracompress.adapter import ORDER_KEY, load_adapter
 from loracompress.budget import Budget, allocate
 from loracompress.errors import LoraCompressError
 from loracompress.methods.base import Method
@@ -17,11 +17,10 @@ from loracompress.methods.svd import decompose, truncated_adapter
 from loracompress.truncate import truncate_adapter
 from tests.method_loop import (
     batches,
+    check_output,
     drive,
     held_out_kl,
-    nothing_else_fits,
     output_adapter,
-    peft_mismatch,
     setup_calibration,
     target_params,
 )
@@ -91,10 +90,7 @@ def test_output_is_marked_nested_meets_the_budget_and_loads_in_peft(tmp_path):
     target = target_params(calib.original, "0.25")
     method = DyLoRA()
     ranks = drive(method, calib, target, steps=4, data=batches("llama", 2, seed=1))
-    assert nothing_else_fits(calib.original, ranks, target)
-    out = output_adapter(calib, ranks, method.metadata())
-    save_adapter(out, tmp_path / "out")
-    assert peft_mismatch(out, tmp_path / "out", calib.base) < 1e-5
+    check_output(calib, ranks, "0.25", tmp_path / "out", method.metadata())
 
     saved = load_adapter(tmp_path / "out")
     assert saved.metadata[ORDER_KEY] == "dylora"

@@ -42,6 +42,7 @@ from loracompress.methods.importance import (
     add_orthogonality_grad,
     component_energy,
     keep_leading,
+    live_layers,
     move_to_front,
 )
 
@@ -97,8 +98,7 @@ class AdaLoRA(Method):
     def setup(self, ctx: CalibContext) -> None:
         super().setup(ctx)
         s = self.settings
-        self.layers = {p: layer for p, layer in ctx.layers.items() if layer.rank > 0}
-        self.costs = {p: ctx.cost(p) for p in self.layers}
+        self.layers, self.costs = live_layers(ctx.layers)
         total = sum(self.costs[p] * layer.rank for p, layer in self.layers.items())
         self.target = int(ctx.target_params)
         self.b0 = max(min(total, math.floor(s["init_budget"] * total)), self.target)

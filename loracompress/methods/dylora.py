@@ -35,7 +35,7 @@ from loracompress.adapter import ORDER_KEY
 from loracompress.budget import allocate
 from loracompress.errors import LoraCompressError
 from loracompress.methods.base import CalibContext, Method
-from loracompress.methods.importance import component_energy, keep_leading
+from loracompress.methods.importance import component_energy, keep_leading, live_layers
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class DyLoRA(Method):
 
     def setup(self, ctx: CalibContext) -> None:
         super().setup(ctx)
-        self.layers = {p: layer for p, layer in ctx.layers.items() if layer.rank > 0}
-        self.costs = {p: ctx.cost(p) for p in self.layers}
+        self.layers, self.costs = live_layers(ctx.layers)
         given = ctx.extras.get("values") or {}
         self.values = {
             p: np.asarray(given[p] if p in given else component_energy(layer).numpy(), dtype=np.float64)

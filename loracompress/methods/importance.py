@@ -125,6 +125,12 @@ class ComponentImportance:
         b.unc.copy_(b.unc[:, perm])
 
 
+def live_layers(layers: Mapping[str, LoraLayer]) -> tuple[dict[str, LoraLayer], dict[str, int]]:
+    """The layers that have components (a module the student dropped has none), and one component's cost in each."""
+    live = {p: layer for p, layer in layers.items() if layer.rank > 0}
+    return live, {p: int(layer.A.shape[1] + layer.B.shape[0]) for p, layer in live.items()}
+
+
 def component_energy(layer: LoraLayer) -> torch.Tensor:
     """``(s·‖A_i‖·‖B_i‖)²`` per component: ``σ_i²`` when the layer holds balanced SVD factors."""
     with torch.no_grad():

@@ -46,6 +46,7 @@ from loracompress.methods.importance import (
     add_orthogonality_grad,
     component_energy,
     keep_leading,
+    live_layers,
 )
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,7 @@ class IncreLoRA(Method):
     def setup(self, ctx: CalibContext) -> None:
         super().setup(ctx)
         s = self.settings
-        self.layers = {p: layer for p, layer in ctx.layers.items() if layer.rank > 0}
-        self.costs = {p: ctx.cost(p) for p in self.layers}
+        self.layers, self.costs = live_layers(ctx.layers)
         self.prior = {p: component_energy(layer).numpy() for p, layer in self.layers.items()}
         self.target = int(ctx.target_params)
         start_budget = int(s["init_fraction"] * self.target)
