@@ -45,6 +45,8 @@ COMMAND_MODULES = [
     "report_cmd",
     "eval_cmd",
     "truncate_cmd",
+    "merge_cmd",
+    "export_cmd",
 ]
 
 

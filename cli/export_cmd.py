@@ -1,0 +1,86 @@
+"""``loracompress export``: ship an adapter as ONNX (merged or multi-LoRA) or for a serving engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from loracompress_cli.common import console, human_bytes, print_json
+
+from loracompress.adapter import parse_dtype
+from loracompress.errors import LoraCompressError
+from loracompress.export import REPORT_NAME, TARGETS, OnnxOptions, export_onnx, export_target
+
+FORMATS = ("onnx", *TARGETS)
+
+
+def _format(fmt: str | None, target: str | None) -> str:
+    if fmt and target and fmt != target:
+        raise LoraCompressError(f"--format {fmt} and --target {target} disagree; pass one of them")
+    chosen = (fmt or target or "peft").lower()
+    if chosen not in FORMATS:
+        raise LoraCompressError(f"unknown format {chosen!r}: use one of {', '.join(FORMATS)}")
+    return chosen
+
+
+def export_cmd(
+    adapters: list[Path] = typer.Argument(..., help="PEFT adapter folder(s); several only with --mode adapters."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-FORMAT)."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm or uniform."),
+    target: str | None = typer.Option(None, "--target", help="Same as --format for adapter targets: peft, vllm, uniform."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    mode: str = typer.Option("merged", "--mode", help="ONNX: merged (one graph, adapter folded in) or adapters (multi-LoRA)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or fp16 for GPU serving; targets: output dtype."),
+    tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
+    graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
+    cpu: bool = typer.Option(False, "--cpu", help="ONNX: verify on the CPU provider even when a GPU is available."),
+    rank: int | None = typer.Option(None, "--rank", help="uniform: the rank every module is padded to (default: the largest)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+) -> None:
+    """Export ADAPTER as ONNX (verified with onnxruntime) or as a peft / vllm / uniform adapter."""
+    chosen = _format(fmt, target)
+    out = output or adapters[0].resolve().parent / f"{adapters[0].resolve().name}-{chosen}"
+    if chosen != "onnx":
+        if len(adapters) != 1:
+            raise LoraCompressError(f"--format {chosen} takes one adapter folder")
+        record = export_target(adapters[0], out, chosen, rank=rank, dtype=parse_dtype(dtype), force=force,
+                               allow_nonfinite=allow_nonfinite)
+        _print_target(record, as_json)
+        return
+    options = OnnxOptions(base_model=base_model, mode=mode, dtype=dtype or "fp32", tolerance=tolerance,
+                          adapter_only=adapter_only, graph=str(graph) if graph else None, force=force,
+                          trust_remote_code=trust_remote_code, prefer_gpu=not cpu, allow_nonfinite=allow_nonfinite)
+    report = export_onnx(adapters, out, options)
+    if as_json:
+        print_json(report)
+        return
+    what = "adapter files for the existing graph" if report["adapter_only"] else f"{report['mode']} ONNX ({report['dtype']})"
+    console.print(f"exported {what}; verified with onnxruntime on {report['provider']} ({report['provider_reason']})")
+    for check in report["checks"]:
+        console.print(f"  {check['name']}: max abs difference vs PyTorch {check['max_abs_diff']:.3g} "
+                      f"(tolerance {check['tolerance']:.3g})")
+    for name, size in report["file_bytes"].items():
+        console.print(f"  {name}: {human_bytes(size)}")
+    console.print(f"wrote {out} (and {REPORT_NAME})")
+
+
+def _print_target(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(record)
+        return
+    line = f"{record['target']} adapter: {record['modules']} modules, {human_bytes(record['bytes'])}"
+    if record["target"] == "vllm":
+        line += f"; global r = lora_alpha = {record['max_lora_rank']}: serve with --max-lora-rank {record['max_lora_rank']} (or more)"
+    elif record["target"] == "uniform":
+        line += f"; every module at rank {record['rank']}"
+    console.print(line)
+    console.print(f"wrote {record['output']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)

@@ -1,0 +1,43 @@
+"""``loracompress merge``: fold an adapter into its base model (Hugging Face folder, safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from loracompress_cli.common import console, human_bytes, print_json
+
+from loracompress.merge import MERGE_REPORT, MergeOptions, merge_adapter
+
+
+def merge_cmd(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder to merge."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output model folder."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: the base model's published dtype)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
+    tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed max abs logit difference, merged vs base+adapter (default 1e-3)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON."),
+) -> None:
+    """Merge ADAPTER into its base model in fp32, check it on a probe batch, save it cast to --dtype."""
+    options = MergeOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, tolerance=tolerance,
+                           force=force, trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite)
+    report = merge_adapter(adapter, output, options)
+    if as_json:
+        print_json(report)
+        return
+    shards = sum(1 for f in report["files"] if f.endswith(".safetensors"))
+    console.print(f"merged {report['modules_merged']} LoRA modules into {report['base_model']} "
+                  f"({report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, {human_bytes(report['bytes'])})")
+    line = f"check on a probe batch: max abs difference merged vs base+adapter {report['max_abs_diff']:.3g} (fp32)"
+    if report["dtype"] != "fp32" and report["max_abs_diff_output_dtype"] is not None:
+        line += f", {report['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
+    console.print(line + f"; tolerance {report['tolerance']:.3g}")
+    console.print(f"wrote {output} (and {MERGE_REPORT})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge_cmd)

@@ -1,0 +1,129 @@
+"""Serving targets for the adapter itself: ``peft`` (portable form), ``vllm``, ``uniform``.
+
+All three are stock PEFT adapters that give the same ΔW as the input, module for module:
+
+* ``peft``: the portable form (scale folded, ``alpha == rank`` per module, full-path patterns).
+* ``vllm``: the portable form with the global ``r == lora_alpha`` rounded up to a value vLLM
+  accepts as ``--max-lora-rank``. vLLM applies one global ``lora_alpha / r`` (= 1 here) and
+  pads each module's factors to the engine's rank, so per-module ranks keep their sizes.
+  ``modules_to_save`` is refused: vLLM cannot load it.
+* ``uniform``: every module zero-padded to one rank (zero rows of A, zero columns of B add
+  nothing to B @ A), for engines that need all modules of one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.adapter import CONFIG_NAME, Adapter, LoraModule, load_adapter, write_adapter_files
+from loracompress.errors import LoraCompressError
+from loracompress.outputs import atomic_output_dir, check_output_path
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("peft", "vllm", "uniform")
+#: The ``max_lora_rank`` values vLLM accepts.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_rank(max_rank: int) -> int:
+    """The smallest vLLM ``max_lora_rank`` value that holds ``max_rank``."""
+    for r in VLLM_RANKS:
+        if r >= max_rank:
+            return r
+    raise LoraCompressError(
+        f"the adapter's largest rank is {max_rank} but vLLM serves ranks up to {VLLM_RANKS[-1]}; "
+        f"compress it further (e.g. prune --max-rank {VLLM_RANKS[-1]})"
+    )
+
+
+def pad_to_rank(adapter: Adapter, rank: int) -> Adapter:
+    """Every module of rank > 0 zero-padded to ``rank`` (same ΔW); rank-0 modules stay dropped."""
+    if rank < adapter.max_rank:
+        raise LoraCompressError(f"--rank {rank} is below the adapter's largest rank {adapter.max_rank}; use --rank >= {adapter.max_rank}")
+    modules = {}
+    for path, m in adapter.modules.items():
+        if m.rank == 0:
+            continue
+        if rank > min(m.in_features, m.out_features):
+            raise LoraCompressError(
+                f"--rank {rank} exceeds module {path} ({m.out_features}×{m.in_features}): a LoRA rank must be at most "
+                f"min(in, out) = {min(m.in_features, m.out_features)}; use a smaller --rank"
+            )
+        extra = rank - m.rank
+        A = torch.cat([m.A, m.A.new_zeros(extra, m.in_features)], dim=0)
+        B = torch.cat([m.B, m.B.new_zeros(m.out_features, extra)], dim=1)
+        modules[path] = LoraModule(A=A, B=B, scale=m.scale)
+    return adapter.replace(modules)
+
+
+def _check_vllm(adapter: Adapter) -> None:
+    saved = adapter.config.get("modules_to_save")
+    if adapter.extra_tensors or saved:
+        what = ", ".join(sorted({k.split(".modules_to_save")[0].removeprefix("base_model.model.") for k in adapter.extra_tensors}))
+        raise LoraCompressError(
+            f"vLLM cannot serve modules_to_save ({what or saved}); use --target peft, or retrain without modules_to_save"
+        )
+
+
+def _global_rank(config_path: Path, rank: int, ranks: dict[str, int]) -> None:
+    """Rewrite the written config so the global ``r == lora_alpha == rank`` and patterns cover the rest."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern={p: k for p, k in ranks.items() if k != rank},
+        alpha_pattern={p: k for p, k in ranks.items() if k != rank},
+    )
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_target(
+    source: str | Path,
+    output: str | Path,
+    target: str = "peft",
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """Write ``source`` as a ``target`` adapter at ``output``; returns a small record of what was done.
+
+    Raises:
+        LoraCompressError: unknown target, ``modules_to_save`` for vLLM, a rank vLLM cannot serve.
+    """
+    if target not in TARGETS:
+        raise LoraCompressError(f"unknown target {target!r}: use one of {', '.join(TARGETS)} (or --format onnx)")
+    if rank is not None and target != "uniform":
+        raise LoraCompressError("--rank is only used with --target uniform")
+    if rank is not None and rank < 1:
+        raise LoraCompressError("--rank must be >= 1")
+    check_output_path(output, force=force, inputs=[Path(source)])
+    adapter = load_adapter(source, allow_nonfinite=allow_nonfinite)
+    kept = {p: m.rank for p, m in adapter.modules.items() if m.rank > 0}
+    if not kept:
+        raise LoraCompressError(f"{source}: every module has rank 0; there is no adapter to serve")
+    record: dict[str, Any] = {"target": target, "source": str(source), "output": str(output), "max_rank": max(kept.values())}
+    global_rank = None
+    if target == "vllm":
+        _check_vllm(adapter)
+        global_rank = vllm_rank(max(kept.values()))
+        record["max_lora_rank"] = global_rank
+    elif target == "uniform":
+        adapter = pad_to_rank(adapter, rank or max(kept.values()))
+        kept = {p: m.rank for p, m in adapter.modules.items()}
+        record["rank"] = adapter.max_rank
+    with atomic_output_dir(output, force=force, inputs=[Path(source)]) as tmp:
+        write_adapter_files(adapter, tmp, dtype)
+        if global_rank is not None:
+            _global_rank(tmp / CONFIG_NAME, global_rank, kept)
+        # Reading it back checks that every module's pattern resolves to its own rank.
+        written = load_adapter(tmp)
+        record.update(params=written.num_params, bytes=written.num_bytes(), modules=len(written.modules))
+    return record
