@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,8 @@ def load_base_model(
         load_from = name  # a hub id: only its local cache is used
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model = auto.from_pretrained(load_from, dtype=dtype, **kwargs)
+        with _quiet_transformers():
+            model = auto.from_pretrained(load_from, dtype=dtype, **kwargs)
     except OSError as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LoraCompressError(
@@ -135,11 +138,30 @@ def load_base_model(
     model.eval()
     tokenizer = None
     if with_tokenizer:
-        tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
+        with _quiet_transformers():
+            tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
     restore_modules_to_save(model, adapter, name)
     check_fit(model, adapter, base_name=f"base model {name!r}")
     model.to(device)
     return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Mute transformers' warnings while loading (``--debug`` keeps them).
+
+    A checkpoint of the wrong architecture makes it log a multi-line "LOAD REPORT" to stderr;
+    :func:`check_fit` then says what is wrong in one line that names the fix.
+    """
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def _looks_like_path(name: str) -> bool:
