@@ -49,7 +49,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,8 @@ class EngineResult:
     student_seconds_per_step: float
     teacher_seconds_per_step: float
     resumed_from: int | None = None
+    #: per step of this run: the student's forward, backward, optimizer step and hooks (not the teacher)
+    step_seconds: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         tail = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
@@ -455,6 +457,7 @@ class Engine:
                 student_seconds_per_step=loop.student_time / max(1, loop.steps_run),
                 teacher_seconds_per_step=loop.teacher_time / max(1, loop.teacher_runs),
                 resumed_from=start or None,
+                step_seconds=loop.step_seconds,
             )
         finally:
             if prepared is not None:
@@ -497,6 +500,7 @@ class _Loop:
         self.restarts = sorted({int(r) for r in (restarts() if callable(restarts) else []) if 0 < int(r) < total})
         self.t0 = time.perf_counter()
         self.student_time = self.teacher_time = 0.0
+        self.step_seconds: list[float] = []
         self.steps_run = self.teacher_runs = 0
 
     def lr_factor(self, step: int) -> float:
@@ -562,8 +566,9 @@ class _Loop:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.method.after_step(step)
-        value = float(loss.detach())
-        self.student_time += time.perf_counter() - t
+        value = float(loss.detach())  # also waits for the GPU, so the timing is real
+        self.step_seconds.append(time.perf_counter() - t)
+        self.student_time += self.step_seconds[-1]
         self.steps_run += 1
         if not math.isfinite(value):
             raise LoraCompressError(

@@ -96,15 +96,6 @@ def check_peft_loads(out: Path, base: torch.nn.Module) -> None:
         torch.testing.assert_close(d, saved.modules[path].delta(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a machine shared by several test runs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def bert_files(tmp_path_factory) -> dict[str, Path]:
     return calib_files(tmp_path_factory.mktemp("bert"), "bert")

@@ -20,14 +20,6 @@ from tests.test_engine import calib_files, check_budget, check_peft_loads, held_
 from tests.tiny import make_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return {kind: calib_files(tmp_path_factory.mktemp(kind), kind) for kind in ("bert", "llama")}
