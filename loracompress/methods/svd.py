@@ -22,7 +22,7 @@ import torch
 from loracompress.adapter import Adapter, LoraModule
 from loracompress.budget import Budget, allocate
 from loracompress.errors import LoraCompressError
-from loracompress.linalg import LowRankSVD, effective_rank, lowrank_svd, singular_values
+from loracompress.linalg import LowRankCore, LowRankSVD, effective_rank, lowrank_core, lowrank_svd
 
 
 @dataclass(frozen=True)
@@ -79,22 +79,25 @@ def decompose(adapter: Adapter) -> dict[str, LowRankSVD]:
 
 def truncated_adapter(
     adapter: Adapter,
-    svds: Mapping[str, LowRankSVD] | None,
+    svds: Mapping[str, LowRankSVD | LowRankCore] | None,
     ranks: Mapping[str, int],
     dtype: torch.dtype = torch.float32,
 ) -> Adapter:
     """Modules rebuilt from their top-``rank`` components, scale 1 (folded). Rank-0 modules are dropped.
 
-    Without precomputed ``svds`` each module is factorised here, one at a time, so peak memory
-    stays near the input plus the output (the float64 work arrays of one module at a time).
+    With :class:`LowRankCore` entries (or none) each module's factors are formed here, one at a
+    time, so peak memory stays near the input plus the output.
     """
     modules: dict[str, LoraModule] = {}
     for path, m in adapter.modules.items():
         k = ranks.get(path, 0)
         if k <= 0:
             continue
-        svd = svds[path] if svds is not None else lowrank_svd(m.B, m.A, m.scale)
-        A, B = svd.factors(k, dtype)
+        svd = svds[path] if svds is not None else lowrank_core(m.B, m.A, m.scale)
+        if isinstance(svd, LowRankCore):
+            A, B = svd.factors(m.B, m.A, k, dtype)
+        else:
+            A, B = svd.factors(k, dtype)
         modules[path] = LoraModule(A=A, B=B, scale=1.0)
     return adapter.replace(modules, metadata={**adapter.metadata, "loracompress.order": "svd"})
 
@@ -119,17 +122,16 @@ def compress_svd(
         values: per-module component values to allocate by, in the order of ``svds``; default
             ``σ²`` (weight space). The activation-aware cut passes output-space ``σ²`` here.
         itemsize: bytes per parameter for byte budgets (default: the adapter's dtype).
-        svds: precomputed factorisations (default: singular values first, then each kept
-            module factorised once more; nothing of size ``[d, r]`` is held for the whole adapter).
+        svds: precomputed factorisations (default: the ``r×r`` cores of every module, then the
+            kept factors formed one module at a time; nothing of size ``[d, r]`` is held in float64).
         dtype: dtype of the output factors (default: the adapter's).
     """
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
     paths = list(adapter.modules)
-    if svds is not None:
-        sigma = {p: svds[p].S for p in paths}
-    else:
-        sigma = {p: singular_values(m.B, m.A, m.scale) for p, m in adapter.modules.items()}
+    if svds is None:  # only the r×r cores are kept for the whole adapter
+        svds = {p: lowrank_core(m.B, m.A, m.scale) for p, m in adapter.modules.items()}
+    sigma = {p: svds[p].S for p in paths}
     energy = {p: s**2 for p, s in sigma.items()}
     vals = {p: (values[p] if values is not None else energy[p]) for p in paths}
     costs = {p: adapter.modules[p].cost for p in paths}
