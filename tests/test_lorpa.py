@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loracompress.api import PruneOptions, prune
 from loracompress.errors import LoraCompressError
 from loracompress.methods.lorpa import LoRPA, component_magnitude
 from loracompress.methods.registry import get_method
-from tests.test_engine import calib_files, check_budget, check_peft_loads, held_out_kl, options, tiny_bert_run
-from tests.tiny import make_adapter
+from tests.test_engine import calib_files, check_beats_svd, check_method_output, tiny_bert_run
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +18,13 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize(("kind", "rounds", "budget"), [("bert", 1, "0.25"), ("llama", 2, "0.25"), ("llama", 1, "0.1")])
 def test_meets_the_budget_exactly_and_stock_peft_loads_it(files, tmp_path, kind, rounds, budget):
-    out = tmp_path / "out"
-    report = prune(files[kind]["adapter"], out, options(files[kind], "lorpa", budget=budget, steps=12,
-                                                       method_settings={"rounds": rounds}))
-    check_budget(report, out)
+    report = check_method_output(files, tmp_path, kind, "lorpa", budget, rounds=rounds)
     assert report["settings"]["rounds"] == rounds
-    _, base = make_adapter(kind, tmp_path / "again", r=8)
-    check_peft_loads(out, base)
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_lowers_held_out_kl_compared_with_the_svd_cut(files, tmp_path, kind):
-    f = files[kind]
-    prune(f["adapter"], tmp_path / "svd", PruneOptions(budget="0.25"))
-    # Distillation only: the fixture's class labels are random.
-    prune(f["adapter"], tmp_path / "lorpa", options(f, "lorpa", steps=30, task_weight=0.0))
-    kl_svd, kl_lorpa = held_out_kl(f, tmp_path / "svd", kind), held_out_kl(f, tmp_path / "lorpa", kind)
-    assert kl_lorpa < 0.7 * kl_svd, (kl_lorpa, kl_svd)
+    check_beats_svd(files[kind], tmp_path, kind, "lorpa")
 
 
 class Watched(LoRPA):
