@@ -97,6 +97,9 @@ def load_base_model(
     num_labels = _num_labels(adapter)
     if task in ("SEQ_CLS", "TOKEN_CLS") and num_labels is not None:
         kwargs["num_labels"] = num_labels
+        # The adapter's head replaces the checkpoint's (restore_modules_to_save below), so a
+        # checkpoint head with another number of classes is expected, not an error.
+        kwargs["ignore_mismatched_sizes"] = True
     path = Path(name).expanduser()
     gguf_file = None
     if path.suffix.lower() == ".gguf":

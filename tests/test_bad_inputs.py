@@ -565,6 +565,34 @@ def test_base_model_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     expect_eval_refused(capsys, [tmp_path, world["root"]], [src, "--data", world["data"], "--base-model", world[kind]], *fix)
 
 
+def _cls_adapter(directory: Path, head: tuple[int, int]) -> Path:
+    tensors = _only("bert.encoder.layer.0.attention.self.query", 48, 48)
+    tensors["base_model.model.classifier.modules_to_save.default.weight"] = torch.randn(*head)
+    tensors["base_model.model.classifier.modules_to_save.default.bias"] = torch.zeros(head[0])
+    return write_adapter(directory, base_config(task_type="SEQ_CLS"), tensors)
+
+
+def test_head_of_another_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path]) -> None:
+    src = _cls_adapter(tmp_path / "adapter", (3, 40))  # hidden size 40: trained on another model
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": "good movie", "label": k}) + "\n" for k in (0, 1, 2)))
+    expect_eval_refused(capsys, [tmp_path, world["root"]], [src, "--data", data, "--base-model", world["bert"]],
+                        "classifier.weight", "(3, 40)", "(3, 48)", "wrong --base-model")
+
+
+def test_head_with_other_class_count_than_the_checkpoint_works(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               world: dict[str, Path]) -> None:
+    """A 5-class head trained on a 3-class checkpoint: the adapter's head replaces the checkpoint's."""
+    src = _cls_adapter(tmp_path / "adapter", (5, 48))
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": "good movie", "label": k}) + "\n" for k in (0, 1, 4)))
+    code, out, err = run_cli(capsys, "eval", src, "--data", data, "--base-model", world["bert"])
+    assert code == 0, err
+    data.write_text("".join(json.dumps({"text": "good movie", "label": k}) + "\n" for k in (0, 5)))
+    expect_eval_refused(capsys, [tmp_path, world["root"]], [src, "--data", data, "--base-model", world["bert"]],
+                        "label 5", "5 classes")
+
+
 def _broken_base(tmp_path: Path, world: dict[str, Path], how: str) -> str:
     import shutil
 
