@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Import into a test module to run each of its tests on one thread (see :func:`one_thread`)."""
+    with one_thread():
+        yield
 
 
 def setup_calibration(kind: str, tmp_path: Path, r: int = 8, seed: int = 0, **adapter_kwargs) -> Calib:
@@ -183,3 +191,38 @@ def check_output(calib: Calib, ranks: dict[str, int], budget: str, out_dir: Path
     test = batches(calib.kind, 3, seed=2)
     svd = compress_svd(calib.original, Budget.parse(budget)).adapter
     return held_out_kl(calib, out, test), held_out_kl(calib, svd, test)
+
+
+def engine_run(files: dict[str, Path], method: str, tmp_path: Path, steps: int = 12,
+               **settings: object) -> tuple[dict, Path]:
+    """``prune --method METHOD`` through the engine on the tiny BERT files of ``tests.test_engine``.
+
+    The run is done twice: straight through, and crashed after step 9 then resumed from the
+    checkpoint of step 8; both must give the same bytes (the method's state survives the checkpoint).
+    Returns the report and the output folder.
+    """
+    from loracompress.adapter import SAFETENSORS_NAME
+    from loracompress.api import prune
+    from loracompress.calibrate import checkpoint_dir
+    from tests.test_engine import options
+
+    def opts(**kw: object):
+        # The fixture's labels are random: distil only (a task loss on noise pulls away from the teacher).
+        return options(files, method, steps=steps, task_weight=0.0, method_settings=dict(settings), **kw)
+
+    full = tmp_path / f"{method}-full"
+    report = prune(files["adapter"], full, opts())
+
+    def crash(step: int, total: int, loss: float, eta: float) -> None:
+        if step == 9:
+            raise KeyboardInterrupt
+
+    resumed = tmp_path / f"{method}-resumed"
+    try:
+        prune(files["adapter"], resumed, opts(checkpoint_every=4), progress=crash)
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in checkpoint_dir(resumed).iterdir()) == ["step-00000008"]
+    prune(files["adapter"], resumed, opts(checkpoint_every=4, resume=True))
+    assert (resumed / SAFETENSORS_NAME).read_bytes() == (full / SAFETENSORS_NAME).read_bytes()
+    return report, full

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from loracompress.adapter import load_adapter
+from loracompress.api import PruneOptions, prune
 from loracompress.budget import Budget
 from loracompress.errors import LoraCompressError
 from loracompress.methods.adalora import AdaLoRA
@@ -12,11 +14,16 @@ from tests.method_loop import (
     batches,
     check_output,
     drive,
+    engine_run,
     local_loss,
     nothing_else_fits,
     setup_calibration,
+    single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
+from tests.test_engine import calib_files, check_peft_loads
+from tests.test_engine import held_out_kl as engine_kl
+from tests.tiny import tiny_bert_cls
 
 
 def test_cubic_schedule_reaches_its_target(tmp_path):
@@ -84,3 +91,21 @@ def test_smaller_initial_budget_starts_from_the_svd_cut(tmp_path):
 def test_bad_settings_are_user_errors(settings):
     with pytest.raises(LoraCompressError, match="adalora"):
         AdaLoRA(**settings)
+
+
+def test_through_the_engine_with_exact_resume(engine_files, tmp_path):
+    report, out = engine_run(engine_files, "adalora", tmp_path, steps=16, interval=2)
+    original = load_adapter(engine_files["adapter"])
+    ranks = {row["module"]: row["rank_after"] for row in report["modules"]}
+    assert nothing_else_fits(original, ranks, report["budget"]["target_params"])
+    assert report["settings"]["final_mask_at_step"] == 13 and report["settings"]["interval"] == 2
+    check_peft_loads(out, tiny_bert_cls())
+    svd = tmp_path / "svd"
+    prune(engine_files["adapter"], svd, PruneOptions(budget="0.25"))
+    assert engine_kl(engine_files, out) < 0.5 * engine_kl(engine_files, svd)
+
+
+@pytest.fixture(scope="module")
+def engine_files(tmp_path_factory):
+    """A tiny BERT base folder, a real PEFT adapter on it and calibration data, for runs through the engine."""
+    return calib_files(tmp_path_factory.mktemp("engine"), "bert")

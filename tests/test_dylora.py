@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loracompress.adapter import ORDER_KEY, load_adapter
+from loracompress.adapter import ORDER_KEY, load_adapter, save_adapter
 from loracompress.budget import Budget, allocate
 from loracompress.errors import LoraCompressError
 from loracompress.methods.base import Method
@@ -19,11 +19,16 @@ from tests.method_loop import (
     batches,
     check_output,
     drive,
+    engine_run,
     held_out_kl,
     output_adapter,
     setup_calibration,
+    single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
+from tests.test_engine import calib_files, check_peft_loads
+from tests.test_engine import held_out_kl as engine_kl
+from tests.tiny import tiny_bert_cls
 
 
 class FixedCut(Method):
@@ -122,3 +127,29 @@ def test_same_seed_same_draws_and_resume_continues_them(tmp_path):
 def test_bad_settings_are_user_errors(settings):
     with pytest.raises(LoraCompressError, match="dylora"):
         DyLoRA(**settings)
+
+
+def test_through_the_engine_then_truncate(engine_files, tmp_path):
+    report, out = engine_run(engine_files, "dylora", tmp_path, steps=16, b_min=0.25)
+    check_peft_loads(out, tiny_bert_cls())
+    dylora = load_adapter(out)
+    assert dylora.metadata[ORDER_KEY] == "dylora"  # the engine kept the nested order
+    assert report["params_after"] <= report["budget"]["target_params"]
+
+    from loracompress_cli.app import main
+
+    assert main(["truncate", str(out), "--budgets", "0.5,0.25", "-o", str(tmp_path / "cuts")]) == 0
+    original = load_adapter(engine_files["adapter"])
+    svds = decompose(original)
+    for name in ("0.5", "0.25"):
+        cut = load_adapter(tmp_path / "cuts" / name)
+        check_peft_loads(tmp_path / "cuts" / name, tiny_bert_cls())
+        ranks = {p: cut.modules[p].rank if p in cut.modules else 0 for p in original.modules}
+        save_adapter(truncated_adapter(original, svds, ranks), tmp_path / f"svd-{name}")
+        assert engine_kl(engine_files, tmp_path / "cuts" / name) < engine_kl(engine_files, tmp_path / f"svd-{name}")
+
+
+@pytest.fixture(scope="module")
+def engine_files(tmp_path_factory):
+    """A tiny BERT base folder, a real PEFT adapter on it and calibration data, for runs through the engine."""
+    return calib_files(tmp_path_factory.mktemp("engine"), "bert")
