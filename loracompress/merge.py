@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from loracompress.adapter import dtype_name, load_adapter, parse_dtype
+from loracompress.data import prepare_model
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
@@ -68,6 +69,7 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
     out = check_output_path(output, force=options.force, inputs=[Path(source)])
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
     model = base.model
     dtype = _output_dtype(options.dtype, model)
 

@@ -73,6 +73,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     Raises:
         LoraCompressError: bad input, or the ONNX model does not match PyTorch within the tolerance.
     """
+    from loracompress.data import prepare_model
     from loracompress.export.probe import probe_batch
     from loracompress.export.verify import import_onnxruntime, resolve_tolerance
     from loracompress.model import load_base_model
@@ -88,6 +89,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     if str(adapters[0].config.get("task_type") or "").upper() == "SEQ_2_SEQ_LM":
         raise LoraCompressError("ONNX export supports encoder-only and decoder-only models, not SEQ_2_SEQ_LM; use merge instead")
     base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
     name = "fp16" if dtype == torch.float16 else "fp32"
     if options.adapter_only:
         from loracompress.export.onnx_adapters import read_graph_spec
