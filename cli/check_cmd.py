@@ -21,6 +21,7 @@ from loracompress.check import (
     Finding,
     QualityBound,
     Thresholds,
+    display_path,
     load_config,
     parse_amount,
     parse_rank,
@@ -107,7 +108,7 @@ def render_table(result: CheckResult) -> None:
     mark = "[green]✔[/green]" if result.ok else "[red]✘[/red]"
     console.print(f"{mark} {_headline(result)}")
     if result.baseline_updated:
-        console.print(f"updated baseline {result.baseline}")
+        console.print(f"updated baseline {display_path(result.baseline, Path.cwd())}")
 
 
 def summary_markdown(result: CheckResult) -> str:
@@ -123,7 +124,7 @@ def summary_markdown(result: CheckResult) -> str:
     if result.failures:
         lines += ["", *(f"- {describe(a, f)}" for a, f in result.failures)]
     if result.baseline_updated:
-        lines += ["", f"Baseline `{result.baseline}` updated."]
+        lines += ["", f"Baseline `{display_path(result.baseline, Path.cwd())}` updated."]
     return "\n".join(lines) + "\n\n"
 
 

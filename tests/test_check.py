@@ -15,6 +15,7 @@ from loracompress_cli.app import main
 
 from loracompress.adapter import load_adapter
 from loracompress.api import PruneOptions, prune
+from loracompress.check import load_baseline, load_config
 from loracompress.report import REPORT_NAME
 from tests.tiny import make_adapter
 
@@ -380,3 +381,17 @@ def test_report_table(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     a = load_adapter(work / "out/a")
     assert "out/a" in out and "out/b" in out and f"{a.num_params / 1e3:.3g}k" in out
+
+
+def test_the_repository_gate_config_and_baseline_are_valid() -> None:
+    """.ci/run checks the bundled sample with samples/ci; a broken file there would break CI with exit 2."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "samples/ci/loracompress.toml", repo)
+    assert cfg.baseline == repo / "samples/ci/sizes.json" and cfg.tolerance == pytest.approx(0.02)
+    baseline = load_baseline(cfg.baseline)
+    assert set(baseline) == {p for e in cfg.entries for p in e.patterns}
+    for entry in cfg.entries:  # the recorded sizes satisfy the limits
+        for key in entry.patterns:
+            assert baseline[key]["params"] <= entry.thresholds.max_params
+            assert baseline[key]["bytes"] <= entry.thresholds.max_bytes
+            assert baseline[key]["max_rank"] <= entry.thresholds.max_rank
