@@ -96,6 +96,19 @@ def test_too_few_steps_still_meet_the_budget(tmp_path):
     assert torch.isfinite(torch.cat([m.A.flatten() for m in out.modules.values()])).all()
 
 
+def test_growth_late_in_a_short_run_still_switches_fully_on(tmp_path):
+    # Growth ends at the last step but one: the ramps are shortened so every grown component is fully on.
+    calib = setup_calibration("llama", tmp_path)
+    target = target_params(calib.original, "0.25")
+    method = IncreLoRA(t_init=0.5, grow_until=0.9, rounds=1, warmup=50)
+    ranks = drive(method, calib, target, steps=10, data=batches("llama", 2, seed=1))
+    grown = [(p, i) for p in ranks for i in range(method.start_ranks[p], ranks[p])]
+    assert grown
+    for p, i in grown:  # nothing folded in at the reserve's tiny mask
+        layer = calib.layers[p]
+        assert float(layer.A[i].detach().norm() * layer.B[:, i].detach().norm()) > 0.5 * float(method.prior[p][i]) ** 0.5
+
+
 @pytest.mark.parametrize("settings", [{"init_fraction": 2.0}, {"t_init": 0.8, "grow_until": 0.5},
                                       {"rounds": 0}, {"reserve_mask": 0.0}, {"warmup": 0}, {"orth_reg": -1.0}])
 def test_bad_settings_are_user_errors(settings):

@@ -20,7 +20,8 @@ components per module per round, the last round filling the budget. A module gro
 checkpoint component (the trained reserve), so each module's kept set stays a prefix.
 
 **Warm-up.** A component that was just added ramps its mask linearly from ``reserve_mask`` to 1
-over ``warmup`` steps instead of switching on at once.
+over ``warmup`` steps instead of switching on at once (fewer when the run ends sooner, so every
+ramp is complete by the last step).
 
 **Orthogonality.** Optional (``orth_reg``): the cosine form of AdaLoRA's regulariser, see
 :func:`loracompress.methods.importance.add_orthogonality_grad`.
@@ -108,7 +109,7 @@ class IncreLoRA(Method):
         self.start_ranks: dict[str, int] = {}
         #: (steps done, parameters active) after each growth round
         self.history: list[tuple[int, int]] = []
-        self._ramp: dict[str, dict[int, int]] = {}  # path -> {component: step its warm-up began}
+        self._ramp: dict[str, dict[int, tuple[int, int]]] = {}  # path -> {component: (first step, length)}
         self._reserve_norms: dict[str, dict[int, tuple[float, float]]] = {}
         self._round = 0
         self.finished = False
@@ -145,8 +146,8 @@ class IncreLoRA(Method):
         eps = self._ramp_start
         with torch.no_grad():
             for p, ramp in self._ramp.items():
-                for i, began in list(ramp.items()):
-                    t = min(1.0, (step - began + 1) / self.warmup)
+                for i, (began, length) in list(ramp.items()):
+                    t = min(1.0, (step - began + 1) / length)
                     self.layers[p].mask[i] = eps + (1 - eps) * t
                     if t >= 1:
                         del ramp[i]
@@ -187,7 +188,7 @@ class IncreLoRA(Method):
         return {
             **self.importance.state_dict(),
             "active": dict(self.active),
-            "ramp": {p: {str(i): s for i, s in r.items()} for p, r in self._ramp.items()},
+            "ramp": {p: {str(i): list(s) for i, s in r.items()} for p, r in self._ramp.items()},
             "reserve_norms": {p: {str(i): list(n) for i, n in r.items()} for p, r in self._reserve_norms.items()},
             "round": self._round,
             "finished": self.finished,
@@ -197,7 +198,7 @@ class IncreLoRA(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.importance.load_state_dict(state)
         self.active = {p: int(k) for p, k in state["active"].items()}
-        self._ramp = {p: {int(i): int(s) for i, s in r.items()} for p, r in state["ramp"].items()}
+        self._ramp = {p: {int(i): (int(s[0]), int(s[1])) for i, s in r.items()} for p, r in state["ramp"].items()}
         self._reserve_norms = {p: {int(i): (float(n[0]), float(n[1])) for i, n in r.items()}
                                for p, r in state["reserve_norms"].items()}
         self._round = int(state["round"])
@@ -249,12 +250,13 @@ class IncreLoRA(Method):
             else:
                 caps[p] = min(layer.rank, a + self.settings["per_round"])
         new = allocate(values, self.costs, max(goal, self._spent()), min_rank=self.active, max_rank=caps)
+        left = self.ctx.total_steps - step if self.ctx is not None else 0  # the ramp must end before the run does
         with torch.no_grad():
             for p, layer in self.layers.items():
                 for i in range(self.active[p], new[p]):
                     self._reserve_norms[p].pop(i, None)
-                    if warm:
-                        self._ramp[p][i] = step
+                    if warm and left > 0:
+                        self._ramp[p][i] = (step, min(self.warmup, left))
                     else:
                         layer.mask[i] = 1
                 self.active[p] = new[p]
