@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-from torch import nn
+# Before transformers (and huggingface_hub, which reads it once at import): nothing is ever
+# downloaded, and no request is made for an id that is not in the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
 
 from loracompress.adapter import KEY_PREFIX, Adapter
 from loracompress.errors import LoraCompressError
@@ -93,7 +97,10 @@ def load_base_model(
     if auto_name is None:
         raise LoraCompressError(f"task_type {task!r} is not supported; supported: {', '.join(_AUTO)}")
     auto = getattr(transformers, auto_name)
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    # adapter_kwargs: transformers looks for an adapter_config.json in the repo first and does not pass
+    # local_files_only on to that lookup, so without it an uncached id goes to the network (with retries).
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code,
+                              "adapter_kwargs": {"local_files_only": True}}
     num_labels = _num_labels(adapter)
     if task in ("SEQ_CLS", "TOKEN_CLS") and num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -116,7 +123,6 @@ def load_base_model(
         raise LoraCompressError(f"base model folder {path} does not exist; pass --base-model with an existing folder")
     else:
         load_from = name  # a hub id: only its local cache is used
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         with _quiet_transformers():
             model = auto.from_pretrained(load_from, dtype=dtype, **kwargs)

@@ -195,6 +195,40 @@ def test_cli_passes_trust_remote_code_only_with_the_flag(tmp_path: Path, monkeyp
     assert seen == [False, True]
 
 
+NO_NETWORK = """
+import json, socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(str(args[0])[:80])
+    raise OSError("network blocked by the test")
+socket.getaddrinfo = refuse
+socket.create_connection = refuse
+from loracompress_cli.app import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "attempts": attempts}))
+"""
+
+
+def test_uncached_base_model_makes_no_network_request(tmp_path: Path) -> None:
+    """Offline means offline: an id that is not in the local cache is refused without a single request
+    (transformers' adapter lookup ignores local_files_only, and huggingface_hub fetches a registry)."""
+    import subprocess
+    import sys
+
+    src = write_adapter(tmp_path / "adapter")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "good movie"}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # an empty cache
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK, "eval", str(src), "--data", str(data),
+                           "--base-model", "nobody-x/not-cached-anywhere"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 2
+    assert_user_error(2, proc.stderr, "offline", "--base-model")
+    assert result["attempts"] == [], f"network requests were attempted: {result['attempts']}"
+
+
 # --------------------------------------------------------------------------- static scan
 
 
