@@ -704,6 +704,35 @@ def test_labels_within_the_head_work(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "accuracy" in out
 
 
+# The data-driven prune (activation-aware svd, calibration methods) refuses the same inputs before it
+# trains, so neither an output nor a checkpoint folder (.NAME.ckpt) appears.
+PRUNE_DATA_CASES = [
+    ("binary-data", ["--data", "{binary}"], ("binary file", "JSONL")),
+    ("binary-data-lorpa", ["--method", "lorpa", "--data", "{binary}", "--checkpoint-every", "1"], ("binary file",)),
+    ("other-architecture", ["--data", "{data}", "--base-model", "{gpt2}"], ("not in base model", "--base-model")),
+    ("lorpa-without-data", ["--method", "lorpa"], ("--data",)),
+    ("lorpa-steps-0", ["--method", "lorpa", "--data", "{data}", "--steps", "0"], ("--steps must be at least 1",)),
+    ("lorpa-negative-lr", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--lr", "-1"], ("--lr",)),
+    ("lorpa-checkpoint-every-0", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--checkpoint-every", "0"],
+     ("--checkpoint-every",)),
+    ("lorpa-resume-nothing", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--resume"], ("no checkpoint",)),
+]
+
+
+@pytest.mark.parametrize(("extra", "fix"), [c[1:] for c in PRUNE_DATA_CASES], ids=[c[0] for c in PRUNE_DATA_CASES])
+def test_bad_data_driven_prune(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path],
+                               extra: list[str], fix: tuple[str, ...]) -> None:
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(bytes(range(256)))
+    names = {"binary": binary, "data": world["data"], "gpt2": world["gpt2"]}
+    args = ["prune", world["adapter"], "--budget", "0.5", "--base-model", world["llama"], "--device", "cpu",
+            "-o", tmp_path / "out", *[a.format(**names) for a in extra]]
+    before = [state(tmp_path), state(world["root"])]
+    code, _, err = run_cli(capsys, *args)
+    assert_user_error(code, err, *fix)
+    assert [state(tmp_path), state(world["root"])] == before  # no output, no temp, no .out.ckpt
+
+
 def test_wrong_architecture_in_subprocess_is_one_line(world: dict[str, Path]) -> None:
     """transformers logs a multi-line load report for a mismatched checkpoint; none of it reaches the user."""
     proc = subprocess.run([sys.executable, "-m", "loracompress", "eval", str(world["adapter"]), "--data", str(world["data"]),
