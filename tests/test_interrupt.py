@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,24 +68,30 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def _running(cmd: list[str]) -> Iterator[subprocess.Popen]:
+    """A subprocess that is killed and reaped on the way out, whatever happens."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
 def _kill_mid_write(tmp_path: Path, src: Path, out: Path, *extra: str) -> Path:
     """Start prune in a subprocess, SIGKILL it mid-write; returns the temp folder it was writing."""
     script = tmp_path / "frozen_prune.py"
     script.write_text(FROZEN_WRITER)
     ready = tmp_path / "writing"
-    proc = subprocess.Popen([sys.executable, str(script), str(ready), "prune", str(src), "--budget", "0.5",
-                             "-o", str(out), *extra], env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
+    with _running([sys.executable, str(script), str(ready), "prune", str(src), "--budget", "0.5", "-o", str(out),
+                   *extra]) as proc:
         _wait_for(ready, proc)
         tmp = Path(ready.read_text())
         assert tmp.parent == out.parent.resolve() and tmp.name.startswith(f".{out.name}.tmp-{proc.pid}-")
         assert (tmp / "adapter_model.safetensors").is_file()  # really caught with a half-written file
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return tmp
 
@@ -129,20 +137,13 @@ def test_kill_9_real_writer_all_or_nothing(tmp_path: Path, delay: float) -> None
     """
     src = _big_adapter(tmp_path / "adapter")
     out = tmp_path / "small"
-    proc = subprocess.Popen([sys.executable, "-m", "loracompress", "prune", str(src), "--budget", "0.5",
-                             "-o", str(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with _running([sys.executable, "-m", "loracompress", "prune", str(src), "--budget", "0.5", "-o", str(out)]) as proc:
         deadline = time.monotonic() + 240
         while not stray_temps(tmp_path) and not out.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(delay)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     if out.exists():  # the rename happened before the kill: then it is complete
         small = load_adapter(out)
         assert small.num_params <= load_adapter(src).num_params // 2
