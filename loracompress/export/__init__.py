@@ -74,6 +74,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         LoraCompressError: bad input, or the ONNX model does not match PyTorch within the tolerance.
     """
     from loracompress.data import prepare_model
+    from loracompress.export.graph import ExportRun
     from loracompress.export.probe import probe_batch
     from loracompress.export.verify import import_onnxruntime, resolve_tolerance
     from loracompress.model import load_base_model
@@ -104,14 +105,12 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         if options.mode == "merged":
             from loracompress.export.onnx_merged import export_merged
 
-            result = export_merged(adapters[0], base, tmp, dtype=dtype, tolerance=tolerance, example=example,
-                                   probe=probe, prefer_gpu=options.prefer_gpu)
+            result = export_merged(adapters[0], ExportRun(base, tmp, dtype, tolerance, example, probe, options.prefer_gpu))
         else:
             from loracompress.export.onnx_adapters import export_adapters
 
-            result = export_adapters(adapters, base, tmp, dtype=parse_dtype(name) or dtype, tolerance=tolerance,
-                                     example=example, probe=probe, prefer_gpu=options.prefer_gpu,
-                                     graph=Path(options.graph) if options.adapter_only else None)
+            run = ExportRun(base, tmp, parse_dtype(name) or dtype, tolerance, example, probe, options.prefer_gpu)
+            result = export_adapters(adapters, run, graph=Path(options.graph) if options.adapter_only else None)
         if not options.adapter_only:
             _write_model_files(base, tmp)
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)

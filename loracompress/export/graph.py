@@ -15,6 +15,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,30 @@ from torch import nn
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import INPUT_NAMES, forward_kwargs
 from loracompress.layers import base_shape
+from loracompress.model import BaseModel
 
 log = logging.getLogger(__name__)
 
 #: Models whose initializers exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 ONNX_NAME = "model.onnx"
+
+
+@dataclass
+class ExportRun:
+    """What one ONNX export works with, whichever the mode.
+
+    ``example`` is the batch the exporter traces; ``probe`` (another shape, so the check also
+    proves the dynamic axes) is what onnxruntime and PyTorch are compared on.
+    """
+
+    base: BaseModel
+    out_dir: Path
+    dtype: torch.dtype
+    tolerance: float
+    example: dict[str, torch.Tensor]
+    probe: dict[str, torch.Tensor]
+    prefer_gpu: bool = True
 
 
 class ServingModule(nn.Module):

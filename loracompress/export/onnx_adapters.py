@@ -30,6 +30,7 @@ from loracompress.adapter import KEY_PREFIX, Adapter, dtype_name, portable_tenso
 from loracompress.errors import LoraCompressError
 from loracompress.export.graph import (
     ONNX_NAME,
+    ExportRun,
     ServingModule,
     export_onnx_program,
     insert_input_lora,
@@ -46,7 +47,6 @@ from loracompress.export.verify import (
     run_session,
 )
 from loracompress.layers import base_shape, check_fit
-from loracompress.model import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -242,24 +242,13 @@ def adapter_file_names(adapters: Sequence[Adapter]) -> list[str]:
     return names
 
 
-def export_adapters(
-    adapters: Sequence[Adapter],
-    base: BaseModel,
-    out_dir: Path,
-    *,
-    dtype: torch.dtype,
-    tolerance: float,
-    example: dict[str, torch.Tensor],
-    probe: dict[str, torch.Tensor],
-    graph: Path | None = None,
-    prefer_gpu: bool = True,
-) -> dict[str, Any]:
+def export_adapters(adapters: Sequence[Adapter], run: ExportRun, graph: Path | None = None) -> dict[str, Any]:
     """Write the shared graph (unless ``graph`` names an existing one) and one adapter file each.
 
     Verified on ``probe``: the base-only run against the base model, and each adapter (active
-    through ``RunOptions``) against PyTorch base+adapter. ``base.model`` is changed in place.
+    through ``RunOptions``) against PyTorch base+adapter. ``run.base.model`` is changed in place.
     """
-    model = base.model
+    model, probe, out_dir, dtype, tolerance = run.base.model, run.probe, run.out_dir, run.dtype, run.tolerance
     reference_base = model_outputs(model, probe)
     outputs = list(reference_base)
     references = []
@@ -270,7 +259,7 @@ def export_adapters(
     files: list[str] = []
     if graph is None:
         spec = graph_spec_for(model, adapters, dtype)
-        program = build_graph(model, spec, outputs, example, dtype)
+        program = build_graph(model, spec, outputs, run.example, dtype)
         files += [f.name for f in save_program(program, out_dir)]
         graph_path = out_dir / ONNX_NAME
     else:
@@ -291,7 +280,7 @@ def export_adapters(
             "parameters": int(sum(v.size for v in params.values())),
         })
 
-    session = open_session(graph_path, prefer_gpu=prefer_gpu)
+    session = open_session(graph_path, prefer_gpu=run.prefer_gpu)
     checks: list[Check] = []
     if graph is None:
         got = run_session(session, probe, outputs)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from loracompress.adapter import Adapter, dtype_name
 from loracompress.export.graph import (
     ONNX_NAME,
+    ExportRun,
     ServingModule,
     export_onnx_program,
     model_metadata,
@@ -19,39 +17,27 @@ from loracompress.export.graph import (
 from loracompress.export.probe import applied, model_outputs
 from loracompress.export.verify import compare, open_session, require_passed, run_session
 from loracompress.layers import merge_into
-from loracompress.model import BaseModel
 
 log = logging.getLogger(__name__)
 
 
-def export_merged(
-    adapter: Adapter,
-    base: BaseModel,
-    out_dir: Path,
-    *,
-    dtype: torch.dtype,
-    tolerance: float,
-    example: dict[str, torch.Tensor],
-    probe: dict[str, torch.Tensor],
-    prefer_gpu: bool = True,
-) -> dict[str, Any]:
-    """Merge (fp32), cast, export to ``out_dir/model.onnx`` and verify against base+adapter.
+def export_merged(adapter: Adapter, run: ExportRun) -> dict[str, Any]:
+    """Merge (fp32), cast, export to ``run.out_dir/model.onnx`` and verify against base+adapter.
 
-    ``base.model`` is changed in place (merged and cast). ``example`` is the batch the exporter
-    traces; ``probe`` (a different shape, to prove the dynamic axes) is what is compared.
+    ``run.base.model`` is changed in place (merged and cast).
     """
-    model = base.model
+    model, probe, out_dir, dtype = run.base.model, run.probe, run.out_dir, run.dtype
     with applied(model, adapter):
         reference = model_outputs(model, probe)
     outputs = list(reference)
     merge_into(model, adapter)
     model.to(dtype)
-    program = export_onnx_program(ServingModule(model, outputs), example)
+    program = export_onnx_program(ServingModule(model, outputs), run.example)
     model_metadata(program, {"loracompress.mode": "merged", "loracompress.dtype": dtype_name(dtype)})
     files = save_program(program, out_dir)
-    session = open_session(out_dir / ONNX_NAME, prefer_gpu=prefer_gpu)
+    session = open_session(out_dir / ONNX_NAME, prefer_gpu=run.prefer_gpu)
     got = run_session(session, probe, outputs)
-    check = compare("merged", got, reference, probe["attention_mask"], tolerance)
+    check = compare("merged", got, reference, probe["attention_mask"], run.tolerance)
     require_passed([check], "the exported ONNX model")
     return {
         "outputs": outputs,

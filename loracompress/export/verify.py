@@ -66,7 +66,7 @@ def open_session(path: Path, prefer_gpu: bool = True) -> Session:
             if session.get_providers()[0] == CUDA:
                 return Session(session, CUDA, "onnxruntime-gpu with a GPU")
             return Session(session, CPU, "onnxruntime-gpu is installed but no GPU answered")
-    why = "onnxruntime-gpu is not installed" if CUDA not in available else "GPU not requested"
+    why = "onnxruntime-gpu is not installed" if CUDA not in available else "CPU requested (--cpu)"
     return Session(ort.InferenceSession(str(path), options, providers=[CPU]), CPU, why)
 
 
