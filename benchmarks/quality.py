@@ -1,0 +1,453 @@
+"""Quality vs budget on real adapters: every method against the cheap alternatives, in one process.
+
+For each budget, on the same base model, the same calibration data, the same seed and the same
+number of steps, this runs
+
+* ``svd``            the training-free global SVD cut (weight space, no data);
+* ``svd-aware``      the activation-aware cut (``--method svd`` with ``--data``);
+* ``prilora``, ``lorpa``, ``increlora``, ``adalora``   calibration through ``api.prune``;
+* ``dylora``         one DyLoRA run at the largest budget, then ``truncate`` to every budget;
+
+and the baselines
+
+* ``peft-convert``   PEFT's ``save_as_lora`` (``convert_to_lora``) with the largest uniform rank whose
+                     parameter count fits the budget;
+* ``uniform-svd``    kohya-style uniform truncation: the same rank everywhere (``--budget rank=K``);
+* ``scratch``        a LoRA of that uniform rank trained from scratch (PEFT init: kaiming-uniform A,
+                     zero B, alpha = 2r) by the same engine, with the same loss (distillation from the
+                     original adapter + the task loss), data, steps, learning rate, warm-up and seed.
+
+Each output is scored on the test split (accuracy or perplexity, :mod:`loracompress.evaluate`);
+results go to ``benchmarks/results/quality_<task>.json`` after every run, and
+``benchmarks/results/quality.md`` / ``quality_<task>.png`` are re-rendered from those files.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --task minilm
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --task smollm2 --budgets 0.125,0.03125 --steps 20 ...
+    python benchmarks/quality.py --render          # tables and plots from the JSON files only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.methods.base import Method
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "samples"))
+
+log = logging.getLogger("quality")
+
+CALIBRATED = ("prilora", "lorpa", "increlora", "adalora")
+ALL_METHODS = ("svd", "svd-aware", *CALIBRATED, "dylora", "peft-convert", "uniform-svd", "scratch")
+BASELINES = ("peft-convert", "uniform-svd", "scratch")
+
+
+@dataclass
+class Task:
+    name: str
+    adapter: Path
+    base: str
+    calib: Path
+    test: Path
+    metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
+    seq_len: int
+    batch_size: int
+
+
+def task_spec(name: str) -> Task:
+    from base_model_path import base_model_path
+
+    if name == "minilm":
+        d = ROOT / "samples" / "minilm-rt"
+        return Task(name, d / "adapter", str(base_model_path("minilm")), d / "data" / "calib.jsonl",
+                    d / "data" / "test.jsonl", "accuracy", seq_len=64, batch_size=16)
+    if name == "smollm2":
+        d = ROOT / "samples" / "smollm2-news"
+        return Task(name, d / "adapter", str(base_model_path("smollm2")), d / "data" / "calib.jsonl",
+                    d / "data" / "test.jsonl", "perplexity", seq_len=128, batch_size=8)
+    raise SystemExit(f"unknown task {name!r}: minilm or smollm2")
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def uniform_rank(adapter: Any, target: int) -> int:
+    """The largest uniform rank whose parameter count is at most ``target`` (0 when even rank 1 is over)."""
+    per_rank = sum(m.cost for m in adapter.modules.values())
+    return min(adapter.max_rank, target // per_rank)
+
+
+def peft_convert(task: Task, base: Any, original: Any, rank: int, workdir: Path) -> Any:
+    """PEFT's own LoRA->LoRA conversion (``save_as_lora``) at uniform ``rank``, read back as an Adapter.
+
+    PEFT's file holds the LoRA factors only (scale 1, ``lora_alpha = r``); the classifier head
+    (``modules_to_save``) is not part of it, so the original's head is kept, as for every other method.
+    """
+    import warnings
+
+    from peft import PeftModel
+    from peft.tuners.lora.conversion import save_as_lora
+    from safetensors.torch import load_file
+
+    from loracompress.adapter import LoraModule
+
+    model = copy.deepcopy(base.model)
+    peft_model = PeftModel.from_pretrained(model, str(task.adapter))
+    out = workdir / f"peft-r{rank}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "converting a LoRA to LoRA": that is the point here
+        save_as_lora(out, peft_model, rank=rank)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    modules = {}
+    for path in original.modules:
+        a = next(v for k, v in tensors.items() if k.endswith(f"{path}.lora_A.weight"))
+        b = next(v for k, v in tensors.items() if k.endswith(f"{path}.lora_B.weight"))
+        modules[path] = LoraModule(A=a.float(), B=b.float(), scale=1.0)
+    del peft_model, model
+    return original.replace(modules)
+
+
+class FixedRanks(Method):
+    """A 'method' that changes nothing: every module keeps its rank (the scratch LoRA's training)."""
+
+    name = "scratch"
+
+    def finalize(self) -> dict[str, int]:
+        assert self.ctx is not None
+        return {p: int(self.settings["rank"]) for p in self.ctx.layers}
+
+
+def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.Namespace) -> Any:
+    """A LoRA of uniform ``rank`` trained from scratch by the engine with the calibration's loss and schedule."""
+    from loracompress.adapter import LoraModule
+    from loracompress.engine import Engine, EngineConfig
+
+    gen = torch.Generator().manual_seed(args.seed)
+    modules = {}
+    for path, m in original.modules.items():
+        a = torch.empty(rank, m.in_features)
+        bound = 1.0 / math.sqrt(m.in_features)  # kaiming_uniform(a=sqrt(5)), PEFT's default init of A
+        a.uniform_(-bound, bound, generator=gen)
+        modules[path] = LoraModule(A=a, B=torch.zeros(m.out_features, rank), scale=2.0)  # alpha = 2r
+    student = original.replace(modules)
+    target = rank * sum(m.cost for m in original.modules.values())
+    cfg = EngineConfig(steps=args.steps, lr=args.scratch_lr or args.lr, warmup=0.1, seed=args.seed,
+                       kd_weight=args.kd_weight, task_weight=args.task_weight, temperature=2.0, device=args.device)
+    result = Engine(cfg).run(base.model, original, student, FixedRanks(rank=rank), target, data.train, data.task)
+    return result.adapter
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Test-split metric of an adapter, the original adapter's reference pass cached."""
+
+    def __init__(self, base: Any, original: Any, batches: list[dict[str, torch.Tensor]], task: str, metric: str):
+        from loracompress.evaluate import ReferenceCache
+
+        self.base, self.original, self.batches, self.task, self.metric = base, original, batches, task, metric
+        self.cache = ReferenceCache()
+
+    def __call__(self, adapter: Any) -> dict[str, float]:
+        from loracompress.evaluate import evaluate
+        from loracompress.layers import attach, detach
+
+        attach(self.base.model, adapter, teacher=self.original)
+        try:
+            r = evaluate(self.base.model, self.batches, self.task, cache=self.cache)
+        finally:
+            detach(self.base.model)
+        return {"metric": r[self.metric]["after"], "original": r[self.metric]["before"], "kl": r["kl"],
+                "agreement": r["agreement"]}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> None:
+    from loracompress.adapter import load_adapter
+    from loracompress.api import PruneOptions, prune
+    from loracompress.budget import Budget
+    from loracompress.calibrate import load_data
+    from loracompress.data import make_batches, prepare_model, read_for_model
+    from loracompress.model import load_base_model
+    from loracompress.truncate import truncate_adapter
+
+    task = task_spec(args.task)
+    seq_len = args.seq_len or task.seq_len
+    batch_size = args.batch_size or task.batch_size
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    original = load_adapter(task.adapter)
+    base = load_base_model(task.base, original, device=args.device if args.device != "auto" else "cpu")
+    prepare_model(base)
+    from loracompress.data import task_of
+
+    kind = task_of(base)
+    test = read_for_model(base, task.test, max_samples=args.max_test, seed=args.seed)
+    test_batches = make_batches(test, base.tokenizer, task=kind, seq_len=seq_len, batch_size=batch_size)
+    score = Scorer(base, original, test_batches, kind, task.metric)
+    common = dict(base_model=task.base, data=str(task.calib), seq_len=seq_len, batch_size=batch_size,
+                  max_samples=args.max_calib, seed=args.seed, device=args.device, evaluate=False)
+    calib_opts = dict(common, steps=args.steps, lr=args.lr, kd_weight=args.kd_weight, task_weight=args.task_weight)
+    data = load_data(base, PruneOptions(method="prilora", **common))
+    total = original.num_params
+    costs = [m.cost for m in original.modules.values()]
+    ranks = [m.rank for m in original.modules.values()]
+
+    out_json = RESULTS / f"quality_{task.name}.json"
+    state: dict[str, Any] = {
+        "task": task.name, "metric": task.metric, "adapter": str(task.adapter.relative_to(ROOT)),
+        "base_model": task.base.replace(str(Path.home()), "~"), "original_params": total,
+        "settings": {"steps": args.steps, "lr": args.lr, "scratch_lr": args.scratch_lr or args.lr,
+                     "kd_weight": args.kd_weight, "task_weight": args.task_weight, "temperature": 2.0,
+                     "seed": args.seed, "seq_len": seq_len, "batch_size": batch_size, "calib_samples": data.samples,
+                     "calib_batches": len(data.train), "test_samples": len(test), "max_test": args.max_test,
+                     "max_calib": args.max_calib, "budgets": args.budgets, "methods": args.methods, "train_budgets": args.train_budgets,
+                     "threads": args.threads},
+        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+        "device": f"{args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                  f"{args.threads} thread(s))",
+        "rows": [],
+    }
+    if args.append and out_json.exists():
+        old = json.loads(out_json.read_text())
+        state["rows"] = old["rows"]
+        state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+
+    t = time.perf_counter()
+    ref = score(original)
+    state["original_metric"] = ref["original"]
+    state["eval_seconds"] = time.perf_counter() - t
+    log.info("original %s %.4f (test eval %.1fs)", task.metric, ref["original"], state["eval_seconds"])
+
+    def record(method: str, budget: str, adapter: Any, seconds: float, **extra: Any) -> None:
+        s = score(adapter)
+        params = adapter.num_params
+        row = {"method": method, "budget": budget, "params": params, "fraction": params / total,
+               "metric": s["metric"], "kl": s["kl"], "agreement": s["agreement"], "seconds": round(seconds, 1),
+               **extra}
+        row["pct_of_original"] = 100 * (s["metric"] / ref["original"] if task.metric == "accuracy"
+                                        else ref["original"] / s["metric"])
+        state["rows"] = [r for r in state["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
+        out_json.write_text(json.dumps(state, indent=1))
+        log.info("%-12s %-8s params %7d  %s %.4f (%.1f%%)  kl %.4f  %.0fs", method, budget, params, task.metric,
+                 s["metric"], row["pct_of_original"], s["kl"], seconds)
+        render()
+
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        work = Path(tmp)
+
+        def via_prune(method: str, budget: str, opts: dict[str, Any]) -> tuple[Any, float]:
+            out = work / f"{method}-{budget}-{len(list(work.iterdir()))}"
+            t0 = time.perf_counter()
+            prune(task.adapter, out, PruneOptions(budget=budget, method=method, **opts))
+            return load_adapter(out), time.perf_counter() - t0
+
+        dylora = None
+        for budget in args.budgets:
+            target = Budget.parse(budget).resolve(costs, ranks, 4)
+            k = uniform_rank(original, target)
+            for method in args.methods:
+                if method in (*CALIBRATED, "scratch") and budget not in args.train_budgets:
+                    continue
+                try:
+                    if method == "svd":
+                        a, sec = via_prune("svd", budget, {})
+                        record(method, budget, a, sec)
+                    elif method == "svd-aware":
+                        a, sec = via_prune("svd", budget, {**common, "method_settings": {}})
+                        record(method, budget, a, sec)
+                    elif method in CALIBRATED:
+                        a, sec = via_prune(method, budget, calib_opts)
+                        record(method, budget, a, sec)
+                    elif method == "dylora":
+                        if dylora is None:  # trained once, at the largest budget; b_min covers the smallest
+                            top = max(args.budgets, key=float)
+                            smallest = min(float(b) for b in args.budgets) / float(top)
+                            dylora, dsec = via_prune("dylora", top, {**calib_opts, "method_settings": {
+                                "b_min": min(1 / 16, smallest)}})
+                        t0 = time.perf_counter()
+                        cut = truncate_adapter(dylora, Budget.parse(str(target)))
+                        record(method, budget, cut.adapter, time.perf_counter() - t0, train_seconds=round(dsec, 1))
+                    elif method in ("peft-convert", "uniform-svd", "scratch"):
+                        if k == 0:
+                            t0 = time.perf_counter()
+                            record(method, budget, original.replace({}), 0.0, rank=0,
+                                   note="rank 1 everywhere exceeds the budget: no LoRA modules (base + head)")
+                            continue
+                        t0 = time.perf_counter()
+                        if method == "peft-convert":
+                            a = peft_convert(task, base, original, k, work)
+                        elif method == "uniform-svd":
+                            a, _ = via_prune("svd", f"rank={k}", {"max_rank": k})
+                        else:
+                            a = scratch_lora(original, base, data, k, args)
+                        record(method, budget, a, time.perf_counter() - t0, rank=k)
+                except Exception as err:  # one failure must not lose the rest of the run
+                    log.exception("%s at %s failed", method, budget)
+                    state.setdefault("failures", []).append(f"{method} @ {budget}: {type(err).__name__}: {err}")
+                    out_json.write_text(json.dumps(state, indent=1))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt_metric(metric: str, v: float) -> str:
+    return f"{v:.3f}" if metric == "accuracy" else f"{v:.2f}"
+
+
+def render() -> None:
+    """``quality.md`` and ``quality_<task>.png`` from the JSON result files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# Quality vs budget: compression methods against PEFT's conversion, uniform SVD and retraining", "",
+             "Generated by `benchmarks/quality.py` from `quality_<task>.json` (all numbers below come from those files).",
+             ""]
+    headline = ["## Headline: best method vs best baseline per budget", "",
+                "| task | budget | params | best method | metric | best baseline (within budget) | metric | margin |",
+                "|---|---|---:|---|---:|---|---:|---:|"]
+    sections = []
+    for path in sorted(RESULTS.glob("quality_*.json")):
+        st = json.loads(path.read_text())
+        metric, higher = st["metric"], st["metric"] == "accuracy"
+        rows = st["rows"]
+        budgets = sorted({r["budget"] for r in rows}, key=float, reverse=True)
+        methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
+        sec = [f"## {st['task']}", "",
+               f"Adapter `{st['adapter']}` ({st['original_params']:,} LoRA parameters), original test {metric} "
+               f"**{_fmt_metric(metric, st['original_metric'])}**. Device: {st['device']}.", "",
+               f"Command: `OMP_NUM_THREADS=1 {st['command']}`", ""]
+        for c in st.get("earlier_commands", []):
+            sec.append(f"Earlier rows from: `OMP_NUM_THREADS=1 {c}`")
+        s = st["settings"]
+        sec += [f"Settings: {json.dumps(s)}", "",
+                "| method | " + " | ".join(f"{b}" for b in budgets) + " |",
+                "|---|" + "---:|" * len(budgets)]
+        for m in methods:
+            cells = []
+            for b in budgets:
+                r = next((r for r in rows if r["method"] == m and r["budget"] == b), None)
+                if r is None:
+                    cells.append("–")
+                    continue
+                extra = f" r={r['rank']}" if "rank" in r else ""
+                cells.append(f"{_fmt_metric(metric, r['metric'])} ({r['pct_of_original']:.1f}%) · "
+                             f"{r['params']:,}p{extra} · {r['seconds']:.0f}s")
+            sec.append(f"| {m} | " + " | ".join(cells) + " |")
+        sec += ["", "Held-out KL to the original adapter (test split, T=1; lower is better):", "",
+                "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for m in methods:
+            kls = [next((f"{r['kl']:.4f}" for r in rows if r["method"] == m and r["budget"] == b), "–")
+                   for b in budgets]
+            sec.append(f"| {m} | " + " | ".join(kls) + " |")
+        sec += ["", f"Cells: test {metric} (% of the original adapter's) · stored LoRA parameters · wall seconds "
+                "(dylora: the truncation; its one training run is listed below). Scoring on the test split is not "
+                "included in the seconds.", ""]
+        dy = [r for r in rows if r["method"] == "dylora" and "train_seconds" in r]
+        if dy:
+            sec.append(f"DyLoRA training run (once, at the largest budget): {dy[0]['train_seconds']:.0f}s.")
+        for f in st.get("failures", []):
+            sec.append(f"- failed: {f}")
+        sec.append("")
+        sections += sec
+        for b in budgets:
+            here = [r for r in rows if r["budget"] == b]
+            ours = [r for r in here if r["method"] not in BASELINES]
+            base = [r for r in here if r["method"] in BASELINES and r["params"] > 0]
+            if not ours:
+                continue
+            pick = max if higher else min
+            best = pick(ours, key=lambda r: r["metric"])
+            if base:
+                bb = pick(base, key=lambda r: r["metric"])
+                margin = best["metric"] - bb["metric"]
+                mtxt = (f"{100 * margin:+.1f} pts" if higher else f"{margin:+.2f} ppl")
+                btxt = f"{bb['method']} (r={bb.get('rank')}, {bb['params']:,}p) | {_fmt_metric(metric, bb['metric'])}"
+            else:
+                btxt, mtxt = "none fits (rank 1 everywhere is over budget) | –", "–"
+            headline.append(f"| {st['task']} | {b} | {best['params']:,} | {best['method']} | "
+                            f"{_fmt_metric(metric, best['metric'])} ({best['pct_of_original']:.1f}%) | {btxt} | {mtxt} |")
+        # plot
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = sorted((r["params"], r["metric"]) for r in rows if r["method"] == m and r["params"] > 0)
+            if pts:
+                ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=m,
+                        linestyle="--" if m in BASELINES else "-")
+        ax.axhline(st["original_metric"], color="k", linewidth=0.8, label=f"original ({st['original_params']:,}p)")
+        ax.set_xscale("log")
+        ax.set_xlabel("stored LoRA parameters")
+        ax.set_ylabel(f"test {metric}")
+        if not higher:
+            ax.set_yscale("log")
+        ax.set_title(f"{st['task']}: test {metric} vs parameters")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"quality_{st['task']}.png", dpi=110)
+        plt.close(fig)
+    notes = RESULTS / "quality_notes.md"  # the hand-written reading of these numbers
+    findings = [notes.read_text().rstrip(), ""] if notes.exists() else []
+    (RESULTS / "quality.md").write_text("\n".join(lines + headline + [""] + findings + sections) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["minilm", "smollm2"])
+    p.add_argument("--budgets", default="0.25,0.125,0.0625,0.03125")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--steps", type=int, default=None, help="calibration steps (all calibrated methods and scratch)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--scratch-lr", type=float, default=None, help="learning rate of the scratch LoRA (default --lr)")
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--task-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-test", type=int, default=None, help="score on a subset of the test split")
+    p.add_argument("--max-calib", type=int, default=None, help="calibrate on a subset of the calibration split")
+    p.add_argument("--train-budgets", default=None,
+                   help="budgets at which the calibrated methods and scratch run (default: all --budgets)")
+    p.add_argument("--append", action="store_true", help="keep earlier rows of this task's JSON")
+    p.add_argument("--render", action="store_true", help="only re-render quality.md and the plots")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        render()
+        return
+    if not args.task:
+        p.error("--task is required (or --render)")
+    args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    args.train_budgets = ([b.strip() for b in args.train_budgets.split(",")] if args.train_budgets
+                          else list(args.budgets))
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in ALL_METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+    run(args)
+    render()
+
+
+if __name__ == "__main__":
+    main()
