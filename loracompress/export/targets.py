@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from loracompress.adapter import CONFIG_NAME, Adapter, LoraModule, load_adapter, write_adapter_files
+from loracompress.adapter import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    Adapter,
+    LoraModule,
+    load_adapter,
+    write_adapter_files,
+)
 from loracompress.errors import LoraCompressError
 from loracompress.outputs import atomic_output_dir, check_output_path
 
@@ -65,7 +72,9 @@ def pad_to_rank(adapter: Adapter, rank: int) -> Adapter:
 def _check_vllm(adapter: Adapter) -> None:
     saved = adapter.config.get("modules_to_save")
     if adapter.extra_tensors or saved:
-        what = ", ".join(sorted({k.split(".modules_to_save")[0].removeprefix("base_model.model.") for k in adapter.extra_tensors}))
+        # base_model.model.classifier.weight (or ...classifier.modules_to_save.default.weight) -> classifier
+        what = ", ".join(sorted({k.removeprefix(KEY_PREFIX).split(".modules_to_save")[0].rsplit(".", 1)[0]
+                                 for k in adapter.extra_tensors}))
         raise LoraCompressError(
             f"vLLM cannot serve modules_to_save ({what or saved}); use --target peft, or retrain without modules_to_save"
         )
