@@ -158,6 +158,10 @@ def adapter_params(adapter: Adapter, spec: GraphSpec) -> dict[str, np.ndarray]:
 def write_onnx_adapter(params: dict[str, np.ndarray], path: Path, model_version: int, adapter_version: int = 1) -> None:
     """Write onnxruntime's adapter format (flatbuffers) with ``AdapterFormat``."""
     ort = import_onnxruntime()
+    if not hasattr(ort, "AdapterFormat"):
+        raise LoraCompressError(
+            f"onnxruntime {ort.__version__} cannot write LoRA adapter files; pip install 'onnxruntime>=1.20' for --mode adapters"
+        )
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(int(adapter_version))
     fmt.set_model_version(int(model_version))
