@@ -218,7 +218,9 @@ def build_splits(
         if name == "train":
             chunks = chunks[:limit]
         else:
-            picked = sorted(random.Random(f"{seed}-{name}").sample(range(len(chunks)), min(limit, len(chunks))))
+            picked = sorted(
+                random.Random(f"{seed}-{name}").sample(range(len(chunks)), min(limit, len(chunks)))
+            )
             chunks = [chunks[k] for k in picked]
         splits[name] = [c for _, c in chunks]
     return splits
@@ -280,9 +282,11 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
+    # Batch texts of similar length together to waste less compute on padding.
+    ordered = sorted(texts, key=len)
+    for start in range(0, len(ordered), batch_size):
         enc = tokenizer(
-            list(texts[start : start + batch_size]),
+            ordered[start : start + batch_size],
             add_special_tokens=False,
             truncation=True,
             max_length=seq_len,
@@ -322,18 +326,21 @@ def train_lora(
     steps: int,
     batch_size: int = 8,
     lr: float = 1e-3,
-    warmup: int = 10,
+    warmup: int | None = None,
     seed: int = 0,
     device: torch.device,
     log_every: int = 10,
 ) -> tuple[Any, list[float], float]:
     """Wrap ``model`` in a seeded LoRA and train it on packed ``blocks`` with AdamW.
 
-    Linear warm-up for ``warmup`` steps then cosine decay to 10 % of ``lr``; gradients clipped to
-    norm 1. Returns ``(peft_model, per-step losses, seconds spent in the loop)``.
+    Linear warm-up for ``warmup`` steps (default: 10 % of ``steps``, at most 10), then cosine
+    decay to 10 % of ``lr``; gradients clipped to norm 1. Returns
+    ``(peft_model, per-step losses, seconds spent in the training loop)``.
     """
     from peft import get_peft_model
 
+    if warmup is None:
+        warmup = max(1, min(10, steps // 10))
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora_config())
     peft_model.to(device)
@@ -389,7 +396,10 @@ def _sanity_check(model: Any, tokenizer: Any) -> dict[str, Any]:
     prompt = "The president said on Monday that"
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return {"sanity_ppl": round(ppl, 3), "sanity_generation": tokenizer.decode(out[0], skip_special_tokens=True)}
+    return {
+        "sanity_ppl": round(ppl, 3),
+        "sanity_generation": tokenizer.decode(out[0], skip_special_tokens=True),
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -399,7 +409,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps (default: 60 on CPU - about 8 min on 2 cores - and 400 on a GPU)",
+        help="optimizer steps (default: 40 on CPU - about 8 min at ~12 s/step on 2 cores - and 400 on a GPU)",
     )
     parser.add_argument("--seq-len", type=int, default=128, help="training / eval block length in tokens")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -416,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    steps = args.steps if args.steps is not None else (400 if device.type == "cuda" else 60)
+    steps = args.steps if args.steps is not None else (400 if device.type == "cuda" else 40)
     out: Path = args.out
     data_dir = out / "data"
 
@@ -457,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     adapter_dir = out / "adapter"
     peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
-    peft_model.save_pretrained(str(adapter_dir))
+    # save_embedding_layers=False: the vocabulary is untouched, and it skips PEFT's hub look-up.
+    peft_model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
     print(f"  saved adapter to {adapter_dir} ({train_s:.0f} s, {train_s / steps:.2f} s/step)", flush=True)
 
     print("[4/4] evaluating base+LoRA", flush=True)
