@@ -123,7 +123,17 @@ def test_same_seed_same_draws_and_resume_continues_them(tmp_path):
     assert all(first.low <= b <= target for b in draws)
 
 
-@pytest.mark.parametrize("settings", [{"mode": "half"}, {"b_min": 0.0}, {"b_min": 1.5}, {"sampling": "beta"}])
+def test_a_quarter_of_the_steps_train_the_output_cut(tmp_path):
+    calib = setup_calibration("bert", tmp_path)
+    target = target_params(calib.original, "0.5")
+    method = DyLoRA(b_min=0.1)
+    drive(method, calib, target, steps=1, data=batches("bert", 1, seed=1))
+    draws = [method.sample_budget() for _ in range(800)]
+    assert 0.2 < draws.count(target) / len(draws) < 0.3
+    assert min(draws) < 0.2 * target  # the rest spread down to b_min
+
+
+@pytest.mark.parametrize("settings", [{"mode": "half"}, {"b_min": 0.0}, {"b_min": 1.5}, {"sampling": "beta"}, {"top": 1.0}])
 def test_bad_settings_are_user_errors(settings):
     with pytest.raises(LoraCompressError, match="dylora"):
         DyLoRA(**settings)

@@ -4,7 +4,9 @@ leading cut of the output works and ``loracompress truncate`` can cut it without
 **What is sampled.** DyLoRA samples a rank ``b`` per step and trains the rank-``b`` prefix. Our
 modules have different ranks and different costs, so ``b`` is a *budget*: each step samples a
 parameter count in ``[b_min·target, target]`` (log-uniformly by default, so every halving of the
-budget is trained equally often) and cuts every module to the prefix that
+budget is trained equally often; with probability ``top`` the target itself, the cut ``prune``
+writes, which nested training otherwise reaches too rarely to train its last components well) and
+cuts every module to the prefix that
 :func:`loracompress.budget.allocate` gives for it, with fixed per-component values (the
 checkpoint's ``σ²``, recorded at setup). ``truncate`` later makes its cuts with the same values
 and the same allocator, so the cuts it makes are the cuts that were trained.
@@ -55,18 +57,21 @@ class DyLoRA(Method):
         mode: ``full`` (train the whole sampled prefix) or ``frozen`` (only its last component).
         b_min: the smallest budget trained, as a fraction of the target (output) budget.
         sampling: ``log`` (log-uniform budgets) or ``uniform`` (uniform budgets, DyLoRA's uniform ranks).
+        top: probability that a step trains the output cut itself (the target budget).
     """
 
     name = "dylora"
 
-    def __init__(self, mode: str = "full", b_min: float = 1 / 16, sampling: str = "log") -> None:
-        super().__init__(mode=mode, b_min=b_min, sampling=sampling)
+    def __init__(self, mode: str = "full", b_min: float = 1 / 16, sampling: str = "log", top: float = 0.25) -> None:
+        super().__init__(mode=mode, b_min=b_min, sampling=sampling, top=top)
         if mode not in MODES:
             raise LoraCompressError(f"dylora: mode={mode!r}; choose one of {', '.join(MODES)}")
         if not 0 < b_min <= 1:
             raise LoraCompressError(f"dylora: b_min={b_min} must be a fraction of the budget in (0, 1]")
         if sampling not in SAMPLING:
             raise LoraCompressError(f"dylora: sampling={sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if not 0 <= top < 1:
+            raise LoraCompressError(f"dylora: top={top} must be a probability in [0, 1)")
         self._cache: dict[int, dict[str, int]] = {}
         self._step_ranks: dict[str, int] = {}
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] = {}
@@ -89,6 +94,8 @@ class DyLoRA(Method):
 
     def sample_budget(self) -> int:
         lo, hi = self.low, max(self.low, self.target)
+        if self._rng.random() < self.settings["top"]:
+            return hi
         if self.settings["sampling"] == "log":
             return int(round(math.exp(self._rng.uniform(math.log(lo), math.log(hi)))))
         return self._rng.randint(lo, hi)
