@@ -226,3 +226,19 @@ def engine_run(files: dict[str, Path], method: str, tmp_path: Path, steps: int =
     prune(files["adapter"], resumed, opts(checkpoint_every=4, resume=True))
     assert (resumed / SAFETENSORS_NAME).read_bytes() == (full / SAFETENSORS_NAME).read_bytes()
     return report, full
+
+
+def engine_check(files: dict[str, Path], method: str, tmp_path: Path, **settings: object) -> tuple[dict, Path, float, float]:
+    """:func:`engine_run`, then: the budget is met, stock PEFT loads the output; returns the report,
+    the output folder, its held-out KL and that of the training-free SVD cut of the same budget."""
+    from loracompress.api import PruneOptions, prune
+    from tests.test_engine import check_peft_loads, held_out_kl
+    from tests.tiny import tiny_bert_cls
+
+    report, out = engine_run(files, method, tmp_path, steps=16, **settings)
+    ranks = {row["module"]: row["rank_after"] for row in report["modules"]}
+    assert nothing_else_fits(load_adapter(files["adapter"]), ranks, report["budget"]["target_params"])
+    check_peft_loads(out, tiny_bert_cls())
+    svd = tmp_path / "svd"
+    prune(files["adapter"], svd, PruneOptions(budget=report["budget"]["text"]))
+    return report, out, held_out_kl(files, out), held_out_kl(files, svd)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from loracompress.adapter import load_adapter
-from loracompress.api import PruneOptions, prune
 from loracompress.budget import Budget
 from loracompress.errors import LoraCompressError
 from loracompress.methods.adalora import AdaLoRA
@@ -14,16 +12,14 @@ from tests.method_loop import (
     batches,
     check_output,
     drive,
-    engine_run,
+    engine_check,
     local_loss,
     nothing_else_fits,
     setup_calibration,
     single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
-from tests.test_engine import calib_files, check_peft_loads
-from tests.test_engine import held_out_kl as engine_kl
-from tests.tiny import tiny_bert_cls
+from tests.test_engine import calib_files
 
 
 def test_cubic_schedule_reaches_its_target(tmp_path):
@@ -94,15 +90,9 @@ def test_bad_settings_are_user_errors(settings):
 
 
 def test_through_the_engine_with_exact_resume(engine_files, tmp_path):
-    report, out = engine_run(engine_files, "adalora", tmp_path, steps=16, interval=2)
-    original = load_adapter(engine_files["adapter"])
-    ranks = {row["module"]: row["rank_after"] for row in report["modules"]}
-    assert nothing_else_fits(original, ranks, report["budget"]["target_params"])
+    report, _, kl, kl_svd = engine_check(engine_files, "adalora", tmp_path, interval=2)
     assert report["settings"]["final_mask_at_step"] == 13 and report["settings"]["interval"] == 2
-    check_peft_loads(out, tiny_bert_cls())
-    svd = tmp_path / "svd"
-    prune(engine_files["adapter"], svd, PruneOptions(budget="0.25"))
-    assert engine_kl(engine_files, out) < 0.5 * engine_kl(engine_files, svd)
+    assert kl < 0.5 * kl_svd
 
 
 @pytest.fixture(scope="module")
