@@ -5,11 +5,12 @@ adapted from fine-tuning to compressing a trained adapter under a parameter budg
 
 **Ranks.** Block ``l`` of ``L`` gets ``r_l = r_min + (r_max − r_min)·l/(L−1)`` with
 ``r_max / r_min = rank_ratio`` (the paper's 4 → 12 is ``3``); the common scale is solved so
-that ``Σ_modules (in+out)·min(r_l, r_module)`` equals the budget in parameters, and the
-fractional ranks are rounded through :func:`loracompress.budget.allocate` (largest remaining
-fraction first, ties to the component with more energy per parameter), so the budget is met
-exactly. Modules outside the blocks (a pooler, a head projection) take the depth of the
-block before them.
+that ``Σ_modules (in+out)·min(r_l, r_module)`` equals the budget in parameters. Each block's
+share (its modules' ``(in+out)·r_l``) is filled by its modules' components in order of ``σ²``
+per parameter, and what rounding leaves goes to the best remaining components anywhere, both
+through :func:`loracompress.budget.allocate`, so the budget is met exactly. (At small budgets
+``r_l`` is below 1: rounding module by module would hand whole blocks their ranks in depth order.)
+Modules outside the blocks (a pooler, a head projection) take the depth of the block before them.
 
 **Pruning A.** A forward hook keeps ``x̄``, an exponential moving average (factor ``beta``) of
 the per-feature L2 norm (root mean square over tokens) of each layer's input. Every
@@ -33,7 +34,6 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from loracompress.budget import allocate
@@ -164,22 +164,25 @@ class PriLoRA(Method):
         return self.ctx
 
     def _allocate(self, ctx: CalibContext) -> dict[str, int]:
+        """Depth-linear ranks as parameter shares per block, filled within each block by energy per parameter."""
         depth = depth_of_modules(ctx)
         L = max(ctx.num_layers, 1)
         weights = {p: 1.0 + (self.rank_ratio - 1.0) * (depth[p] / (L - 1) if L > 1 else 0.0) for p in ctx.layers}
         costs = {p: ctx.cost(p) for p in ctx.layers}
         caps = dict(self.start_ranks)
         rho = linear_ranks(weights, costs, caps, ctx.target_params)
-        # Value per parameter of a module's i-th component: how much of its fractional rank is
-        # still unserved (largest first), plus a tie-break by energy per parameter below 1e-3.
-        energy = {p: component_magnitude(layer).cpu() for p, layer in ctx.layers.items()}
-        top = max((float(e.max()) / costs[p] for p, e in energy.items() if e.numel()), default=1.0) or 1.0
-        values = {}
-        for p in ctx.layers:
-            i = np.arange(caps[p], dtype=np.float64)
-            tie = energy[p].double().numpy() / costs[p] / top * 1e-3
-            values[p] = costs[p] * (rho[p] - i + tie)
-        return allocate(values, costs, ctx.target_params, max_rank=caps)
+        # Below one rank per module (a small budget) a block's fractional rank cannot be rounded
+        # module by module without favouring whole blocks; so each block gets its share in
+        # parameters, and its modules' components compete for it by σ² per parameter.
+        energy = {p: component_magnitude(layer).double().cpu().numpy() for p, layer in ctx.layers.items()}
+        floor: dict[str, int] = {}
+        for block in sorted(set(depth.values())):
+            members = [p for p in ctx.layers if depth[p] == block]
+            share = int(sum(costs[p] * rho[p] for p in members))
+            floor.update(allocate({p: energy[p] for p in members}, {p: costs[p] for p in members}, share,
+                                  max_rank={p: caps[p] for p in members}))
+        # What rounding left in each block goes to the best remaining components anywhere.
+        return allocate(energy, costs, ctx.target_params, min_rank=floor, max_rank=caps)
 
     def _make_hook(self, path: str) -> Any:
         def hook(module: LoraLayer, args: tuple[Any, ...]) -> None:
