@@ -339,48 +339,35 @@ def test_missing_data_and_budget_are_user_errors(bert_files, tmp_path):
 # --------------------------------------------------------------------------- interruption and resume
 
 
-def test_sigint_stops_cleanly_and_resume_gives_the_same_bytes(bert_files, tmp_path):
-    full = tmp_path / "full"
-    prune(bert_files["adapter"], full, options(bert_files, "lorpa", steps=12))
-
-    out = tmp_path / "out"
+@pytest.mark.parametrize(("method", "by_signal", "stop_at", "every", "saved_at"), [
+    ("lorpa", True, 7, 5, 7),  # a real SIGINT: the step finishes and is checkpointed (after LoRPA's round)
+    ("prilora", False, 9, 4, 8),  # a crash-like stop: the last periodic checkpoint is what remains
+])
+def test_interrupted_runs_stop_cleanly_and_resume_to_the_same_bytes(bert_files, tmp_path, method, by_signal, stop_at,
+                                                                     every, saved_at):
+    full, out = tmp_path / "full", tmp_path / "out"
+    prune(bert_files["adapter"], full, options(bert_files, method, steps=12))
 
     def interrupt(step, total, loss, eta):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled by the engine
+        if step == stop_at:
+            if by_signal:
+                os.kill(os.getpid(), signal.SIGINT)  # handled by the engine
+            else:
+                raise KeyboardInterrupt
 
-    with pytest.raises(Interrupted, match="after step 7 of 12"):
-        prune(bert_files["adapter"], out, options(bert_files, "lorpa", steps=12, checkpoint_every=5), progress=interrupt)
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    with pytest.raises(Interrupted if by_signal else KeyboardInterrupt, match=f"after step {stop_at} of 12" if by_signal else None):
+        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every), progress=interrupt)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
     ckpt = checkpoint_dir(out)
-    saved = sorted(p.name for p in ckpt.iterdir())
-    assert saved == ["step-00000007"]  # the periodic one at 5 replaced by the one taken on the signal
-    assert sorted(p.name for p in (ckpt / saved[0]).iterdir()) == ["state.json", "state.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"step-{saved_at:08d}"]  # older ones replaced
+    assert sorted(p.name for p in (ckpt / f"step-{saved_at:08d}").iterdir()) == ["state.json", "state.safetensors"]
 
     with pytest.raises(LoraCompressError, match="lr"):  # other settings: refused
-        prune(bert_files["adapter"], out, options(bert_files, "lorpa", steps=12, lr=1e-2, resume=True))
-    report = prune(bert_files["adapter"], out, options(bert_files, "lorpa", steps=12, checkpoint_every=5, resume=True))
-    assert report["settings"]["run"]["resumed_from"] == 7
+        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, lr=1e-2, resume=True))
+    report = prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every, resume=True))
+    assert report["settings"]["run"]["resumed_from"] == saved_at
     assert (out / SAFETENSORS_NAME).read_bytes() == (full / SAFETENSORS_NAME).read_bytes()
     assert not ckpt.exists()  # removed once the output is written
-
-
-def test_checkpoints_and_resume_through_a_pruning_round(bert_files, tmp_path):
-    """A crash (no signal) after PRILoRA's structured cut: resuming from the last periodic checkpoint is exact."""
-    full = tmp_path / "full"
-    prune(bert_files["adapter"], full, options(bert_files, "prilora", steps=12))
-    out = tmp_path / "out"
-
-    def interrupt(step, total, loss, eta):
-        if step == 9:
-            raise KeyboardInterrupt  # a crash-like stop: the last periodic checkpoint (step 8) is what remains
-
-    with pytest.raises(KeyboardInterrupt):
-        prune(bert_files["adapter"], out, options(bert_files, "prilora", steps=12, checkpoint_every=4), progress=interrupt)
-    assert sorted(p.name for p in checkpoint_dir(out).iterdir()) == ["step-00000008"]
-    prune(bert_files["adapter"], out, options(bert_files, "prilora", steps=12, checkpoint_every=4, resume=True))
-    assert (out / SAFETENSORS_NAME).read_bytes() == (full / SAFETENSORS_NAME).read_bytes()
 
 
 def test_resume_without_checkpoint_is_a_user_error(bert_files, tmp_path):
