@@ -128,9 +128,3 @@ def effective_rank(energy: torch.Tensor, fraction: float) -> int:
     cum = torch.cumsum(energy, 0) / total
     # small tolerance so that fraction=1.0 is met despite rounding in cumsum
     return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype)).item()) + 1
-
-
-def orthonormalize_rows(A: torch.Tensor) -> torch.Tensor:
-    """Rows of ``A`` made orthonormal (QR), keeping their span: used to re-orthogonalise after training."""
-    Q, _ = torch.linalg.qr(A.T.to(_WORK_DTYPE), mode="reduced")
-    return Q.T.to(A.dtype)

@@ -17,7 +17,7 @@ import torch
 
 from loracompress import __version__
 from loracompress.adapter import Adapter, dtype_name
-from loracompress.linalg import effective_rank, lowrank_svd
+from loracompress.linalg import effective_rank, singular_values
 
 REPORT_NAME = "compression_report.json"
 CARD_NAME = "README.md"
@@ -72,7 +72,7 @@ def adapter_stats(adapter: Adapter, with_energy: bool = True) -> AdapterStats:
     rows = []
     for path, m in adapter.modules.items():
         if with_energy:
-            energy = lowrank_svd(m.B, m.A, m.scale).energy
+            energy = singular_values(m.B, m.A, m.scale) ** 2  # only S is needed, not U/V
             e, r90, r99 = float(energy.sum()), effective_rank(energy, 0.90), effective_rank(energy, 0.99)
         else:
             e, r90, r99 = float("nan"), -1, -1
