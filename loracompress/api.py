@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ def prune(
     select = Selector.parse(options.select) if options.select else None
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
         raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
+    _check_method(options)
     if options.method != "svd":
         if not options.data:
             raise LoraCompressError(
@@ -124,6 +126,23 @@ def prune(
     return report
 
 
+def _check_method(options: PruneOptions) -> None:
+    """The method name and its ``-O`` settings, checked before any model or data is loaded."""
+    if options.method == "svd":
+        unknown = sorted(set(options.method_settings) - {"damping"})
+        if unknown:
+            raise LoraCompressError(f"svd has no setting {unknown[0]!r}; known: damping (with --data)")
+        if options.method_settings and not options.data:
+            raise LoraCompressError("-O damping applies to the activation-aware cut: add --data FILE or drop it")
+        d = options.method_settings.get("damping", 0.0)
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise LoraCompressError(f"-O damping={d!r}: give a finite number >= 0, e.g. -O damping=0.01")
+        return
+    from loracompress.methods.registry import get_method
+
+    get_method(options.method, **options.method_settings)  # raises the one-line error; cheap to build
+
+
 def _activation_aware(
     adapter: Adapter, options: PruneOptions, budget: Budget | None, select: Selector | None, out_dtype: torch.dtype
 ) -> tuple[SvdResult, dict[str, Any], dict[str, Any]]:
@@ -135,9 +154,7 @@ def _activation_aware(
 
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
-    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))
-    if damping < 0:
-        raise LoraCompressError(f"damping must be >= 0 (got {damping})")
+    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked in _check_method
     device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -85,6 +85,12 @@ class Budget:
         elif self.kind == "bytes":
             target = int(self.value // itemsize)
         else:  # rank: the parameters of uniform rank r (capped by each module's current rank)
+            top = max(ranks, default=0)
+            if self.value > top:
+                raise LoraCompressError(
+                    f"budget {self.text!r} is above the adapter's largest rank ({top}), so nothing would be cut; "
+                    f"give rank={top} or less"
+                )
             target = int(sum(c * min(int(self.value), r) for c, r in zip(costs, ranks)))
         if target <= 0:
             raise LoraCompressError(f"budget {self.text!r} rounds to zero parameters; give a larger budget")

@@ -316,6 +316,7 @@ BUDGET_CASES = [
     ("100k", ("more than the adapter has", "smaller budget")),
     ("999", ("ambiguous", "999k")),
     ("0.01", ("cannot hold even one rank", "larger budget")),  # 19 parameters; the cheapest rank costs 72
+    ("rank=100", ("above the adapter's largest rank", "or less")),
 ]
 
 
@@ -332,6 +333,9 @@ OPTION_CASES = [
     (["--min-rank", "-1"], ("--min-rank must be >= 0",)),
     (["--max-rank", "0"], ("--max-rank >= 1",)),
     (["--min-rank", "100"], ("lower --min-rank",)),
+    (["-O", "nonsense=1"], ("svd has no setting 'nonsense'", "damping")),
+    (["-O", "damping=0.1"], ("activation-aware", "--data")),
+    (["-O", "rounds"], ("KEY=VALUE",)),
 ]
 
 
@@ -716,6 +720,17 @@ PRUNE_DATA_CASES = [
     ("lorpa-checkpoint-every-0", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--checkpoint-every", "0"],
      ("--checkpoint-every",)),
     ("lorpa-resume-nothing", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--resume"], ("no checkpoint",)),
+    # -O settings are checked against the method's own before the base model loads
+    ("increlora-unknown-setting", ["--method", "increlora", "--data", "{data}", "-O", "grow_untill=0.5"],
+     ("increlora has no setting 'grow_untill'", "grow_until")),
+    ("prilora-text-for-number", ["--method", "prilora", "--data", "{data}", "-O", "beta=abc"],
+     ("beta='abc' must be a finite number",)),
+    ("dylora-nan", ["--method", "dylora", "--data", "{data}", "-O", "b_min=NaN"], ("b_min",)),
+    ("adalora-fractional-interval", ["--method", "adalora", "--data", "{data}", "-O", "interval=2.5"],
+     ("interval=2.5 must be a whole number or null",)),
+    ("lorpa-out-of-range", ["--method", "lorpa", "--data", "{data}", "-O", "rounds=0"], ("rounds", ">= 1")),
+    ("svd-aware-damping-text", ["--data", "{data}", "-O", "damping=lots"], ("damping", "finite number >= 0")),
+    ("svd-aware-negative-damping", ["--data", "{data}", "-O", "damping=-1"], ("damping", "finite number >= 0")),
 ]
 
 
