@@ -38,6 +38,8 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Pa
             raise LoraCompressError(
                 f"output {out} overlaps the input {src_dir}; choose an output folder outside the input"
             )
+    if out.resolve().parent.is_dir():
+        _cleanup_stale(out.resolve())  # may put back an output that a killed --force run had moved aside
     if out.exists() and not out.is_dir():
         raise LoraCompressError(f"output {out} exists and is a file; choose a folder path")
     if out.exists() and not force:
@@ -55,11 +57,15 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Pa
 def _cleanup_stale(out: Path) -> None:
     """Remove temporary siblings left by earlier runs that were killed (kill -9, power loss)."""
     # escape: an output named "run[1]" must not match (and delete) the temp folder of "run1"
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue  # another run is writing right now
-        shutil.rmtree(stale, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue  # another run is writing right now
+            if kind == "old" and not out.exists():
+                stale.rename(out)  # killed between the two renames of --force: put the previous output back
+                continue
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,9 +83,7 @@ def _pid_alive(pid: int) -> bool:
 @contextmanager
 def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path``, on any failure it is removed."""
-    out = check_output_path(path, force=force, inputs=inputs)
-    out = out.resolve()
-    _cleanup_stale(out)
+    out = check_output_path(path, force=force, inputs=inputs).resolve()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -87,10 +91,14 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Pa
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                _move_into_place(tmp, out)
+            except BaseException:
+                old.rename(out)  # the previous output stays where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            _move_into_place(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -100,7 +108,20 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Pa
             ) from None
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise LoraCompressError(f"cannot write {out}: {err.strerror}; choose another -o") from None
+        if getattr(err, "final_move", False):
+            raise LoraCompressError(
+                f"could not move the finished output into {out} ({err.strerror or err}); check the disk and run "
+                "again (nothing was changed)"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    try:
+        tmp.rename(out)
+    except OSError as err:
+        err.final_move = True  # type: ignore[attr-defined]  # tells the handler above which step failed
         raise

@@ -194,3 +194,42 @@ def test_failure_inside_the_write_leaves_nothing(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "out").exists() and stray_temps(tmp_path) == []
     assert torch.equal(load_adapter(src).modules["model.layers.0.mlp.up_proj"].A,
                        lora_tensors()["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"])
+
+
+def test_failed_final_rename_with_force_keeps_the_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--force moves the old output aside, then renames the new one in; if that second rename fails
+    the old output is put back, and no .NAME.old-* is left behind."""
+    src = write_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["prune", str(src), "--budget", "0.5", "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path | str) -> Path:
+        if ".tmp-" in self.name and Path(target) == out.resolve():
+            raise OSError(5, "Input/output error")  # the rename of the new output fails
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    capsys.readouterr()
+    assert main(["prune", str(src), "--budget", "0.25", "-o", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not move the finished output" in err and "Input/output error" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert stray_temps(tmp_path) == []
+
+
+def test_output_moved_aside_by_a_killed_run_is_restored(tmp_path: Path) -> None:
+    """kill -9 between the two renames of --force leaves only .out.old-PID-*: the next run puts it back
+    before it writes (and removes it when a newer output is already in place)."""
+    src = write_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["prune", str(src), "--budget", "0.5", "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.rename(tmp_path / f".out.old-{int(dead.stdout)}-deadbeef")
+    code = main(["prune", str(src), "--budget", "0.5", "-o", str(out)])
+    assert code == 2  # the restored output exists and --force was not given: refused, nothing changed
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert stray_temps(tmp_path) == []
