@@ -52,6 +52,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),
+    keep_best: bool = typer.Option(True, "--keep-best/--no-keep-best", help="Calibration: write the training-free SVD cut instead when it is closer to the original on the held-out data."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""
@@ -62,7 +63,7 @@ def prune_cmd(
                            steps=steps, epochs=epochs, lr=lr, warmup=warmup, seed=seed, kd_weight=kd_weight,
                            task_weight=task_weight, temperature=temperature, device=device, precision=precision,
                            trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every, resume=resume,
-                           evaluate=not no_eval, method_settings=_method_settings(method_option))
+                           evaluate=not no_eval, keep_best=keep_best, method_settings=_method_settings(method_option))
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks
     if not main:
         logging.getLogger().setLevel(logging.WARNING)

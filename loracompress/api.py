@@ -57,6 +57,8 @@ class PruneOptions:
     checkpoint_every: int | None = None
     resume: bool = False
     evaluate: bool = True
+    #: calibration: write the training-free SVD cut instead when it has the lower held-out KL
+    keep_best: bool = True
     method_settings: dict[str, Any] = field(default_factory=dict)
 
 

@@ -13,6 +13,7 @@ go to ``.OUT.ckpt/`` beside the output and are removed once the output is writte
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,15 +112,17 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
     result = Engine(config).run(base.model, adapter, student, method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
     quality = _quality(base, adapter, result.adapter, data, options)
+    chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options)
     report = compression_report(
         source=str(source),
         output=str(out),
         before=adapter,
-        after=result.adapter,
-        method=options.method,
+        after=chosen,
+        method=options.method if kept.get("kept", options.method) == options.method else "svd",
         settings={**method.describe(), "engine": config_dict(config), "student_init": "svd",
                   "run": result.summary(), "samples": data.samples, "held_out_samples": data.held_out_samples,
-                  "data": str(options.data), "batch_size": options.batch_size, "seq_len": options.seq_len},
+                  "data": str(options.data), "batch_size": options.batch_size, "seq_len": options.seq_len,
+                  **({"keep_best": kept} if kept else {})},
         budget=options.budget,
         target_params=target,
         out_dtype=out_dtype,
@@ -127,7 +130,7 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
         seconds=time.perf_counter() - t0,
     )
     if _is_main_process():
-        write_result(result.adapter, out, report, out_dtype, options.force)
+        write_result(chosen, out, report, out_dtype, options.force)
         remove_checkpoints(ckpt)
     _wait_for_everyone()
     return report
@@ -140,6 +143,33 @@ def _quality(base: Any, original: Adapter, compressed: Adapter, data: Calibratio
     from loracompress.evaluate import compare_adapters
 
     return compare_adapters(base, original, compressed, data.held_out, data.task)
+
+
+def _keep_best(
+    base: Any, original: Adapter, calibrated: Adapter, target: int, quality: dict[str, Any], data: CalibrationData,
+    options: Any,
+) -> tuple[Adapter, dict[str, Any], dict[str, Any]]:
+    """The calibrated adapter, or the training-free SVD cut of the same budget when the cut is closer to
+    the original on the held-out data (lower KL); returns (adapter, its held-out quality, what was compared).
+
+    Calibration can only lose to its own starting point by moving away from it, which happens at
+    generous budgets where the cut is already nearly exact; the check costs one held-out pass.
+    """
+    if not options.keep_best or not quality or not math.isfinite(quality.get("kl", math.nan)):
+        return calibrated, quality, {}
+    from loracompress.evaluate import compare_adapters
+    from loracompress.methods.svd import compress_svd
+
+    cut = compress_svd(original, Budget("params", target, str(target))).adapter
+    cut_quality = compare_adapters(base, original, cut, data.held_out, data.task)
+    info = {"calibrated_kl": quality["kl"], "svd_cut_kl": cut_quality["kl"], "kept": options.method}
+    if cut_quality["kl"] < quality["kl"]:
+        log.warning("the training-free SVD cut is closer to the original on the held-out data than the %s result "
+                    "(KL %.4g vs %.4g): writing the cut (--no-keep-best writes the %s result)", options.method,
+                    cut_quality["kl"], quality["kl"], options.method)
+        info["kept"] = "svd"
+        return cut, cut_quality, info
+    return calibrated, quality, info
 
 
 def _is_main_process() -> bool:
