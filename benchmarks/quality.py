@@ -29,6 +29,7 @@ results go to ``benchmarks/results/quality_<task>.json`` after every run, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -39,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -179,6 +180,25 @@ class Scorer:
 # --------------------------------------------------------------------------- the run
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path``, so that two runs with ``--append`` can fill one task's file."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
 def run(args: argparse.Namespace) -> None:
     from loracompress.adapter import load_adapter
     from loracompress.api import PruneOptions, prune
@@ -225,27 +245,36 @@ def run(args: argparse.Namespace) -> None:
                   f"{args.threads} thread(s))",
         "rows": [],
     }
-    if args.append and out_json.exists():
-        old = json.loads(out_json.read_text())
-        state["rows"] = old["rows"]
-        state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
-
     t = time.perf_counter()
     ref = score(original)
     state["original_metric"] = ref["original"]
     state["eval_seconds"] = time.perf_counter() - t
     log.info("original %s %.4f (test eval %.1fs)", task.metric, ref["original"], state["eval_seconds"])
+    with _locked(out_json):
+        if args.append and out_json.exists():
+            old = json.loads(out_json.read_text())
+            state["rows"] = old["rows"]
+            state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+        _write_json(out_json, state)
+
 
     def record(method: str, budget: str, adapter: Any, seconds: float, **extra: Any) -> None:
         s = score(adapter)
         params = adapter.num_params
         row = {"method": method, "budget": budget, "params": params, "fraction": params / total,
                "metric": s["metric"], "kl": s["kl"], "agreement": s["agreement"], "seconds": round(seconds, 1),
-               **extra}
+               "test_samples": len(test), **extra}
+        if method in (*CALIBRATED, "dylora", "scratch"):  # rows of one file may come from runs with other steps
+            row["steps"] = args.steps or "default"
         row["pct_of_original"] = 100 * (s["metric"] / ref["original"] if task.metric == "accuracy"
                                         else ref["original"] / s["metric"])
-        state["rows"] = [r for r in state["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
-        out_json.write_text(json.dumps(state, indent=1))
+        with _locked(out_json):  # another process may be filling other rows of the same file (--append)
+            disk = json.loads(out_json.read_text()) if out_json.exists() else state
+            state["rows"] = [r for r in disk["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
+            state["earlier_commands"] = [c for c in disk.get("earlier_commands", []) + [disk["command"]]
+                                         if c != state["command"]]
+            state["failures"] = sorted(set(disk.get("failures", []) + state.get("failures", [])))
+            _write_json(out_json, state)
         log.info("%-12s %-8s params %7d  %s %.4f (%.1f%%)  kl %.4f  %.0fs", method, budget, params, task.metric,
                  s["metric"], row["pct_of_original"], s["kl"], seconds)
         render()
@@ -302,7 +331,8 @@ def run(args: argparse.Namespace) -> None:
                 except Exception as err:  # one failure must not lose the rest of the run
                     log.exception("%s at %s failed", method, budget)
                     state.setdefault("failures", []).append(f"{method} @ {budget}: {type(err).__name__}: {err}")
-                    out_json.write_text(json.dumps(state, indent=1))
+                    with _locked(out_json):
+                        _write_json(out_json, state)
 
 
 # --------------------------------------------------------------------------- report
@@ -330,6 +360,8 @@ def render() -> None:
     sections = []
     for path in sorted(RESULTS.glob("quality_*.json")):
         st = json.loads(path.read_text())
+        if not st["rows"]:  # a run that has only just started
+            continue
         metric, higher = st["metric"], st["metric"] == "accuracy"
         rows = st["rows"]
         budgets = sorted({r["budget"] for r in rows}, key=float, reverse=True)

@@ -1,0 +1,149 @@
+"""How the calibration defaults were chosen: one method, one budget, one setting changed at a time.
+
+Every configuration calibrates on the same 80% of the calibration split and is **selected on the
+other 20%** (held-out accuracy / perplexity and KL to the original adapter, measured by ``prune``
+itself); the test split is scored too, for information only, so the choice is not fitted to it.
+
+    OMP_NUM_THREADS=1 python benchmarks/defaults_sweep.py --task minilm --method lorpa --budget 0.0625
+    OMP_NUM_THREADS=1 python benchmarks/defaults_sweep.py ... --configs lr=3e-4,lr=3e-3 --append   # a second process
+    python benchmarks/defaults_sweep.py --render
+
+Results: ``benchmarks/results/defaults_sweep.json`` and ``defaults_sweep.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import RESULTS, Scorer, _locked, _write_json, task_spec  # noqa: E402
+
+log = logging.getLogger("defaults_sweep")
+OUT = RESULTS / "defaults_sweep.json"
+
+#: name -> the PruneOptions fields it changes from the engine defaults (lr 1e-3, kd 1, task 1, T 2, 3 epochs)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "lr=3e-4": {"lr": 3e-4},
+    "lr=3e-3": {"lr": 3e-3},
+    "kd only": {"task_weight": 0.0},
+    "task only": {"kd_weight": 0.0},
+    "T=1": {"temperature": 1.0},
+    "1 epoch": {"epochs": 1.0},
+    "6 epochs": {"epochs": 6.0},
+}
+
+
+def run(args: argparse.Namespace) -> None:
+    from loracompress.adapter import load_adapter
+    from loracompress.api import PruneOptions, prune
+    from loracompress.data import make_batches, prepare_model, read_for_model, task_of
+    from loracompress.model import load_base_model
+
+    task = task_spec(args.task)
+    torch.set_num_threads(args.threads)
+    original = load_adapter(task.adapter)
+    base = load_base_model(task.base, original, device="cpu")
+    prepare_model(base)
+    kind = task_of(base)
+    test = read_for_model(base, task.test, max_samples=args.max_test, seed=0)
+    score = Scorer(base, original, make_batches(test, base.tokenizer, task=kind, seq_len=task.seq_len,
+                                                batch_size=task.batch_size), kind, task.metric)
+    command = shlex.join(["python", "benchmarks/defaults_sweep.py", *sys.argv[1:]])
+    with _locked(OUT):
+        state = json.loads(OUT.read_text()) if args.append and OUT.exists() else {"rows": [], "commands": []}
+        state.update(task=task.name, metric=task.metric, method=args.method, budget=args.budget,
+                     eval_fraction=args.eval_fraction, test_samples=len(test),
+                     device=f"cpu ({platform.machine()}, torch {torch.__version__}, {args.threads} thread(s))")
+        state["commands"] = [c for c in state["commands"] if c != command] + [command]
+        _write_json(OUT, state)
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        for name in args.configs:
+            opts = dict(budget=args.budget, method=args.method, base_model=task.base, data=str(task.calib),
+                        seq_len=task.seq_len, batch_size=task.batch_size, max_samples=args.max_calib, seed=0,
+                        device="cpu", evaluate=True, eval_fraction=args.eval_fraction, keep_best=False)
+            opts.update(CONFIGS[name])
+            t0 = time.perf_counter()
+            report = prune(task.adapter, Path(tmp) / name.replace(" ", "-"), PruneOptions(**opts))
+            seconds = time.perf_counter() - t0
+            q = report["quality"]
+            test_score = score(load_adapter(Path(tmp) / name.replace(" ", "-")))
+            row = {"config": name, "changes": CONFIGS[name], "steps": report["settings"]["run"]["steps"],
+                   "held_metric": q[task.metric]["after"], "held_original": q[task.metric]["before"],
+                   "held_kl": q["kl"], "test_metric": test_score["metric"], "test_original": test_score["original"],
+                   "test_kl": test_score["kl"], "params": report["params_after"], "seconds": round(seconds, 1)}
+            log.info("%-10s held %s %.4f (orig %.4f) kl %.4f | test %.4f kl %.4f | %d steps %.0fs", name, task.metric,
+                     row["held_metric"], row["held_original"], row["held_kl"], row["test_metric"], row["test_kl"],
+                     row["steps"], seconds)
+            with _locked(OUT):
+                state = json.loads(OUT.read_text())
+                state["rows"] = [r for r in state["rows"] if r["config"] != name] + [row]
+                _write_json(OUT, state)
+            render()
+
+
+def render() -> None:
+    if not OUT.exists():
+        return
+    st = json.loads(OUT.read_text())
+    higher = st["metric"] == "accuracy"
+    order = {n: i for i, n in enumerate(CONFIGS)}
+    rows = sorted(st["rows"], key=lambda r: order.get(r["config"], 99))
+    fmt = (lambda v: f"{v:.3f}") if higher else (lambda v: f"{v:.2f}")
+    lines = [f"# Choosing the calibration defaults: {st['method']} at budget {st['budget']} on {st['task']}", "",
+             "Generated by `benchmarks/defaults_sweep.py`. One setting changed at a time from the engine defaults "
+             "(lr 1e-3, warm-up 0.1, kd_weight 1, task_weight 1, temperature 2, 3 epochs). Every run calibrates on "
+             f"the same {100 * (1 - st['eval_fraction']):.0f}% of the calibration split; **selection uses the other "
+             f"{100 * st['eval_fraction']:.0f}% (held-out columns)**; the test columns ({st['test_samples']} test "
+             "samples) are for information only.", "",
+             "Commands: " + "; ".join(f"`OMP_NUM_THREADS=1 {c}`" for c in st["commands"]),
+             f"Device: {st['device']}.", "",
+             f"| config | steps | held-out {st['metric']} | held-out KL | test {st['metric']} | test KL | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['steps']} | {fmt(r['held_metric'])} (orig {fmt(r['held_original'])}) | "
+                     f"{r['held_kl']:.4f} | {fmt(r['test_metric'])} (orig {fmt(r['test_original'])}) | "
+                     f"{r['test_kl']:.4f} | {r['seconds']:.0f} |")
+    if rows:
+        best = min(rows, key=lambda r: r["held_kl"])
+        lines += ["", f"Lowest held-out KL: **{best['config']}** ({best['held_kl']:.4f})."]
+    (RESULTS / "defaults_sweep.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["minilm", "smollm2"], default="minilm")
+    p.add_argument("--method", default="lorpa")
+    p.add_argument("--budget", default="0.0625")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--eval-fraction", type=float, default=0.2)
+    p.add_argument("--max-calib", type=int, default=None)
+    p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--append", action="store_true", help="keep the rows of earlier runs (another process may add)")
+    p.add_argument("--render", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.render:
+        render()
+        return
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in args.configs if c not in CONFIGS]
+    if bad:
+        p.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
