@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,33 @@ def test_global_allocation_never_worse_than_uniform(seed, frac):
         if sum(k * c for c in costs.values()) <= target:
             uniform = sum(energy[p][:k].sum() for p in ranks)
             assert kept >= uniform - 1e-9
+
+
+def test_leftover_budget_goes_to_a_dearer_module_by_a_swap():
+    """Greedy by value per parameter takes a, a, a (30 of 45) and then b (25) no longer fits: 15 left over.
+    Giving up one of a's components for b's spends 45 and keeps 20 instead of 15."""
+    assert allocate({"a": [5.0, 5.0, 5.0], "b": [10.0]}, {"a": 10, "b": 25}, 45) == {"a": 2, "b": 1}
+    # no swap that loses value: b's 100 stays, a's 5 cannot be added
+    assert allocate({"a": [5.0, 4.9], "b": [100.0]}, {"a": 10, "b": 30}, 35) == {"a": 0, "b": 1}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), target=st.integers(10, 400))
+def test_allocation_is_optimal_on_small_problems(seed, target):
+    """Against exhaustive search over every prefix choice: within the budget, and never more than one
+    component's value below the optimum (the greedy knapsack bound, which the swaps only improve on)."""
+    rng = np.random.default_rng(seed)
+    costs = {n: int(rng.integers(5, 60)) for n in "abc"}
+    vals = {n: np.sort(rng.random(3))[::-1] * rng.integers(1, 10) for n in "abc"}
+    ranks = allocate(vals, costs, target)
+    assert sum(ranks[n] * costs[n] for n in ranks) <= target
+    kept = sum(vals[n][: ranks[n]].sum() for n in ranks)
+    best = max(
+        (sum(vals[n][:k].sum() for n, k in zip("abc", ks)), ks)
+        for ks in itertools.product(range(4), repeat=3)
+        if sum(k * costs[n] for n, k in zip("abc", ks)) <= target
+    )
+    assert kept >= best[0] - max(v.max() for v in vals.values()) - 1e-9
 
 
 def test_allocate_respects_bounds():
