@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> None:
             state["rows"] = [r for r in disk["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
             state["earlier_commands"] = [c for c in disk.get("earlier_commands", []) + [disk["command"]]
                                          if c != state["command"]]
-            state["failures"] = sorted(set(disk.get("failures", []) + state.get("failures", [])))
+            state["failures"] = sorted(f for f in set(disk.get("failures", []) + state.get("failures", []))
+                                       if not f.startswith(f"{method} @ {budget}:"))  # this row has now worked
             _write_json(out_json, state)
         log.info("%-12s %-8s params %7d  %s %.4f (%.1f%%)  kl %.4f  %.0fs", method, budget, params, task.metric,
                  s["metric"], row["pct_of_original"], s["kl"], seconds)
@@ -290,11 +291,15 @@ def run(args: argparse.Namespace) -> None:
             return load_adapter(out), time.perf_counter() - t0
 
         dylora = None
+        with _locked(out_json):
+            done = {(r["method"], r["budget"]) for r in json.loads(out_json.read_text())["rows"]}
         for budget in args.budgets:
             target = Budget.parse(budget).resolve(costs, ranks, 4)
             k = uniform_rank(original, target)
             for method in args.methods:
                 if method in (*CALIBRATED, "scratch") and budget not in args.train_budgets:
+                    continue
+                if args.skip_done and (method, budget) in done:
                     continue
                 try:
                     if method == "svd":
@@ -313,8 +318,11 @@ def run(args: argparse.Namespace) -> None:
                             dylora, dsec = via_prune("dylora", top, {**calib_opts, "method_settings": {
                                 "b_min": min(1 / 16, smallest)}})
                         t0 = time.perf_counter()
-                        cut = truncate_adapter(dylora, Budget.parse(str(target)))
-                        record(method, budget, cut.adapter, time.perf_counter() - t0, train_seconds=round(dsec, 1))
+                        # at the training budget the run's own output is the answer (it may sit a few
+                        # parameters under the target, and truncate refuses a budget above the adapter)
+                        cut = (dylora if target >= dylora.num_params
+                               else truncate_adapter(dylora, Budget("params", target, str(target))).adapter)
+                        record(method, budget, cut, time.perf_counter() - t0, train_seconds=round(dsec, 1))
                     elif method in ("peft-convert", "uniform-svd", "scratch"):
                         if k == 0:
                             t0 = time.perf_counter()
@@ -472,6 +480,8 @@ def main() -> None:
     p.add_argument("--train-budgets", default=None,
                    help="budgets at which the calibrated methods and scratch run (default: all --budgets)")
     p.add_argument("--append", action="store_true", help="keep earlier rows of this task's JSON")
+    p.add_argument("--skip-done", action="store_true",
+                   help="with --append: skip the (method, budget) rows the JSON already has (resume a stopped run)")
     p.add_argument("--render", action="store_true", help="only re-render quality.md and the plots")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
