@@ -272,11 +272,13 @@ def module_depths(paths: Sequence[str]) -> tuple[dict[str, int], int]:
 
 
 def svd_student(adapter: Adapter) -> Adapter:
-    """The adapter at full rank, each module in SVD order with its scale folded (the student's start)."""
-    from loracompress.methods.svd import decompose, truncated_adapter
+    """The adapter at full rank, each module in SVD order with its scale folded (the student's start).
 
-    svds = decompose(adapter)
-    return truncated_adapter(adapter, svds, {p: m.rank for p, m in adapter.modules.items()})
+    Through the ``r×r`` cores, one module at a time: no float64 ``U``/``V`` of every module at once.
+    """
+    from loracompress.methods.svd import truncated_adapter
+
+    return truncated_adapter(adapter, None, {p: m.rank for p, m in adapter.modules.items()})
 
 
 # --------------------------------------------------------------------------- signals
