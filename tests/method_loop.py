@@ -7,12 +7,10 @@ checkpoint itself; the loss is the KL from the teacher's logits (or any ``loss_f
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -35,24 +33,6 @@ class Calib:
     original: Adapter  # the checkpoint (teacher)
     student: Adapter  # its SVD-ordered full-rank copy (the student's start)
     kind: str
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, above all on a machine shared by several test runs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Import into a test module to run each of its tests on one thread (see :func:`one_thread`)."""
-    with one_thread():
-        yield
 
 
 def setup_calibration(kind: str, tmp_path: Path, r: int = 8, seed: int = 0, **adapter_kwargs) -> Calib:
@@ -100,17 +80,16 @@ def drive(
     opt = torch.optim.Adam(params, lr=lr)
     ctx = CalibContext(layers=calib.layers, target_params=target, total_steps=steps, optimizer=opt, seed=seed)
     method.setup(ctx)
-    with one_thread():
-        for step in range(steps):
-            method.before_forward(step)
-            loss = loss_fn(calib, data[step % len(data)])
-            loss.backward()
-            method.after_backward(step)
-            opt.step()
-            opt.zero_grad()
-            method.after_step(step)
-            if on_step is not None:
-                on_step(step)
+    for step in range(steps):
+        method.before_forward(step)
+        loss = loss_fn(calib, data[step % len(data)])
+        loss.backward()
+        method.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        method.after_step(step)
+        if on_step is not None:
+            on_step(step)
     return method.finalize()
 
 
@@ -133,8 +112,7 @@ def held_out_kl(calib: Calib, adapter: Adapter, data: list[Batch]) -> float:
     model = copy.deepcopy(calib.base)
     layers = attach(model, adapter, teacher=calib.original)
     probe = Calib(calib.base, model, layers, calib.original, adapter, calib.kind)
-    with one_thread():
-        return sum(float(kl_loss(probe, b)) for b in data) / len(data)
+    return sum(float(kl_loss(probe, b)) for b in data) / len(data)
 
 
 def local_loss(paths: list[str]) -> LossFn:

@@ -16,7 +16,6 @@ from tests.method_loop import (
     local_loss,
     nothing_else_fits,
     setup_calibration,
-    single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
 from tests.test_engine import calib_files

@@ -23,7 +23,6 @@ from tests.method_loop import (
     held_out_kl,
     output_adapter,
     setup_calibration,
-    single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
 from tests.test_engine import calib_files, check_peft_loads

@@ -19,7 +19,6 @@ from tests.method_loop import (
     nothing_else_fits,
     output_adapter,
     setup_calibration,
-    single_thread,  # noqa: F401 (autouse fixture: one thread per test)
     target_params,
 )
 from tests.test_engine import calib_files

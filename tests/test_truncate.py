@@ -15,7 +15,7 @@ from loracompress.methods.dylora import VALUES_KEY
 from loracompress.methods.svd import compress_svd, decompose, truncated_adapter
 from loracompress.report import REPORT_NAME
 from loracompress.truncate import SUMMARY_NAME, truncate_adapter
-from tests.method_loop import nothing_else_fits, peft_mismatch, single_thread  # noqa: F401 (autouse fixture)
+from tests.method_loop import nothing_else_fits, peft_mismatch
 from tests.tiny import make_adapter, save_tiny_base, tiny_sentences
 
 
