@@ -161,6 +161,11 @@ def _read_records(p: Path) -> tuple[list[Any], str]:
 
 def _read_text(p: Path) -> str:
     raw = p.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Excel's "Unicode text")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise LoraCompressError(f"data {p} starts like UTF-16 but does not decode; re-save it as UTF-8") from None
     if b"\x00" in raw[:8192]:
         raise LoraCompressError(
             f"data {p} is a binary file; pass JSONL, CSV/TSV, plain text, parquet or a datasets folder"

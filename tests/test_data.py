@@ -152,6 +152,17 @@ def test_max_samples_is_a_seeded_subset_in_file_order(tmp_path):
     assert len(read_examples(path, max_samples=500)) == 50
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_unicode_text_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Excel's "Unicode text" and "CSV UTF-8" exports: UTF-16 or UTF-8 with a byte-order mark."""
+    path = tmp_path / "reviews.csv"
+    text = "text,label\ncafé naïve movie,1\nbad film,0\n"
+    bom = b"\xfe\xff" if encoding == "utf-16-be" else b""
+    path.write_bytes(bom + text.encode(encoding))
+    rows = read_examples(path)
+    assert [r.text for r in rows] == ["café naïve movie", "bad film"] and [r.label for r in rows] == [1, 0]
+
+
 @pytest.mark.parametrize(
     ("content", "name", "match"),
     [
