@@ -34,6 +34,20 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+
+
+def base_param_name(key: str) -> str:
+    """The base model's parameter name for a non-LoRA tensor of a PEFT file.
+
+    ``modules_to_save`` copies (``classifier.modules_to_save.default.weight``), their originals
+    (``.original_module.``) and the full weights PEFT stores for LoRA-targeted embedding layers
+    (``save_embedding_layers``: ``lm_head.base_layer.weight``) all belong to ``classifier.weight`` /
+    ``lm_head.weight`` of the base model.
+    """
+    bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    for infix in (".modules_to_save.default.", ".original_module.", ".base_layer."):
+        bare = bare.replace(infix, ".")
+    return bare
 #: safetensors metadata key recording how an adapter's rank components are ordered.
 ORDER_KEY = "loracompress.order"
 

@@ -191,6 +191,7 @@ def use_mode(layers: Mapping[str, LoraLayer] | nn.Module, mode: str) -> Iterator
 def merge_into(model: nn.Module, adapter: Adapter) -> None:
     """Add every module's ΔW to the base weights in place (computed in float32, cast back)."""
     check_fit(model, adapter)
+    _untie(model, [f"{p}.weight" for p in adapter.modules])
     with torch.no_grad():
         for path, m in adapter.modules.items():
             target = model.get_submodule(path)
@@ -198,3 +199,28 @@ def merge_into(model: nn.Module, adapter: Adapter) -> None:
             if base_shape(target) is not None and type(target).__name__ == "Conv1D":
                 delta = delta.T
             target.weight.copy_((target.weight.float() + delta).to(target.weight.dtype))
+
+
+def _untie(model: nn.Module, names: list[str]) -> None:
+    """Give each named weight that is shared with another parameter (a tied ``lm_head`` and input
+    embeddings) its own copy, so a merge changes only the layer the adapter targets.
+
+    The config stops declaring the tie, so the saved model reloads with both tensors as saved.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    untied = False
+    for name in names:
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        weight = getattr(module, attr)
+        if len(owners.get(id(weight), [])) > 1:
+            setattr(module, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for c in (config, text):  # multimodal configs keep the flag on their text part
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False

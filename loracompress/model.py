@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
-from loracompress.adapter import KEY_PREFIX, Adapter
+from loracompress.adapter import KEY_PREFIX, Adapter, base_param_name
 from loracompress.errors import LoraCompressError
 from loracompress.layers import check_fit
 
@@ -199,10 +199,9 @@ def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the
     if not adapter.extra_tensors:
         return
     state = model.state_dict()
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
     for key, tensor in adapter.extra_tensors.items():
-        bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        bare = bare.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+        bare = base_param_name(key)
         if bare not in state:
             raise LoraCompressError(
                 f"the adapter carries {bare} (modules_to_save) but base model {name!r} has no such tensor; wrong --base-model?"

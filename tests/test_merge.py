@@ -108,3 +108,36 @@ def test_merge_refusals_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert fix in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not list(tmp_path.glob(f".m{i}.*"))
+
+
+def test_lora_on_a_tied_lm_head_merges_into_the_head_only(tmp_path, capsys):
+    """With tie_word_embeddings the head and the input embeddings are one tensor: merging ΔW into it
+    in place would change the embeddings too. The merged model unties them, keeps the embeddings,
+    and reloads (from safetensors, untied) to the same logits as base + adapter in PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True, pad_token_id=0)).eval()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    base.save_pretrained(str(tmp_path / "base"))
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "adapter"), "--base-model", str(tmp_path / "base"),
+                 "-o", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert not torch.allclose(merged.lm_head.weight, base.lm_head.weight)
+    inputs = sample_inputs("llama", batch=2, seq=10, seed=3)
+    with torch.no_grad():
+        got = merged(**inputs).logits
+    assert (got - _peft_outputs(base, tmp_path / "adapter", inputs)).abs().max() <= 1e-4

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loracompress.adapter import KEY_PREFIX, Adapter
+from loracompress.adapter import Adapter, base_param_name
 from loracompress.layers import attach, detach
 from loracompress.model import restore_modules_to_save
 
@@ -116,11 +116,7 @@ def max_abs_diff(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], a
 
 def saved_module_params(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter's ``modules_to_save`` tensors keyed by the base model's parameter name."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in adapter.extra_tensors.items():
-        bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        out[bare.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = tensor
-    return out
+    return {base_param_name(key): tensor for key, tensor in adapter.extra_tensors.items()}
 
 
 @contextmanager
