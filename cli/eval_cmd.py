@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from loracompress_cli.common import console, human, print_json
+from loracompress_cli.options import BASE_MODEL, DEVICE, LABEL_FIELD, SEQ_LEN, TEXT_FIELD, TRUST_REMOTE_CODE
 from rich.table import Table
 
 from loracompress.evaluate import EvalOptions, evaluate_paths
@@ -17,16 +18,16 @@ def eval_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to evaluate (e.g. the compressed one)."),
     data: str = typer.Option(..., "--data", help="Held-out data: jsonl, csv/tsv, txt, parquet or a datasets folder."),
     reference: Path | None = typer.Option(None, "--reference", "-r", help="The original adapter to compare with (default: the base model alone)."),
-    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
-    text_field: str | None = typer.Option(None, "--text-field", help="Text field/column (detected by default)."),
-    label_field: str | None = typer.Option(None, "--label-field", help="Label field/column (detected by default)."),
+    base_model: str | None = BASE_MODEL,
+    text_field: str | None = TEXT_FIELD,
+    label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use a seeded random subset of this many samples."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --max-samples subset."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Compare ADAPTER with --reference (or with the base model alone): KL, top-1 agreement, accuracy or perplexity."""

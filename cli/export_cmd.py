@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 from loracompress.adapter import parse_dtype
 from loracompress.errors import LoraCompressError
@@ -29,7 +30,7 @@ def export_cmd(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-FORMAT)."),
     fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm or uniform."),
     target: str | None = typer.Option(None, "--target", help="Same as --format for adapter targets: peft, vllm, uniform."),
-    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    base_model: str | None = BASE_MODEL,
     mode: str = typer.Option("merged", "--mode", help="ONNX: merged (one graph, adapter folded in) or adapters (multi-LoRA)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or fp16 for GPU serving; targets: output dtype."),
     tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
@@ -37,9 +38,9 @@ def export_cmd(
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
     cpu: bool = typer.Option(False, "--cpu", help="ONNX: verify on the CPU provider even when a GPU is available."),
     rank: int | None = typer.Option(None, "--rank", help="uniform: the rank every module is padded to (default: the largest)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    force: bool = FORCE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
     """Export ADAPTER as ONNX (verified with onnxruntime) or as a peft / vllm / uniform adapter."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE
 from rich.table import Table
 
 from loracompress.adapter import load_adapter
@@ -15,7 +16,7 @@ from loracompress.report import adapter_stats
 def inspect(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    allow_nonfinite: bool = ALLOW_NONFINITE,
 ) -> None:
     """Per-module shape, rank, parameters, bytes, scale and effective rank at 90%/99% energy."""
     ad = load_adapter(adapter, allow_nonfinite=allow_nonfinite)

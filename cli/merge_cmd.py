@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 from loracompress.merge import MERGE_REPORT, MergeOptions, merge_adapter
 
@@ -13,13 +14,13 @@ from loracompress.merge import MERGE_REPORT, MergeOptions, merge_adapter
 def merge_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to merge."),
     output: Path = typer.Option(..., "--output", "-o", help="Output model folder."),
-    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    base_model: str | None = BASE_MODEL,
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: the base model's published dtype)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
     tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed max abs logit difference, merged vs base+adapter (default 1e-3)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    force: bool = FORCE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON."),
 ) -> None:
     """Merge ADAPTER into its base model in fp32, check it on a probe batch, save it cast to --dtype."""

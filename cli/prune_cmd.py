@@ -12,6 +12,16 @@ from typing import Any
 
 import typer
 from loracompress_cli.common import console, err_console, human, human_bytes, print_json
+from loracompress_cli.options import (
+    ALLOW_NONFINITE,
+    BASE_MODEL,
+    DEVICE,
+    FORCE,
+    LABEL_FIELD,
+    SEQ_LEN,
+    TEXT_FIELD,
+    TRUST_REMOTE_CODE,
+)
 
 from loracompress.api import PruneOptions, default_output, prune
 from loracompress.errors import LoraCompressError
@@ -26,17 +36,17 @@ def prune_cmd(
     min_rank: int = typer.Option(0, "--min-rank", help="Keep at least this rank in every module."),
     max_rank: int | None = typer.Option(None, "--max-rank", help="Keep at most this rank in any module."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    force: bool = FORCE,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the compression report as JSON."),
-    base_model: str | None = typer.Option(None, "--base-model", help="Base model folder, cached hub id or .gguf (default: the adapter's)."),
+    base_model: str | None = BASE_MODEL,
     data: str | None = typer.Option(None, "--data", help="Calibration data: jsonl, csv/tsv, txt, parquet or a datasets folder."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for before/after quality (default: a split of --data)."),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Fraction of --data held out when no --eval-data."),
-    text_field: str | None = typer.Option(None, "--text-field", help="Text field/column (detected by default)."),
-    label_field: str | None = typer.Option(None, "--label-field", help="Label field/column (detected by default)."),
+    text_field: str | None = TEXT_FIELD,
+    label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use at most this many samples."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(16, "--batch-size", help="Samples per step."),
     steps: int | None = typer.Option(None, "--steps", help="Calibration steps."),
     epochs: float | None = typer.Option(None, "--epochs", help="Calibration epochs (instead of --steps)."),
@@ -46,9 +56,9 @@ def prune_cmd(
     kd_weight: float = typer.Option(1.0, "--kd-weight", help="Weight of distillation from the original adapter."),
     task_weight: float = typer.Option(1.0, "--task-weight", help="Weight of the task loss when labels exist."),
     temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    device: str = DEVICE,
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision on GPU)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),

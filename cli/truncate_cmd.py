@@ -6,6 +6,16 @@ from pathlib import Path
 
 import typer
 from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.options import (
+    ALLOW_NONFINITE,
+    BASE_MODEL,
+    DEVICE,
+    FORCE,
+    LABEL_FIELD,
+    SEQ_LEN,
+    TEXT_FIELD,
+    TRUST_REMOTE_CODE,
+)
 from rich.table import Table
 
 from loracompress.errors import LoraCompressError
@@ -18,17 +28,17 @@ def truncate_cmd(
     budgets: str | None = typer.Option(None, "--budgets", help="Several budgets, comma-separated: 0.5,0.25,0.125 (one sub-folder each)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-truncated)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Zero out NaN/Inf weights instead of refusing."),
+    force: bool = FORCE,
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data: measure each cut against the input adapter."),
-    base_model: str | None = typer.Option(None, "--base-model", help="Base model for --eval-data (default: the adapter's)."),
-    text_field: str | None = typer.Option(None, "--text-field", help="Text field/column of --eval-data (detected by default)."),
-    label_field: str | None = typer.Option(None, "--label-field", help="Label field/column of --eval-data (detected by default)."),
+    base_model: str | None = BASE_MODEL,
+    text_field: str | None = TEXT_FIELD,
+    label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Evaluate on at most this many samples."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code (review it first)."),
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
 ) -> None:
     """Cut ADAPTER to --budget (or to each of --budgets) by keeping leading components; no data or training.
