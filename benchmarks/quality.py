@@ -351,6 +351,40 @@ def _fmt_metric(metric: str, v: float) -> str:
     return f"{v:.3f}" if metric == "accuracy" else f"{v:.2f}"
 
 
+def _versus_svd(st: dict[str, Any], rows: list[dict[str, Any]], budgets: list[str]) -> list[str]:
+    """Each calibrated method against the training-free cut it starts from, and DyLoRA's cuts against PRILoRA."""
+    metric, higher = st["metric"], st["metric"] == "accuracy"
+    unit = "pts" if higher else "ppl"
+
+    def get(m: str, b: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["method"] == m and r["budget"] == b), None)
+
+    def gain(r: dict[str, Any], ref: dict[str, Any]) -> str:
+        d = (r["metric"] - ref["metric"]) * (100 if higher else -1)
+        return f"{d:+.1f} {unit}" if higher else f"{d:+.2f} {unit}"
+
+    out = [f"Against the training-free `svd` cut of the same budget ({metric}: % of the original, then the "
+           f"difference to the cut, positive = better; KL: the method's / the cut's):", "",
+           "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for m in (*CALIBRATED, "dylora", "svd-aware"):
+        cells = []
+        for b in budgets:
+            r, ref = get(m, b), get("svd", b)
+            cells.append("–" if r is None or ref is None else
+                         f"{r['pct_of_original']:.1f}% ({gain(r, ref)}) · KL {r['kl']:.4f}/{ref['kl']:.4f}")
+        if any(c != "–" for c in cells):
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    cells = []
+    for b in budgets:
+        r, ref = get("dylora", b), get("prilora", b)
+        cells.append("–" if r is None or ref is None else gain(r, ref))
+    if any(c != "–" for c in cells):
+        out += ["", "One DyLoRA run truncated to each budget, against a PRILoRA run at that budget "
+                "(positive = DyLoRA's cut is better):", "", "| | " + " | ".join(budgets) + " |",
+                "|---|" + "---:|" * len(budgets), "| dylora − prilora | " + " | ".join(cells) + " |"]
+    return out + [""]
+
+
 def render() -> None:
     """``quality.md`` and ``quality_<task>.png`` from the JSON result files."""
     import matplotlib
@@ -411,6 +445,7 @@ def render() -> None:
         for f in st.get("failures", []):
             sec.append(f"- failed: {f}")
         sec.append("")
+        sec += _versus_svd(st, rows, budgets)
         sections += sec
         for b in budgets:
             here = [r for r in rows if r["budget"] == b]
