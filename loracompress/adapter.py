@@ -275,6 +275,21 @@ def _unpickling_detail(err: Exception) -> str:
     return detail.split(". Please use")[0]  # torch goes on to explain how to allowlist the global: no
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``, in one reduction pass for the common (finite) case.
+
+    NaN and ±Inf propagate through a sum, so a finite sum proves every element finite. A sum of
+    finite values can itself overflow (fp32/bf16 values near 1e38; never fp16 ones in float32), so
+    a non-finite sum is confirmed elementwise. ``isfinite(t).all()`` builds a boolean tensor of
+    ``t``'s size and was a quarter of the training-free cut's time on a 7B-shaped fp16 adapter.
+    """
+    if not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
     """Read a PEFT LoRA (or AdaLoRA) adapter folder.
 
@@ -368,7 +383,7 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
                 )
             scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
         for name, t in (("lora_A", A), ("lora_B", B)):
-            if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            if not allow_nonfinite and not all_finite(t):
                 raise LoraCompressError(
                     f"{directory}: module {mpath} {name} contains NaN or Inf; the training diverged "
                     "(pass --allow-nonfinite to zero them out and continue)"

@@ -145,3 +145,22 @@ def test_scale_conventions():
     v = next(m for p, m in adapter.modules.items() if p.endswith("v_proj"))
     assert math.isclose(q.scale, 2 / math.sqrt(4))
     assert math.isclose(v.scale, 16 / math.sqrt(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_catches_every_nonfinite_value_and_accepts_huge_finite_ones(dtype):
+    from loracompress.adapter import all_finite
+
+    t = torch.randn(64, 48).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[17, 5] = bad
+        assert not all_finite(u)
+    # +inf and -inf together sum to NaN, still refused
+    u = t.clone()
+    u[0, 0], u[1, 1] = float("inf"), float("-inf")
+    assert not all_finite(u)
+    # finite values whose sum overflows the accumulator are still finite
+    big = torch.full((100,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(big)
