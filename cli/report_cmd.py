@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
-from loracompress_cli.common import console, human, human_bytes
+from loracompress_cli.common import console, err_console, human, human_bytes
 from rich.table import Table
 
 from loracompress.check import baseline_text, load_config, report_sizes
@@ -16,10 +16,18 @@ def report(
     paths: list[str] = typer.Argument(None, help="Adapter folders or globs (default: every entry of the check config)."),
     as_json: bool = typer.Option(False, "--json", help="Print a baseline file for `loracompress check --baseline`."),
     config: Path | None = typer.Option(None, "--config", help="loracompress.toml or pyproject.toml (default: found from here upward)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG of every module's rank before/after (needs matplotlib)."),
 ) -> None:
     """LoRA parameters, bytes on disk and max rank per adapter; `--json > sizes.json` makes a baseline."""
     cwd = Path.cwd()
     measurements, entries = report_sizes(paths or [], load_config(config, cwd), cwd)
+    if plot is not None:
+        from loracompress.adapter import load_adapter
+        from loracompress.plots import plot_ranks, rank_profile
+
+        profiles = [rank_profile(m.path, m.report, load_adapter(cwd / m.path).ranks) for m in measurements]
+        plot_ranks(profiles, plot)
+        err_console.print(f"wrote {plot}")
     if as_json:
         sys.stdout.write(baseline_text(entries))
         return

@@ -395,3 +395,28 @@ def test_the_repository_gate_config_and_baseline_are_valid() -> None:
             assert baseline[key]["params"] <= entry.thresholds.max_params
             assert baseline[key]["bytes"] <= entry.thresholds.max_bytes
             assert baseline[key]["max_rank"] <= entry.thresholds.max_rank
+
+
+def test_report_plot_shows_the_ranks_of_every_module(adapters: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The PNG is written and its data are the report's ranks (pruned modules at 0), or the adapter's own."""
+    from matplotlib.image import imread
+
+    from loracompress.plots import rank_profile
+
+    out = tmp_path / "ranks.png"
+    assert main(["report", str(adapters["small"]), str(adapters["orig"]), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(out).shape[0] > 400  # two panels
+    assert [p.name for p in tmp_path.iterdir()] == ["ranks.png"]  # no temp file left
+
+    report = json.loads((adapters["small"] / REPORT_NAME).read_text())
+    prof = rank_profile("small", report, load_adapter(adapters["small"]).ranks)
+    kept = load_adapter(adapters["small"]).ranks
+    assert prof.after == [kept.get(m, 0) for m in prof.modules] and prof.before == [8] * len(prof.modules)
+    assert rank_profile("orig", None, load_adapter(adapters["orig"]).ranks).before is None
+
+    capsys.readouterr()
+    assert main(["report", str(adapters["small"]), "--plot", str(tmp_path / "ranks.pdf")]) == 2
+    assert "write a .png" in capsys.readouterr().err
+    assert main(["report", str(adapters["small"]), "--plot", str(tmp_path / "missing" / "r.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
