@@ -23,7 +23,7 @@ from loracompress_cli.options import (
     TRUST_REMOTE_CODE,
 )
 
-from loracompress.api import PruneOptions, default_output, prune
+from loracompress.api import DEFAULT_CALIBRATION, PruneOptions, default_output, prune, resolve_method
 from loracompress.errors import LoraCompressError
 
 
@@ -31,7 +31,8 @@ def prune_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to compress."),
     budget: str | None = typer.Option(None, "--budget", "-b", help="0.5, 50%, 1.2M, 300k, 4MB, 4MiB or rank=8."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-compressed)."),
-    method: str = typer.Option("svd", "--method", "-m", help="svd (training-free; activation-aware with --data), prilora, lorpa, increlora, dylora, adalora."),
+    method: str | None = typer.Option(None, "--method", "-m", help="svd (training-free; activation-aware with --data), prilora, lorpa, increlora, dylora, adalora. "
+                                     f"Default: svd, or {DEFAULT_CALIBRATION} (calibration) with --data and --budget."),
     select: str | None = typer.Option(None, "--select", help="Per-module cap: energy:0.95, fro:0.9 or ratio:10."),
     min_rank: int = typer.Option(0, "--min-rank", help="Keep at least this rank in every module."),
     max_rank: int | None = typer.Option(None, "--max-rank", help="Keep at most this rank in any module."),
@@ -77,7 +78,7 @@ def prune_cmd(
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks
     if not main:
         logging.getLogger().setLevel(logging.WARNING)
-    with _progress_bar(enabled=main and method != "svd") as progress:
+    with _progress_bar(enabled=main and resolve_method(options) != "svd") as progress:
         report = prune(adapter, output, options, progress=progress)
     if not main:
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ class PruneOptions:
     """Everything ``prune`` can be told. Calibration fields are used when ``data`` is given."""
 
     budget: str | None = None
-    method: str = "svd"
+    #: None: ``svd`` without data, :data:`DEFAULT_CALIBRATION` with ``data`` and a budget (see :func:`resolve_method`)
+    method: str | None = None
     select: str | None = None
     min_rank: int = 0
     max_rank: int | None = None
@@ -62,6 +63,20 @@ class PruneOptions:
     method_settings: dict[str, Any] = field(default_factory=dict)
 
 
+#: The calibration method ``prune`` uses when it is given data and no ``--method``: the one that kept
+#: the most of the original at 1/16 and 1/32 in benchmarks/results/quality.md (see the README).
+DEFAULT_CALIBRATION = "lorpa"
+
+
+def resolve_method(options: PruneOptions) -> str:
+    """The method a run uses: the one asked for; else calibration when there is data and a budget and no
+    svd-only option (``--select``, ``--min-rank``, ``--max-rank``); else the training-free ``svd`` cut."""
+    if options.method:
+        return options.method
+    svd_only = options.select or options.min_rank or options.max_rank is not None or options.budget is None
+    return DEFAULT_CALIBRATION if options.data and not svd_only else "svd"
+
+
 def default_output(source: str | Path) -> Path:
     src = Path(source).resolve()
     return src.parent / f"{src.name}-compressed"
@@ -78,6 +93,7 @@ def prune(
     bad budget never costs a long run.
     """
     t0 = time.perf_counter()
+    options = replace(options, method=resolve_method(options))
     out = Path(output) if output is not None else default_output(source)
     check_output_path(out, force=options.force, inputs=[Path(source)])
     budget = Budget.parse(options.budget) if options.budget is not None else None

@@ -211,7 +211,7 @@ def test_prune_with_data_writes_an_activation_aware_adapter(setups, tmp_path, ca
     data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n"
                             for i, t in enumerate(tiny_sentences(60, seed=11))))
     out = tmp_path / "small"
-    rc = main(["prune", str(ad_dir), "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
+    rc = main(["prune", str(ad_dir), "--method", "svd", "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
                "--eval-fraction", "0.2", "-o", str(out), "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -234,12 +234,12 @@ def test_prune_with_data_writes_an_activation_aware_adapter(setups, tmp_path, ca
     assert differs > 0
     # --no-eval: no quality; --eval-data: measured on that file
     out2 = tmp_path / "small2"
-    assert main(["prune", str(ad_dir), "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
+    assert main(["prune", str(ad_dir), "--method", "svd", "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
                  "--no-eval", "-o", str(out2)]) == 0
     r2 = json.loads((out2 / "compression_report.json").read_text())
     assert r2["quality"] == {} and r2["settings"]["samples"] == 60
     out3 = tmp_path / "small3"
-    assert main(["prune", str(ad_dir), "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
+    assert main(["prune", str(ad_dir), "--method", "svd", "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
                  "--eval-data", str(data), "-o", str(out3)]) == 0
     assert json.loads((out3 / "compression_report.json").read_text())["quality"]["samples"] == 60
 
@@ -251,7 +251,7 @@ def test_prune_with_bad_data_exits_2_and_writes_nothing(setups, tmp_path, capsys
     data = tmp_path / "calib.jsonl"
     data.write_text('{"text": "good movie", "label": 7}\n{"text": "bad film", "label": 0}\n' * 5)
     out = tmp_path / "small"
-    rc = main(["prune", str(ad_dir), "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
+    rc = main(["prune", str(ad_dir), "--method", "svd", "--budget", "0.25", "--base-model", str(root / "base"), "--data", str(data),
                "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "label 7 but the model's head has 3 classes" in err and "Traceback" not in err

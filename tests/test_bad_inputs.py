@@ -26,6 +26,7 @@ import torch
 from loracompress_cli.app import main
 
 from loracompress.adapter import load_adapter
+from loracompress.api import DEFAULT_CALIBRATION
 from tests.hostile import (
     LLAMA_MODULES,
     assert_user_error,
@@ -712,14 +713,17 @@ def test_labels_within_the_head_work(tmp_path: Path, capsys: pytest.CaptureFixtu
 # The data-driven prune (activation-aware svd, calibration methods) refuses the same inputs before it
 # trains, so neither an output nor a checkpoint folder (.NAME.ckpt) appears.
 PRUNE_DATA_CASES = [
-    ("binary-data", ["--data", "{binary}"], ("binary file", "JSONL")),
+    ("binary-data", ["--method", "svd", "--data", "{binary}"], ("binary file", "JSONL")),
     ("binary-data-lorpa", ["--method", "lorpa", "--data", "{binary}", "--checkpoint-every", "1"], ("binary file",)),
-    ("other-architecture", ["--data", "{data}", "--base-model", "{gpt2}"], ("not in base model", "--base-model")),
+    ("other-architecture", ["--method", "svd", "--data", "{data}", "--base-model", "{gpt2}"], ("not in base model", "--base-model")),
     ("lorpa-without-data", ["--method", "lorpa"], ("--data",)),
     ("lorpa-steps-0", ["--method", "lorpa", "--data", "{data}", "--steps", "0"], ("--steps must be at least 1",)),
     ("lorpa-negative-lr", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--lr", "-1"], ("--lr",)),
     ("lorpa-checkpoint-every-0", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--checkpoint-every", "0"],
      ("--checkpoint-every",)),
+    # with data and a budget and no --method, prune calibrates with the default method
+    ("default-method-calibrates", ["--data", "{data}", "-O", "damping=0.1"], (f"{DEFAULT_CALIBRATION} has no setting 'damping'",)),
+    ("default-calibration-bad-steps", ["--data", "{data}", "--steps", "0"], ("--steps must be at least 1",)),
     ("lorpa-resume-nothing", ["--method", "lorpa", "--data", "{data}", "--steps", "2", "--resume"], ("no checkpoint",)),
     # -O settings are checked against the method's own before the base model loads
     ("increlora-unknown-setting", ["--method", "increlora", "--data", "{data}", "-O", "grow_untill=0.5"],
@@ -730,8 +734,8 @@ PRUNE_DATA_CASES = [
     ("adalora-fractional-interval", ["--method", "adalora", "--data", "{data}", "-O", "interval=2.5"],
      ("interval=2.5 must be a whole number or null",)),
     ("lorpa-out-of-range", ["--method", "lorpa", "--data", "{data}", "-O", "rounds=0"], ("rounds", ">= 1")),
-    ("svd-aware-damping-text", ["--data", "{data}", "-O", "damping=lots"], ("damping", "finite number >= 0")),
-    ("svd-aware-negative-damping", ["--data", "{data}", "-O", "damping=-1"], ("damping", "finite number >= 0")),
+    ("svd-aware-damping-text", ["--method", "svd", "--data", "{data}", "-O", "damping=lots"], ("damping", "finite number >= 0")),
+    ("svd-aware-negative-damping", ["--method", "svd", "--data", "{data}", "-O", "damping=-1"], ("damping", "finite number >= 0")),
 ]
 
 

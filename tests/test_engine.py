@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from loracompress.adapter import SAFETENSORS_NAME, load_adapter
-from loracompress.api import PruneOptions, prune
+from loracompress.api import DEFAULT_CALIBRATION, PruneOptions, prune, resolve_method
 from loracompress.budget import Budget, allocate
 from loracompress.calibrate import checkpoint_dir
 from loracompress.data import make_batches, read_examples
@@ -353,6 +353,23 @@ def test_keep_best_keeps_calibration_that_is_closer(bert_files, tmp_path):
     info = report["settings"]["keep_best"]
     assert info["kept"] == "lorpa" and info["calibrated_kl"] < info["svd_cut_kl"], info
     assert report["method"] == "lorpa"
+
+
+def test_without_method_data_and_a_budget_mean_calibration_with_the_default(bert_files, tmp_path):
+    report = prune(bert_files["adapter"], tmp_path / "out", options(bert_files, None, steps=4))
+    assert report["settings"]["method"] == DEFAULT_CALIBRATION and report["settings"]["run"]["steps"] == 4
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"method": "prilora", "data": "d", "budget": "0.5"}, "prilora"),
+    ({"data": "d", "budget": "0.5"}, DEFAULT_CALIBRATION),
+    ({"budget": "0.5"}, "svd"),  # no data: the training-free cut
+    ({"data": "d", "select": "energy:0.9"}, "svd"),  # no budget: only svd can cut by selector
+    ({"data": "d", "budget": "0.5", "max_rank": 4}, "svd"),  # svd-only options: the activation-aware cut
+    ({"data": "d", "budget": "0.5", "method": "svd"}, "svd"),
+])
+def test_resolve_method(given, expected):
+    assert resolve_method(PruneOptions(**given)) == expected
 
 
 def test_missing_data_and_budget_are_user_errors(bert_files, tmp_path):
