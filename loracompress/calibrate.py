@@ -157,6 +157,8 @@ def _keep_best(
     """
     if not options.keep_best or not quality or not math.isfinite(quality.get("kl", math.nan)):
         return calibrated, quality, {}
+    if options.method == "dylora":  # its point is that every smaller cut works too, not only this budget
+        return calibrated, quality, {}
     from loracompress.evaluate import compare_adapters
     from loracompress.methods.svd import compress_svd
 

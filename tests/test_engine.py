@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from loracompress.adapter import SAFETENSORS_NAME, load_adapter
+from loracompress.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter
 from loracompress.api import DEFAULT_CALIBRATION, PruneOptions, prune, resolve_method
 from loracompress.budget import Budget, allocate
 from loracompress.calibrate import checkpoint_dir
@@ -345,6 +345,16 @@ def test_keep_best_writes_the_svd_cut_when_calibration_moves_away(bert_files, tm
     raw = prune(bert_files["adapter"], tmp_path / "raw", options(bert_files, "lorpa", keep_best=False, **drift))
     assert "keep_best" not in raw["settings"] and raw["method"] == "lorpa"
     assert raw["quality"]["kl"] == pytest.approx(info["calibrated_kl"])
+
+
+def test_keep_best_never_swaps_a_dylora_result(bert_files, tmp_path):
+    """Even when the cut is closer at the output budget, DyLoRA's nested output (meant for truncate) is kept."""
+    drift = dict(steps=12, lr=3e-2, kd_weight=0.0, task_weight=1.0, evaluate=True, eval_data=str(bert_files["held"]))
+    report = prune(bert_files["adapter"], tmp_path / "dyl", options(bert_files, "dylora", **drift))
+    assert "keep_best" not in report["settings"] and report["method"] == "dylora"
+    assert load_adapter(tmp_path / "dyl").metadata[ORDER_KEY] == "dylora"
+    prune(bert_files["adapter"], tmp_path / "svd", PruneOptions(budget="0.25"))
+    assert held_out_kl(bert_files, tmp_path / "svd") < held_out_kl(bert_files, tmp_path / "dyl")  # a swap was due
 
 
 def test_keep_best_keeps_calibration_that_is_closer(bert_files, tmp_path):
