@@ -17,6 +17,10 @@ and the baselines
                      zero B, alpha = 2r) by the same engine, with the same loss (distillation from the
                      original adapter + the task loss), data, steps, learning rate, warm-up and seed.
 
+Where even rank 1 on every module is over the budget, each baseline keeps rank 1 on a subset of module
+*types* instead (whole types such as ``q_proj`` across all layers, cheapest first, while they fit: the
+attention projections on both tasks), which is what someone retraining a smaller LoRA would target.
+
 Each output is scored on the test split (accuracy or perplexity, :mod:`loracompress.evaluate`);
 results go to ``benchmarks/results/quality_<task>.json`` after every run, and
 ``benchmarks/results/quality.md`` / ``quality_<task>.png`` are re-rendered from those files.
@@ -35,6 +39,7 @@ import json
 import logging
 import math
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -93,6 +98,26 @@ def uniform_rank(adapter: Any, target: int) -> int:
     return min(adapter.max_rank, target // per_rank)
 
 
+def module_type(path: str) -> str:
+    """A module's type: its path with the layer index taken out (``model.layers.{i}.self_attn.q_proj``)."""
+    return re.sub(r"\.\d+\.", ".{i}.", path)
+
+
+def rank1_subset(adapter: Any, target: int) -> list[str]:
+    """Module paths of whole module types, cheapest type first, whose rank-1 cost fits in ``target``."""
+    cost: dict[str, int] = {}
+    for path, m in adapter.modules.items():
+        cost[module_type(path)] = cost.get(module_type(path), 0) + m.cost
+    chosen: set[str] = set()
+    spent = 0
+    for kind in sorted(cost, key=lambda k: (cost[k], k)):
+        if spent + cost[kind] > target:
+            break  # cheapest first: nothing after this one fits either
+        chosen.add(kind)
+        spent += cost[kind]
+    return [p for p in adapter.modules if module_type(p) in chosen]
+
+
 def peft_convert(task: Task, base: Any, original: Any, rank: int, workdir: Path) -> Any:
     """PEFT's own LoRA->LoRA conversion (``save_as_lora``) at uniform ``rank``, read back as an Adapter.
 
@@ -130,23 +155,27 @@ class FixedRanks(Method):
 
     def finalize(self) -> dict[str, int]:
         assert self.ctx is not None
-        return {p: int(self.settings["rank"]) for p in self.ctx.layers}
+        return {p: layer.active_rank for p, layer in self.ctx.layers.items()}
 
 
-def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.Namespace) -> Any:
-    """A LoRA of uniform ``rank`` trained from scratch by the engine with the calibration's loss and schedule."""
+def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.Namespace,
+                 paths: list[str] | None = None) -> Any:
+    """A LoRA of uniform ``rank`` on ``paths`` (default: every module of the original) trained from scratch
+    by the engine with the calibration's loss and schedule."""
     from loracompress.adapter import LoraModule
     from loracompress.engine import Engine, EngineConfig
 
     gen = torch.Generator().manual_seed(args.seed)
     modules = {}
     for path, m in original.modules.items():
+        if paths is not None and path not in paths:
+            continue
         a = torch.empty(rank, m.in_features)
         bound = 1.0 / math.sqrt(m.in_features)  # kaiming_uniform(a=sqrt(5)), PEFT's default init of A
         a.uniform_(-bound, bound, generator=gen)
         modules[path] = LoraModule(A=a, B=torch.zeros(m.out_features, rank), scale=2.0)  # alpha = 2r
     student = original.replace(modules)
-    target = rank * sum(m.cost for m in original.modules.values())
+    target = rank * sum(m.cost for m in student.modules.values())
     cfg = EngineConfig(steps=args.steps, lr=args.scratch_lr or args.lr, warmup=0.1, seed=args.seed,
                        kd_weight=args.kd_weight, task_weight=args.task_weight, temperature=2.0, device=args.device)
     result = Engine(cfg).run(base.model, original, student, FixedRanks(rank=rank), target, data.train, data.task)
@@ -256,6 +285,9 @@ def run(args: argparse.Namespace) -> None:
             old = json.loads(out_json.read_text())
             state["rows"] = old["rows"]
             state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+            for key in ("budgets", "methods", "train_budgets"):  # the file covers what every run covered
+                before = old["settings"].get(key) or []
+                state["settings"][key] = before + [v for v in state["settings"][key] or [] if v not in before]
         _write_json(out_json, state)
 
 
@@ -324,19 +356,27 @@ def run(args: argparse.Namespace) -> None:
                                else truncate_adapter(dylora, Budget("params", target, str(target))).adapter)
                         record(method, budget, cut, time.perf_counter() - t0, train_seconds=round(dsec, 1))
                     elif method in ("peft-convert", "uniform-svd", "scratch"):
-                        if k == 0:
-                            t0 = time.perf_counter()
+                        # under rank 1 everywhere: rank 1 on the module types that fit (see the docstring)
+                        subset = rank1_subset(original, target) if k == 0 else None
+                        if subset == []:
                             record(method, budget, original.replace({}), 0.0, rank=0,
-                                   note="rank 1 everywhere exceeds the budget: no LoRA modules (base + head)")
+                                   note="no module type fits at rank 1: no LoRA modules (base + head)")
                             continue
+                        r = k or 1
                         t0 = time.perf_counter()
                         if method == "peft-convert":
-                            a = peft_convert(task, base, original, k, work)
+                            a = peft_convert(task, base, original, r, work)
                         elif method == "uniform-svd":
-                            a, _ = via_prune("svd", f"rank={k}", {"max_rank": k})
+                            a, _ = via_prune("svd", f"rank={r}", {"max_rank": r})
                         else:
-                            a = scratch_lora(original, base, data, k, args)
-                        record(method, budget, a, time.perf_counter() - t0, rank=k)
+                            a = scratch_lora(original, base, data, r, args, subset)
+                        extra: dict[str, Any] = {"rank": r}
+                        if subset is not None:
+                            a = a.replace({p: a.modules[p] for p in subset})
+                            types = sorted({module_type(p).split(".{i}.")[-1] for p in subset})
+                            extra["note"] = f"rank 1 on {', '.join(types)} only (rank 1 everywhere is over the budget)"
+                            extra["modules"] = f"{len(subset)}/{len(original.modules)}"
+                        record(method, budget, a, time.perf_counter() - t0, **extra)
                 except Exception as err:  # one failure must not lose the rest of the run
                     log.exception("%s at %s failed", method, budget)
                     state.setdefault("failures", []).append(f"{method} @ {budget}: {type(err).__name__}: {err}")
@@ -398,8 +438,9 @@ def render() -> None:
     headline = ["## Headline: best method vs best baseline per budget", "",
                 "Best by the task metric (accuracy: higher is better; perplexity: lower). Margin: positive = the best method "
                 "is better than the best baseline. KL: held-out KL to the original adapter.", "",
-                "| task | budget | params | best method | metric | KL | best baseline (within budget) | metric | KL | margin |",
-                "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+                "| task | budget | params | best method | metric | KL | best baseline (within budget) | metric | KL | margin "
+                "| lowest KL of all |",
+                "|---|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
     sections = []
     for path in sorted(RESULTS.glob("quality_*.json")):
         st = json.loads(path.read_text())
@@ -427,6 +468,7 @@ def render() -> None:
                     cells.append("–")
                     continue
                 extra = f" r={r['rank']}" if "rank" in r else ""
+                extra += f" on {r['modules']} modules" if "modules" in r else ""
                 cells.append(f"{_fmt_metric(metric, r['metric'])} ({r['pct_of_original']:.1f}%) · "
                              f"{r['params']:,}p{extra} · {r['seconds']:.0f}s")
             sec.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -456,9 +498,11 @@ def render() -> None:
                 continue
             pick = max if higher else min
             best = pick(ours, key=lambda r: r["metric"])
+            closest = min(here, key=lambda r: r["kl"])  # the sharper measure of keeping what was learned
             if base:
                 bb = pick(base, key=lambda r: r["metric"])
-                btxt = (f"{bb['method']} (r={bb.get('rank')}, {bb['params']:,}p) | {_fmt_metric(metric, bb['metric'])} "
+                where = f" on {bb['modules']} modules" if "modules" in bb else ""
+                btxt = (f"{bb['method']} (r={bb.get('rank')}{where}, {bb['params']:,}p) | {_fmt_metric(metric, bb['metric'])} "
                         f"| {bb['kl']:.4f}")
             elif empty:
                 bb = empty[0]
@@ -471,7 +515,7 @@ def render() -> None:
                 mtxt = f"{100 * margin:+.1f} pts" if higher else f"{margin:+.2f} ppl"
             headline.append(f"| {st['task']} | {b} | {best['params']:,} | {best['method']} | "
                             f"{_fmt_metric(metric, best['metric'])} ({best['pct_of_original']:.1f}%) | {best['kl']:.4f} | "
-                            f"{btxt} | {mtxt} |")
+                            f"{btxt} | {mtxt} | {closest['method']} ({closest['kl']:.4f}) |")
         # plot
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
