@@ -517,20 +517,24 @@ def render() -> None:
                             f"{_fmt_metric(metric, best['metric'])} ({best['pct_of_original']:.1f}%) | {best['kl']:.4f} | "
                             f"{btxt} | {mtxt} | {closest['method']} ({closest['kl']:.4f}) |")
         # plot
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        # the metric (noisy on a small test split) beside the KL to the original (the sharper measure)
+        fig, (ax, kx) = plt.subplots(1, 2, figsize=(12, 4.5))
         for m in methods:
-            pts = sorted((r["params"], r["metric"]) for r in rows if r["method"] == m and r["params"] > 0)
+            pts = sorted((r["params"], r["metric"], r["kl"]) for r in rows if r["method"] == m and r["params"] > 0)
             if pts:
-                ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=m,
-                        linestyle="--" if m in BASELINES else "-")
+                style = dict(marker="o", label=m, linestyle="--" if m in BASELINES else "-")
+                ax.plot([p for p, _, _ in pts], [v for _, v, _ in pts], **style)
+                kx.plot([p for p, _, _ in pts], [k for _, _, k in pts], **style)
         ax.axhline(st["original_metric"], color="k", linewidth=0.8, label=f"original ({st['original_params']:,}p)")
-        ax.set_xscale("log")
-        ax.set_xlabel("stored LoRA parameters")
+        for a in (ax, kx):
+            a.set_xscale("log")
+            a.set_xlabel("stored LoRA parameters")
         ax.set_ylabel(f"test {metric}")
-        if not higher:
-            ax.set_yscale("log")
         ax.set_title(f"{st['task']}: test {metric} vs parameters")
         ax.legend(fontsize=7)
+        kx.set_yscale("log")
+        kx.set_ylabel("KL to the original adapter (test split)")
+        kx.set_title(f"{st['task']}: KL to the original (lower is better)")
         fig.tight_layout()
         fig.savefig(RESULTS / f"quality_{st['task']}.png", dpi=110)
         plt.close(fig)
