@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -218,13 +219,15 @@ def main() -> None:
     peft_per_layer = (peft["seconds"] if finished else a.peft_timeout) / a.peft_layers
     bound = "" if finished else "> "
     peft_full_est = peft_per_layer * a.layers
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = shlex.join(["python", "benchmarks/truncate_speed.py", *sys.argv[1:]])
+    command = f"OMP_NUM_THREADS={threads} {command}" if threads else command
     lines = [
         "# Training-free compression speed (Llama-7B-shaped adapter)",
         "",
         f"Synthetic adapter: {a.layers} layers × q,k,v,o,gate,up,down ({n_mod} modules), r={a.rank}, fp16, "
         f"{size_mb:.0f} MiB; budget `{a.budget}`. One run, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}. Command: `python benchmarks/truncate_speed.py"
-        f" --layers {a.layers} --peft-layers {a.peft_layers} --rank {a.rank}`.",
+        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}. Command: `{command}`.",
         "",
         "| job | wall time | peak RSS over start | ratio |",
         "|---|---:|---:|---:|",
@@ -248,6 +251,9 @@ def main() -> None:
         f"layers in memory) against {ours['seconds']:.1f} s for the whole loracompress run, I/O included.",
         "",
     ]
+    notes = RESULTS.with_name("truncate_speed_notes.md")  # the hand-written reading of these numbers
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
