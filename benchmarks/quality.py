@@ -303,6 +303,9 @@ def run(args: argparse.Namespace) -> None:
                                         else ref["original"] / s["metric"])
         with _locked(out_json):  # another process may be filling other rows of the same file (--append)
             disk = json.loads(out_json.read_text()) if out_json.exists() else state
+            for key in ("budgets", "methods", "train_budgets"):  # a parallel --append run may have added some
+                theirs = disk["settings"].get(key) or []
+                state["settings"][key] = theirs + [v for v in state["settings"][key] or [] if v not in theirs]
             state["rows"] = [r for r in disk["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
             state["earlier_commands"] = [c for c in disk.get("earlier_commands", []) + [disk["command"]]
                                          if c != state["command"]]
