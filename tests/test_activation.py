@@ -11,6 +11,7 @@ import torch
 from loracompress.activation import (
     InputMoments,
     activation_aware_svd,
+    allocation_values,
     collect_moments,
     whitened_svds,
 )
@@ -173,6 +174,28 @@ def test_lower_kl_than_weight_space_cut_at_the_same_budget(setups, kind):
         kl_w = compare_adapters(base, adapter, weight.adapter, batches, task)["kl"]
         kl_a = compare_adapters(base, adapter, act.adapter, batches, task)["kl"]
         assert kl_a < kl_w, (text, kl_a, kl_w)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_isotropic_inputs_of_any_scale_give_the_weight_space_allocation(setups, kind):
+    # Σ = c·I in every module, c spanning four orders of magnitude: the output error of each component
+    # is c·σ², and only the scale differs between modules, so the cut must be the plain one.
+    _, adapter, *_ = setups[kind]
+    scales = {p: 10.0 ** (i % 5 - 2) for i, p in enumerate(adapter.modules)}
+    moments = InputMoments()
+    for p, m in adapter.modules.items():
+        A = m.A.double()
+        moments.gram[p] = scales[p] * (A @ A.T)
+        moments.sq_norm[p] = scales[p] * m.in_features
+        moments.tokens[p] = 100
+    svds = whitened_svds(adapter, moments)
+    for text in ("0.5", "0.25", "0.125"):
+        plain = compress_svd(adapter, Budget.parse(text)).ranks_after
+        relative = compress_svd(adapter, Budget.parse(text), svds=svds,
+                                values=allocation_values(adapter, svds, moments)).ranks_after
+        raw = compress_svd(adapter, Budget.parse(text), svds=svds).ranks_after
+        assert relative == plain, text
+        assert raw != plain, text  # raw output-space σ² chases the large-input modules
 
 
 def test_heavy_damping_tends_to_the_weight_space_cut(setups):
