@@ -63,7 +63,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),
-    keep_best: bool = typer.Option(True, "--keep-best/--no-keep-best", help="Calibration: write the training-free SVD cut instead when it is closer to the original on the held-out data."),
+    keep_best: bool = typer.Option(True, "--keep-best/--no-keep-best", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""

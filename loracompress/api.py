@@ -187,7 +187,7 @@ def _activation_aware(
     quality: dict[str, Any] = {}
     if options.evaluate and data.held_out:
         quality = compare_adapters(base, adapter, result.adapter, data.held_out, data.task)
-    settings = {"allocation": "global output-space sigma^2/(in+out)", "activation_aware": True,
+    settings = {"allocation": "global output-space sigma^2 / (E|x|^2/in) / (in+out)", "activation_aware": True,
                 "damping": damping, "base_model": base.source, "data": str(options.data),
                 "eval_data": options.eval_data, "eval_fraction": None if options.eval_data else options.eval_fraction,
                 "samples": data.samples, "held_out_samples": data.held_out_samples,

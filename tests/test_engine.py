@@ -326,21 +326,28 @@ def test_same_seed_same_bytes_and_report(bert_files, tmp_path):
     assert a["settings"]["run"]["steps"] == 10
 
 
-def test_keep_best_writes_the_svd_cut_when_calibration_moves_away(bert_files, tmp_path):
+def test_keep_best_writes_the_closest_cut_when_calibration_moves_away(bert_files, tmp_path):
     """A task loss on the fixture's random labels, with no distillation, pulls the student away from the
-    original: the held-out check writes the training-free cut of the same budget instead, bit for bit,
-    and --no-keep-best writes what calibration made."""
+    original: the held-out check writes whichever training-free cut of the same budget is closest instead
+    (the plain SVD cut, or the activation-aware cut on the same calibration split), bit for bit what that
+    cut writes on its own, and --no-keep-best writes what calibration made."""
     drift = dict(steps=12, lr=3e-2, kd_weight=0.0, task_weight=1.0, evaluate=True, eval_data=str(bert_files["held"]))
     report = prune(bert_files["adapter"], tmp_path / "kept", options(bert_files, "lorpa", **drift))
     info = report["settings"]["keep_best"]
-    assert info["kept"] == "svd" and info["svd_cut_kl"] < info["calibrated_kl"], info
-    assert report["method"] == "svd" and report["quality"]["kl"] == pytest.approx(info["svd_cut_kl"])
-    original = load_adapter(bert_files["adapter"])
-    cut = compress_svd(original, Budget("params", report["budget"]["target_params"])).adapter
+    cut_kl = {"svd": info["svd_cut_kl"], "svd-aware": info["aware_cut_kl"]}
+    assert info["kept"] in cut_kl and cut_kl[info["kept"]] == min(cut_kl.values()) < info["calibrated_kl"], info
+    assert report["method"] == "svd" and report["quality"]["kl"] == pytest.approx(cut_kl[info["kept"]])
+    if info["kept"] == "svd":
+        cut = compress_svd(load_adapter(bert_files["adapter"]), Budget("params", report["budget"]["target_params"])).adapter
+    else:  # prune --method svd --data on the same file, split and seed: the same activation-aware cut
+        prune(bert_files["adapter"], tmp_path / "aware", options(bert_files, "svd", evaluate=True,
+                                                                   eval_data=str(bert_files["held"])))
+        cut = load_adapter(tmp_path / "aware")
     written = load_adapter(tmp_path / "kept")
     assert set(written.modules) == set(cut.modules)
     for path, m in cut.modules.items():
         torch.testing.assert_close(written.modules[path].delta(), m.delta(), rtol=0, atol=0)
+    assert held_out_kl(bert_files, tmp_path / "kept") == pytest.approx(report["quality"]["kl"], rel=1e-4)
 
     raw = prune(bert_files["adapter"], tmp_path / "raw", options(bert_files, "lorpa", keep_best=False, **drift))
     assert "keep_best" not in raw["settings"] and raw["method"] == "lorpa"
@@ -359,9 +366,10 @@ def test_keep_best_never_swaps_a_dylora_result(bert_files, tmp_path):
 
 def test_keep_best_keeps_calibration_that_is_closer(bert_files, tmp_path):
     report = prune(bert_files["adapter"], tmp_path / "out", options(
-        bert_files, "lorpa", steps=30, task_weight=0.0, evaluate=True, eval_data=str(bert_files["held"])))
+        bert_files, "lorpa", budget="0.0625", steps=30, task_weight=0.0, evaluate=True,
+        eval_data=str(bert_files["held"])))
     info = report["settings"]["keep_best"]
-    assert info["kept"] == "lorpa" and info["calibrated_kl"] < info["svd_cut_kl"], info
+    assert info["kept"] == "lorpa" and info["calibrated_kl"] < min(info["svd_cut_kl"], info["aware_cut_kl"]), info
     assert report["method"] == "lorpa"
 
 
