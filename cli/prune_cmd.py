@@ -86,8 +86,12 @@ def prune_cmd(
         print_json(report)
         return
     out = output or default_output(adapter)
+    kept = (report.get("settings") or {}).get("keep_best") or {}
+    label = report["method"]
+    if kept and kept.get("kept") != resolve_method(options):  # --keep-best wrote a training-free cut instead
+        label = f"{kept['kept']} (kept over {resolve_method(options)} by --keep-best)"
     console.print(
-        f"{report['method']}: {human(report['params_before'])} → {human(report['params_after'])} parameters "
+        f"{label}: {human(report['params_before'])} → {human(report['params_after'])} parameters "
         f"({report['param_ratio']:.3f}), {human_bytes(report['bytes_before'])} → {human_bytes(report['bytes_after'])}, "
         f"max rank {report['max_rank_before']} → {report['max_rank_after']}"
         + (f", retained energy {report['retained_energy']:.4f}" if report.get("retained_energy") is not None else "")

@@ -354,6 +354,21 @@ def test_keep_best_writes_the_closest_cut_when_calibration_moves_away(bert_files
     assert raw["quality"]["kl"] == pytest.approx(info["calibrated_kl"])
 
 
+def test_cli_says_which_cut_keep_best_wrote(bert_files, tmp_path, capsys):
+    from loracompress_cli.app import main
+
+    f = bert_files
+    args = ["prune", str(f["adapter"]), "--budget", "0.25", "--base-model", str(f["base"]), "--data", str(f["data"]),
+            "--eval-data", str(f["held"]), "--steps", "12", "--lr", "3e-2", "--kd-weight", "0", "--task-weight", "1",
+            "--batch-size", "8", "--seq-len", "32", "--device", "cpu"]
+    assert main([*args, "-o", str(tmp_path / "default")]) == 0  # no --method: the default calibration
+    out = capsys.readouterr().out
+    kept = json.loads((tmp_path / "default" / "compression_report.json").read_text())["settings"]["keep_best"]["kept"]
+    assert kept in ("svd", "svd-aware") and f"{kept} (kept over {DEFAULT_CALIBRATION} by --keep-best):" in out, out
+    assert main([*args, "--no-keep-best", "-o", str(tmp_path / "raw")]) == 0
+    assert capsys.readouterr().out.startswith(f"{DEFAULT_CALIBRATION}: ")
+
+
 def test_keep_best_never_swaps_a_dylora_result(bert_files, tmp_path):
     """Even when the cut is closer at the output budget, DyLoRA's nested output (meant for truncate) is kept."""
     drift = dict(steps=12, lr=3e-2, kd_weight=0.0, task_weight=1.0, evaluate=True, eval_data=str(bert_files["held"]))
