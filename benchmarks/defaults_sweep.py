@@ -116,19 +116,18 @@ def render() -> None:
              "| seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ref = next((r for r in rows if r["config"] == "defaults"), None)
+    noise = [r for r in rows if "seed" in r["changes"]]  # another held-out split: held-out columns not comparable
+    same_split = [r for r in rows if r not in noise]
     for r in rows:
-        ratio = f"{r['held_kl'] / ref['held_kl']:.2f}×" if ref and "seed" not in r["changes"] else "–"
+        ratio = f"{r['held_kl'] / ref['held_kl']:.2f}×" if ref and r in same_split else "–"
         lines.append(f"| {r['config']} | {r['steps']} | {fmt(r['held_metric'])} (orig {fmt(r['held_original'])}) | "
                      f"{r['held_kl']:.4f} | {ratio} | {fmt(r['test_metric'])} (orig {fmt(r['test_original'])}) | "
                      f"{r['test_kl']:.4f} | {r['seconds']:.0f} |")
-    same_split = [r for r in rows if "seed" not in r["changes"]]
     if same_split:
         best = min(same_split, key=lambda r: r["held_kl"])
         lines += ["", f"Lowest held-out KL (same split): **{best['config']}** ({best['held_kl']:.4f})."]
-    noise = [r for r in rows if "seed" in r["changes"]]
-    base = next((r for r in rows if r["config"] == "defaults"), None)
-    if noise and base:
-        lines.append(f"Seed-to-seed noise of the defaults on the test split: KL {base['test_kl']:.4f} (seed 0) vs "
+    if noise and ref:
+        lines.append(f"Seed-to-seed noise of the defaults on the test split: KL {ref['test_kl']:.4f} (seed 0) vs "
                      + ", ".join(f"{r['test_kl']:.4f} ({r['config']})" for r in noise)
                      + "; a setting must beat the defaults by more than that to count. `seed=1` also draws another "
                        "held-out split, so its held-out columns are not comparable with the others.")

@@ -229,6 +229,13 @@ def _write_json(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _merge_settings(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Budgets, methods and training budgets of ``theirs`` first, then any of ``ours`` not among them."""
+    for key in ("budgets", "methods", "train_budgets"):
+        before = theirs.get(key) or []
+        ours[key] = before + [v for v in ours[key] or [] if v not in before]
+
+
 def run(args: argparse.Namespace) -> None:
     from loracompress.adapter import load_adapter
     from loracompress.api import PruneOptions, prune
@@ -285,9 +292,7 @@ def run(args: argparse.Namespace) -> None:
             old = json.loads(out_json.read_text())
             state["rows"] = old["rows"]
             state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
-            for key in ("budgets", "methods", "train_budgets"):  # the file covers what every run covered
-                before = old["settings"].get(key) or []
-                state["settings"][key] = before + [v for v in state["settings"][key] or [] if v not in before]
+            _merge_settings(state["settings"], old["settings"])  # the file covers what every run covered
         _write_json(out_json, state)
 
 
@@ -303,9 +308,7 @@ def run(args: argparse.Namespace) -> None:
                                         else ref["original"] / s["metric"])
         with _locked(out_json):  # another process may be filling other rows of the same file (--append)
             disk = json.loads(out_json.read_text()) if out_json.exists() else state
-            for key in ("budgets", "methods", "train_budgets"):  # a parallel --append run may have added some
-                theirs = disk["settings"].get(key) or []
-                state["settings"][key] = theirs + [v for v in state["settings"][key] or [] if v not in theirs]
+            _merge_settings(state["settings"], disk["settings"])  # a parallel --append run may have added some
             state["rows"] = [r for r in disk["rows"] if not (r["method"] == method and r["budget"] == budget)] + [row]
             state["earlier_commands"] = [c for c in disk.get("earlier_commands", []) + [disk["command"]]
                                          if c != state["command"]]

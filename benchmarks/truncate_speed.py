@@ -227,7 +227,7 @@ def main() -> None:
         "",
         f"Synthetic adapter: {a.layers} layers × q,k,v,o,gate,up,down ({n_mod} modules), r={a.rank}, fp16, "
         f"{size_mb:.0f} MiB; budget `{a.budget}`. One run, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}. Command: `{command}`.",
+        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads or 'unset'}, torch {torch.__version__}. Command: `{command}`.",
         "",
         "| job | wall time | peak RSS over start | ratio |",
         "|---|---:|---:|---:|",

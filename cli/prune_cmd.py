@@ -88,8 +88,9 @@ def prune_cmd(
     out = output or default_output(adapter)
     kept = (report.get("settings") or {}).get("keep_best") or {}
     label = report["method"]
-    if kept and kept.get("kept") != resolve_method(options):  # --keep-best wrote a training-free cut instead
-        label = f"{kept['kept']} (kept over {resolve_method(options)} by --keep-best)"
+    calibrated = resolve_method(options)
+    if kept and kept.get("kept") != calibrated:  # --keep-best wrote a training-free cut instead
+        label = f"{kept['kept']} (kept over {calibrated} by --keep-best)"
     console.print(
         f"{label}: {human(report['params_before'])} → {human(report['params_after'])} parameters "
         f"({report['param_ratio']:.3f}), {human_bytes(report['bytes_before'])} → {human_bytes(report['bytes_after'])}, "
