@@ -1,10 +1,10 @@
 """Calibration overhead: the engine's student step against a plain PEFT LoRA training step.
 
 Both sides train the same LoRA factors of the same model on the same batches with the same loss
-(:func:`loracompress.engine.distillation_loss` against the same fixed teacher logits), the same
+(:func:`loracompress.calibration.engine.distillation_loss` against the same fixed teacher logits), the same
 optimizer (AdamW on the LoRA A/B only, gradient clipping at 1.0) and no dropout. The PEFT side is
 stock ``PeftModel.from_pretrained(..., is_trainable=True)``; the engine side is
-:class:`loracompress.engine.Engine` itself, timed per step by the engine (the student's forward,
+:class:`loracompress.calibration.engine.Engine` itself, timed per step by the engine (the student's forward,
 backward, optimizer step and the method's hooks; the teacher's no-grad forward is timed apart).
 Runs are interleaved round by round so that load on the machine hits both sides alike; the
 first round is a warm-up and is dropped; medians are reported.
@@ -38,12 +38,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loracompress.adapter import Adapter, load_adapter  # noqa: E402
-from loracompress.data import make_batches, model_inputs, read_examples  # noqa: E402
-from loracompress.engine import Engine, EngineConfig, distillation_loss, svd_student  # noqa: E402
-from loracompress.methods.base import Method  # noqa: E402
-from loracompress.methods.registry import get_method  # noqa: E402
-from loracompress.model import load_base_model  # noqa: E402
+from loracompress.calibration.engine import Engine, EngineConfig, distillation_loss, svd_student  # noqa: E402
+from loracompress.calibration.methods.base import Method  # noqa: E402
+from loracompress.calibration.methods.registry import get_method  # noqa: E402
+from loracompress.core.adapter import Adapter, load_adapter  # noqa: E402
+from loracompress.runtime.data import make_batches, model_inputs, read_examples  # noqa: E402
+from loracompress.runtime.model import load_base_model  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "minilm-rt"
 RESULTS = ROOT / "benchmarks" / "results" / "calibration_overhead.md"
@@ -103,7 +103,7 @@ def _setup(tmp: Path, batch_size: int, seq_len: int, steps: int) -> tuple[Path, 
     if data.is_file() and base_dir is not None:
         examples = read_examples(data, max_samples=steps * batch_size, seed=0)
     else:
-        from loracompress.data import Example
+        from loracompress.runtime.data import Example
         from tests.tiny import tiny_sentences
 
         examples = [Example(text=t, label=i % 2) for i, t in enumerate(tiny_sentences(steps * batch_size, max_words=40))]

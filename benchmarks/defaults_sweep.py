@@ -49,10 +49,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def run(args: argparse.Namespace) -> None:
-    from loracompress.adapter import load_adapter
-    from loracompress.api import PruneOptions, prune
-    from loracompress.data import make_batches, prepare_model, read_for_model, task_of
-    from loracompress.model import load_base_model
+    from loracompress.core.adapter import load_adapter
+    from loracompress.pipelines.prune import PruneOptions, prune
+    from loracompress.runtime.data import make_batches, prepare_model, read_for_model, task_of
+    from loracompress.runtime.model import load_base_model
 
     task = task_spec(args.task)
     torch.set_num_threads(args.threads)

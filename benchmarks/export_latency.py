@@ -42,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "samples"))
 
-from loracompress.adapter import load_adapter  # noqa: E402
-from loracompress.api import PruneOptions, prune  # noqa: E402
+from loracompress.core.adapter import load_adapter  # noqa: E402
 from loracompress.export import OnnxOptions, export_onnx, export_target  # noqa: E402
-from loracompress.layers import attach, merge_into  # noqa: E402
-from loracompress.model import load_base_model  # noqa: E402
+from loracompress.pipelines.prune import PruneOptions, prune  # noqa: E402
+from loracompress.runtime.layers import attach, merge_into  # noqa: E402
+from loracompress.runtime.model import load_base_model  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "minilm-rt"
 RESULTS = ROOT / "benchmarks" / "results" / "export_latency.md"

@@ -21,7 +21,7 @@ Where even rank 1 on every module is over the budget, each baseline keeps rank 1
 *types* instead (whole types such as ``q_proj`` across all layers, cheapest first, while they fit: the
 attention projections on both tasks), which is what someone retraining a smaller LoRA would target.
 
-Each output is scored on the test split (accuracy or perplexity, :mod:`loracompress.evaluate`);
+Each output is scored on the test split (accuracy or perplexity, :mod:`loracompress.pipelines.evaluate`);
 results go to ``benchmarks/results/quality_<task>.json`` after every run, and
 ``benchmarks/results/quality.md`` / ``quality_<task>.png`` are re-rendered from those files.
 
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from loracompress.methods.base import Method
+from loracompress.calibration.methods.base import Method
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -130,7 +130,7 @@ def peft_convert(task: Task, base: Any, original: Any, rank: int, workdir: Path)
     from peft.tuners.lora.conversion import save_as_lora
     from safetensors.torch import load_file
 
-    from loracompress.adapter import LoraModule
+    from loracompress.core.adapter import LoraModule
 
     model = copy.deepcopy(base.model)
     peft_model = PeftModel.from_pretrained(model, str(task.adapter))
@@ -162,8 +162,8 @@ def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.
                  paths: list[str] | None = None) -> Any:
     """A LoRA of uniform ``rank`` on ``paths`` (default: every module of the original) trained from scratch
     by the engine with the calibration's loss and schedule."""
-    from loracompress.adapter import LoraModule
-    from loracompress.engine import Engine, EngineConfig
+    from loracompress.calibration.engine import Engine, EngineConfig
+    from loracompress.core.adapter import LoraModule
 
     gen = torch.Generator().manual_seed(args.seed)
     modules = {}
@@ -189,14 +189,14 @@ class Scorer:
     """Test-split metric of an adapter, the original adapter's reference pass cached."""
 
     def __init__(self, base: Any, original: Any, batches: list[dict[str, torch.Tensor]], task: str, metric: str):
-        from loracompress.evaluate import ReferenceCache
+        from loracompress.pipelines.evaluate import ReferenceCache
 
         self.base, self.original, self.batches, self.task, self.metric = base, original, batches, task, metric
         self.cache = ReferenceCache()
 
     def __call__(self, adapter: Any) -> dict[str, float]:
-        from loracompress.evaluate import evaluate
-        from loracompress.layers import attach, detach
+        from loracompress.pipelines.evaluate import evaluate
+        from loracompress.runtime.layers import attach, detach
 
         attach(self.base.model, adapter, teacher=self.original)
         try:
@@ -237,13 +237,13 @@ def _merge_settings(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from loracompress.adapter import load_adapter
-    from loracompress.api import PruneOptions, prune
-    from loracompress.budget import Budget
-    from loracompress.calibrate import load_data
-    from loracompress.data import make_batches, prepare_model, read_for_model
-    from loracompress.model import load_base_model
-    from loracompress.truncate import truncate_adapter
+    from loracompress.core.adapter import load_adapter
+    from loracompress.core.budget import Budget
+    from loracompress.cuts.nested import truncate_adapter
+    from loracompress.pipelines.calibrate import load_data
+    from loracompress.pipelines.prune import PruneOptions, prune
+    from loracompress.runtime.data import make_batches, prepare_model, read_for_model
+    from loracompress.runtime.model import load_base_model
 
     task = task_spec(args.task)
     seq_len = args.seq_len or task.seq_len
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
     original = load_adapter(task.adapter)
     base = load_base_model(task.base, original, device=args.device if args.device != "auto" else "cpu")
     prepare_model(base)
-    from loracompress.data import task_of
+    from loracompress.runtime.data import task_of
 
     kind = task_of(base)
     test = read_for_model(base, task.test, max_samples=args.max_test, seed=args.seed)

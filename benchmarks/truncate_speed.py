@@ -47,7 +47,7 @@ SHAPES = {  # name -> (out, in)
 
 def make_adapter(directory: Path, layers: int, rank: int, seed: int = 0) -> Path:
     """A PEFT-format adapter with Llama-7B shapes and a decaying spectrum, fp16."""
-    from loracompress.safeio import write_safetensors
+    from loracompress.core.safeio import write_safetensors
 
     directory.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -105,8 +105,8 @@ def job_load_save(src: Path, dst: Path) -> dict:
 
 
 def job_loracompress(src: Path, dst: Path, budget: str) -> dict:
-    import loracompress.methods.svd  # noqa: F401  (imports are not what is measured)
-    from loracompress.api import PruneOptions, prune
+    import loracompress.cuts.svd  # noqa: F401  (imports are not what is measured)
+    from loracompress.pipelines.prune import PruneOptions, prune
 
     base = _reset_peak()
     t0 = time.perf_counter()
@@ -118,9 +118,9 @@ def job_loracompress(src: Path, dst: Path, budget: str) -> dict:
 
 def job_ours_per_layer(src: Path, layers: int, budget: str) -> dict:
     """loracompress's SVD work on the first ``layers`` decoder layers only, for the per-layer comparison."""
-    from loracompress.adapter import load_adapter
-    from loracompress.budget import Budget
-    from loracompress.methods.svd import compress_svd
+    from loracompress.core.adapter import load_adapter
+    from loracompress.core.budget import Budget
+    from loracompress.cuts.svd import compress_svd
 
     adapter = load_adapter(src)
     keep = {p: m for p, m in adapter.modules.items() if int(p.split(".")[2]) < layers}

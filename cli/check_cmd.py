@@ -1,6 +1,6 @@
 """``loracompress check``: fail CI when an adapter breaks a size, rank or quality limit, or grows.
 
-Renders a :class:`~loracompress.check.CheckResult` three ways: a table (or ``--json``) on
+Renders a :class:`~loracompress.gate.check.CheckResult` three ways: a table (or ``--json``) on
 stdout, a markdown summary appended to ``$GITHUB_STEP_SUMMARY`` when that is set, and
 ``::error`` annotations when running under GitHub Actions.
 """
@@ -15,7 +15,8 @@ import typer
 from loracompress_cli.common import console, human, human_bytes, print_json
 from rich.table import Table
 
-from loracompress.check import (
+from loracompress.errors import CheckFailed, LoraCompressError
+from loracompress.gate.check import (
     AdapterResult,
     CheckResult,
     Finding,
@@ -28,7 +29,6 @@ from loracompress.check import (
     parse_tolerance,
     run_check,
 )
-from loracompress.errors import CheckFailed, LoraCompressError
 
 
 def fmt_value(value: float | None, unit: str) -> str:

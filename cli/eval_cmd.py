@@ -11,7 +11,7 @@ from loracompress_cli.common import console, human, print_json
 from loracompress_cli.options import BASE_MODEL, DEVICE, LABEL_FIELD, SEQ_LEN, TEXT_FIELD, TRUST_REMOTE_CODE
 from rich.table import Table
 
-from loracompress.evaluate import EvalOptions, evaluate_paths
+from loracompress.pipelines.evaluate import EvalOptions, evaluate_paths
 
 
 def eval_cmd(

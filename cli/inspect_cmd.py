@@ -9,8 +9,8 @@ from loracompress_cli.common import console, human, human_bytes, print_json
 from loracompress_cli.options import ALLOW_NONFINITE
 from rich.table import Table
 
-from loracompress.adapter import load_adapter
-from loracompress.report import adapter_stats
+from loracompress.core.adapter import load_adapter
+from loracompress.gate.records import adapter_stats
 
 
 def inspect(

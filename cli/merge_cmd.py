@@ -8,7 +8,7 @@ import typer
 from loracompress_cli.common import console, human_bytes, print_json
 from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
-from loracompress.merge import MERGE_REPORT, MergeOptions, merge_adapter
+from loracompress.pipelines.merge import MERGE_REPORT, MergeOptions, merge_adapter
 
 
 def merge_cmd(

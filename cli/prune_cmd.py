@@ -23,8 +23,14 @@ from loracompress_cli.options import (
     TRUST_REMOTE_CODE,
 )
 
-from loracompress.api import DEFAULT_CALIBRATION, PruneOptions, default_output, prune, resolve_method
 from loracompress.errors import LoraCompressError
+from loracompress.pipelines.prune import (
+    DEFAULT_CALIBRATION,
+    PruneOptions,
+    default_output,
+    prune,
+    resolve_method,
+)
 
 
 def prune_cmd(

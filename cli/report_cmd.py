@@ -9,7 +9,7 @@ import typer
 from loracompress_cli.common import console, err_console, human, human_bytes
 from rich.table import Table
 
-from loracompress.check import baseline_text, load_config, report_sizes
+from loracompress.gate.check import baseline_text, load_config, report_sizes
 
 
 def report(
@@ -22,8 +22,8 @@ def report(
     cwd = Path.cwd()
     measurements, entries = report_sizes(paths or [], load_config(config, cwd), cwd)
     if plot is not None:
-        from loracompress.adapter import load_adapter
-        from loracompress.plots import plot_ranks, rank_profile
+        from loracompress.core.adapter import load_adapter
+        from loracompress.gate.plots import plot_ranks, rank_profile
 
         profiles = [rank_profile(m.path, m.report, load_adapter(cwd / m.path).ranks) for m in measurements]
         plot_ranks(profiles, plot)

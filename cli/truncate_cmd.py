@@ -19,7 +19,7 @@ from loracompress_cli.options import (
 from rich.table import Table
 
 from loracompress.errors import LoraCompressError
-from loracompress.truncate import TruncateOptions, truncate
+from loracompress.pipelines.truncate import TruncateOptions, truncate
 
 
 def truncate_cmd(

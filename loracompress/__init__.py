@@ -8,10 +8,10 @@ The library is importable without the CLI dependencies (typer, rich)::
     save_adapter(small, "small/")
 """
 
-from loracompress.adapter import Adapter, LoraModule, load_adapter, save_adapter
-from loracompress.budget import Budget, allocate
+from loracompress.core.adapter import Adapter, LoraModule, load_adapter, save_adapter
+from loracompress.core.budget import Budget, allocate
+from loracompress.cuts.svd import compress_svd
 from loracompress.errors import LoraCompressError
-from loracompress.methods.svd import compress_svd
 
 __all__ = [
     "Adapter",

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from loracompress.adapter import load_adapter, parse_dtype
+from loracompress.core.adapter import load_adapter, parse_dtype
+from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.export.targets import TARGETS, export_target
-from loracompress.outputs import atomic_output_dir, check_output_path
 
 __all__ = ["MODES", "OnnxOptions", "REPORT_NAME", "TARGETS", "export_onnx", "export_target"]
 
@@ -73,11 +73,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     Raises:
         LoraCompressError: bad input, or the ONNX model does not match PyTorch within the tolerance.
     """
-    from loracompress.data import prepare_model
     from loracompress.export.graph import ExportRun
     from loracompress.export.probe import probe_batch
     from loracompress.export.verify import import_onnxruntime, resolve_tolerance
-    from loracompress.model import load_base_model
+    from loracompress.runtime.data import prepare_model
+    from loracompress.runtime.model import load_base_model
 
     t0 = time.perf_counter()
     dtype = _validate(sources, options)

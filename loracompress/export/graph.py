@@ -24,8 +24,8 @@ from torch import nn
 
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import INPUT_NAMES, forward_kwargs
-from loracompress.layers import base_shape
-from loracompress.model import BaseModel
+from loracompress.runtime.layers import base_shape
+from loracompress.runtime.model import BaseModel
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracompress.adapter import KEY_PREFIX, Adapter, dtype_name, portable_tensors
+from loracompress.core.adapter import KEY_PREFIX, Adapter, dtype_name, portable_tensors
 from loracompress.errors import LoraCompressError
 from loracompress.export.graph import (
     ONNX_NAME,
@@ -46,7 +46,7 @@ from loracompress.export.verify import (
     require_passed,
     run_session,
 )
-from loracompress.layers import base_shape, check_fit
+from loracompress.runtime.layers import base_shape, check_fit
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loracompress.adapter import Adapter, dtype_name
+from loracompress.core.adapter import Adapter, dtype_name
 from loracompress.export.graph import (
     ONNX_NAME,
     ExportRun,
@@ -16,7 +16,7 @@ from loracompress.export.graph import (
 )
 from loracompress.export.probe import applied, model_outputs
 from loracompress.export.verify import compare, open_session, require_passed, run_session
-from loracompress.layers import merge_into
+from loracompress.runtime.layers import merge_into
 
 log = logging.getLogger(__name__)
 

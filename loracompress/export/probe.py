@@ -1,7 +1,7 @@
 """Probe batches and reference outputs: what every merge and export is checked against.
 
 The reference is always the fp32 PyTorch base model with the adapter attached as LoRA layers
-(:func:`loracompress.layers.attach`), i.e. exactly what the user had before shipping it.
+(:func:`loracompress.runtime.layers.attach`), i.e. exactly what the user had before shipping it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from loracompress.adapter import Adapter, base_param_name
-from loracompress.layers import attach, detach
-from loracompress.model import restore_modules_to_save
+from loracompress.core.adapter import Adapter, base_param_name
+from loracompress.runtime.layers import attach, detach
+from loracompress.runtime.model import restore_modules_to_save
 
 #: Output fields exported and compared, in order; ``last_hidden_state`` only when none of these exist.
 OUTPUT_FIELDS = ("logits", "start_logits", "end_logits")

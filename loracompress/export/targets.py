@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loracompress.adapter import (
+from loracompress.core.adapter import (
     CONFIG_NAME,
     KEY_PREFIX,
     Adapter,
@@ -28,8 +28,8 @@ from loracompress.adapter import (
     load_adapter,
     write_adapter_files,
 )
+from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.outputs import atomic_output_dir, check_output_path
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,206 @@
+"""``prune`` with a calibration method: load the base model and data, run the engine, write the result.
+
+The one-call path behind ``loracompress prune ADAPTER --method prilora --base-model BASE --data
+calib.jsonl -o OUT`` (and ``api.prune`` with ``PruneOptions(method=...)``)::
+
+    adapter ─▶ student (full rank, SVD order) ─▶ Engine(base, Method, budget, batches) ─▶ OUT/
+
+Everything that can fail on user input fails before the first step. Checkpoints (``--checkpoint-every``)
+go to ``.OUT.ckpt/`` beside the output and are removed once the output is written. Under
+``accelerate launch`` every process trains its shard; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.calibration.engine import (
+    Engine,
+    EngineConfig,
+    ProgressFn,
+    config_dict,
+    remove_checkpoints,
+    svd_student,
+)
+from loracompress.calibration.methods.registry import get_method
+from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
+from loracompress.core.budget import Budget
+from loracompress.core.outputs import check_output_path
+from loracompress.errors import LoraCompressError
+from loracompress.gate.records import compression_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationData:
+    """Batches to calibrate on and to evaluate on, and the task they are for."""
+
+    task: str
+    train: list[dict[str, torch.Tensor]]
+    held_out: list[dict[str, torch.Tensor]]
+    samples: int
+    held_out_samples: int
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where checkpoints of the run writing ``out`` live: the hidden sibling ``.NAME.ckpt``."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.ckpt"
+
+
+def load_data(base: Any, options: Any) -> CalibrationData:
+    """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
+    from loracompress.runtime.data import make_batches, prepare_model, read_for_model, split_eval, task_of
+
+    if not options.data:
+        raise LoraCompressError(f"method {options.method!r} calibrates on data: pass --data FILE (jsonl, csv, txt, ...)")
+    task = task_of(base)
+    prepare_model(base)
+    fields = {"text_field": options.text_field, "label_field": options.label_field,
+              "max_samples": options.max_samples, "seed": options.seed}
+    examples = read_for_model(base, options.data, **fields)
+    if options.eval_data:
+        held = read_for_model(base, options.eval_data, **fields)
+    elif options.evaluate:
+        examples, held = split_eval(examples, options.eval_fraction, options.seed)
+    else:
+        held = []
+    kw = {"task": task, "seq_len": options.seq_len, "batch_size": options.batch_size}
+    train = make_batches(examples, base.tokenizer, shuffle=True, seed=options.seed, **kw)
+    held_batches = make_batches(held, base.tokenizer, **kw) if held else []
+    return CalibrationData(task, train, held_batches, len(examples), len(held))
+
+
+def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Compress the adapter at ``source`` into ``out`` with ``options.method``; returns the report.
+
+    ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`.
+    """
+    from loracompress.pipelines.results import write_result
+    from loracompress.runtime.model import load_base_model
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output_path(out, force=options.force, inputs=[Path(source)])
+    if options.budget is None:
+        raise LoraCompressError(f"method {options.method!r} needs a --budget (e.g. --budget 0.25)")
+    budget = Budget.parse(options.budget)
+    if options.select or options.min_rank or options.max_rank is not None:
+        raise LoraCompressError("--select, --min-rank and --max-rank apply to --method svd only; drop them")
+    method = get_method(options.method, **options.method_settings)
+    ckpt = checkpoint_dir(out)
+    config = EngineConfig(
+        steps=options.steps, epochs=options.epochs, lr=options.lr, warmup=options.warmup, seed=options.seed,
+        kd_weight=options.kd_weight, task_weight=options.task_weight, temperature=options.temperature,
+        device=options.device, precision=options.precision, checkpoint_every=options.checkpoint_every,
+        checkpoint_dir=ckpt, resume=options.resume,
+    )
+    adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
+    out_dtype = parse_dtype(options.dtype) or adapter.dtype
+    itemsize = torch.empty(0, dtype=out_dtype).element_size()
+    mods = list(adapter.modules.values())
+    target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
+    base = load_base_model(options.base_model, adapter, trust_remote_code=options.trust_remote_code)
+    data = load_data(base, options)
+    log.info("calibrating with %s on %d samples (%d batches), %d held out", options.method, data.samples,
+             len(data.train), data.held_out_samples)
+
+    student = svd_student(adapter)
+    fingerprint = {"source": str(Path(source).resolve()), "data": str(options.data), "samples": data.samples,
+                   "batches": len(data.train), "batch_size": options.batch_size, "seq_len": options.seq_len}
+    result = Engine(config).run(base.model, adapter, student, method, target, data.train, data.task,
+                                progress=progress, fingerprint=fingerprint)
+    quality = _quality(base, adapter, result.adapter, data, options)
+    chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options)
+    report = compression_report(
+        source=str(source),
+        output=str(out),
+        before=adapter,
+        after=chosen,
+        method=options.method if kept.get("kept", options.method) == options.method else "svd",
+        settings={**method.describe(), "engine": config_dict(config), "student_init": "svd",
+                  "run": result.summary(), "samples": data.samples, "held_out_samples": data.held_out_samples,
+                  "data": str(options.data), "batch_size": options.batch_size, "seq_len": options.seq_len,
+                  **({"keep_best": kept} if kept else {})},
+        budget=options.budget,
+        target_params=target,
+        out_dtype=out_dtype,
+        quality=quality,
+        seconds=time.perf_counter() - t0,
+    )
+    if _is_main_process():
+        write_result(chosen, out, report, out_dtype, options.force)
+        remove_checkpoints(ckpt)
+    _wait_for_everyone()
+    return report
+
+
+def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: Any) -> dict[str, Any]:
+    """Original vs compressed on the held-out batches (the keys ``compare_adapters`` returns)."""
+    if not options.evaluate or not data.held_out:
+        return {}
+    from loracompress.pipelines.evaluate import compare_adapters
+
+    return compare_adapters(base, original, compressed, data.held_out, data.task)
+
+
+#: ``settings.keep_best.kept`` when the activation-aware cut (``--method svd --data``) was written
+AWARE = "svd-aware"
+
+
+def _keep_best(
+    base: Any, original: Adapter, calibrated: Adapter, target: int, quality: dict[str, Any], data: CalibrationData,
+    options: Any,
+) -> tuple[Adapter, dict[str, Any], dict[str, Any]]:
+    """The calibrated adapter, or a training-free cut of the same budget (the plain SVD cut, or the
+    activation-aware one on the calibration data) when that is closer to the original on the held-out
+    data (lower KL); returns (adapter, its held-out quality, what was compared).
+
+    Calibration starts from the plain cut and can only lose to it by moving away from it, which happens
+    at generous budgets where the cut is already nearly exact; there the activation-aware cut is often
+    closer still (benchmarks/results/quality.md). The check costs one pass over the calibration batches
+    (the input statistics) and two over the held-out ones.
+    """
+    if not options.keep_best or not quality or not math.isfinite(quality.get("kl", math.nan)):
+        return calibrated, quality, {}
+    if options.method == "dylora":  # its point is that every smaller cut works too, not only this budget
+        return calibrated, quality, {}
+    from loracompress.cuts.activation import activation_aware_svd
+    from loracompress.cuts.svd import compress_svd
+    from loracompress.pipelines.evaluate import compare_adapters
+
+    exact = Budget("params", target, str(target))
+    cuts = {"svd": compress_svd(original, exact).adapter,
+            AWARE: activation_aware_svd(base, original, data.train, exact).adapter}
+    scored = {name: (cut, compare_adapters(base, original, cut, data.held_out, data.task)) for name, cut in cuts.items()}
+    info = {"calibrated_kl": quality["kl"], "svd_cut_kl": scored["svd"][1]["kl"],
+            "aware_cut_kl": scored[AWARE][1]["kl"], "kept": options.method}
+    name = min(scored, key=lambda n: (scored[n][1]["kl"], n != "svd"))  # a tie goes to the plain cut
+    cut, cut_quality = scored[name]
+    if cut_quality["kl"] < quality["kl"]:
+        log.warning("the training-free %s cut is closer to the original on the held-out data than the %s result "
+                    "(KL %.4g vs %.4g): writing the cut (--no-keep-best writes the %s result)", name,
+                    options.method, cut_quality["kl"], quality["kl"], options.method)
+        info["kept"] = name
+        return cut, cut_quality, info
+    return calibrated, quality, info
+
+
+def _is_main_process() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate.state import PartialState
+
+    PartialState().wait_for_everyone()

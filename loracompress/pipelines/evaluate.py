@@ -1,0 +1,289 @@
+"""Original vs compressed adapter on held-out data: KL, top-1 agreement, accuracy or perplexity.
+
+The model carries :class:`~loracompress.runtime.layers.LoraLayer` s with the compressed adapter as the
+student and the original as the teacher (``attach(model, compressed, teacher=original)``), so one
+copy of the base weights serves both: each batch runs once as the reference and once as the
+candidate (:func:`~loracompress.runtime.layers.use_mode`). Without an original adapter the reference is
+the base model alone (``reference="base"``).
+
+Metrics, all means over the held-out data:
+
+- ``kl``: KL(reference ‖ candidate) of the softmax of the logits (at ``temperature``), per sample
+  for classification, per predicted token for language modelling (padding and prompt tokens of
+  prompt/completion pairs excluded: the tokens whose label is not -100).
+- ``agreement``: how often the candidate's top-1 prediction equals the reference's.
+- ``accuracy`` (classification with labels) or ``perplexity`` (language modelling):
+  ``{"before": reference, "after": candidate, ...}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loracompress.core.adapter import Adapter, load_adapter
+from loracompress.errors import LoraCompressError
+from loracompress.runtime.data import (
+    IGNORE_INDEX,
+    make_batches,
+    model_inputs,
+    prepare_model,
+    read_for_model,
+    task_of,
+)
+from loracompress.runtime.layers import attach, detach, use_mode
+
+
+@dataclass
+class _RefStats:
+    """What the reference pass leaves for the candidate pass of one batch."""
+
+    logp: torch.Tensor  # log-softmax(logits / T) at the counted positions [N, V]
+    top1: torch.Tensor  # [N]
+    nll: float = 0.0  # summed NLL (lm) at T=1
+    correct: int = 0  # correct top-1 (cls with labels)
+
+
+@dataclass
+class ReferenceCache:
+    """Reference-side results per batch, reused when the same batches are evaluated again.
+
+    The engine evaluates the same held-out batches several times against the same teacher; the
+    teacher pass is then paid once. Entries are keyed by batch position and checked against a
+    fingerprint of the batch, so passing other batches simply misses. Caching stops once
+    ``max_bytes`` is used (LM log-probabilities are ``tokens × vocab`` floats).
+    """
+
+    max_bytes: int = 512 * 2**20
+    entries: dict[tuple[int, str, float], tuple[tuple[Any, ...], _RefStats]] = field(default_factory=dict)
+    used_bytes: int = 0
+
+    def get(self, key: tuple[int, str, float], fingerprint: tuple[Any, ...]) -> _RefStats | None:
+        hit = self.entries.get(key)
+        return hit[1] if hit is not None and hit[0] == fingerprint else None
+
+    def put(self, key: tuple[int, str, float], fingerprint: tuple[Any, ...], stats: _RefStats) -> None:
+        size = stats.logp.numel() * stats.logp.element_size()
+        if self.used_bytes + size <= self.max_bytes:
+            self.entries[key] = (fingerprint, stats)
+            self.used_bytes += size
+
+
+def _fingerprint(batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    ids = batch["input_ids"]
+    return tuple(ids.shape), int(ids.sum()), int((ids * torch.arange(ids.shape[-1], device=ids.device)).sum())
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**model_inputs(batch))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()
+
+
+def _positions(batch: dict[str, torch.Tensor], logits: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For lm: the logits that predict a counted token ``[N, V]`` and those tokens ``[N]``."""
+    if task == "cls":
+        return logits, batch.get("labels")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    return logits[:, :-1][keep], target[keep]
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    task: str,
+    *,
+    temperature: float = 1.0,
+    reference: str = "teacher",
+    candidate: str = "student",
+    cache: ReferenceCache | None = None,
+) -> dict[str, Any]:
+    """Compare the ``reference`` and ``candidate`` modes of ``model`` on ``batches``.
+
+    Args:
+        model: a base model with LoRA layers attached.
+        batches: from :func:`loracompress.runtime.data.make_batches` (``task`` the same).
+        task: ``"cls"`` or ``"lm"``.
+        temperature: softens both distributions for ``kl`` (agreement and metrics use T=1).
+        reference / candidate: layer modes (``teacher``, ``student``, ``base``).
+        cache: reuse reference results across calls on the same batches.
+
+    Returns:
+        ``{"task", "samples", "kl", "agreement", "accuracy"|"perplexity": {"before", "after", ...}}``
+        (``tokens`` too for lm).
+    """
+    if task not in ("cls", "lm"):
+        raise ValueError(f"task must be 'cls' or 'lm', not {task!r}")
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    dev = _device(model)
+    was_training = model.training
+    model.eval()
+    samples = counted = agree = cand_correct = 0
+    kl_sum = ref_nll = cand_nll = 0.0
+    ref_correct = 0
+    labelled = task == "cls" and bool(batches) and all("labels" in b for b in batches)
+    try:
+        with torch.no_grad():
+            for i, raw in enumerate(batches):
+                batch = {k: v.to(dev) for k, v in raw.items()}
+                samples += int(batch["input_ids"].shape[0])
+                key, fp = (i, reference, float(temperature)), _fingerprint(raw)
+                ref = cache.get(key, fp) if cache is not None else None
+                if ref is None:
+                    with use_mode(model, reference):
+                        ref = _reference(_logits(model, batch), batch, task, temperature, labelled)
+                    if cache is not None:
+                        cache.put(key, fp, ref)
+                with use_mode(model, candidate):
+                    logits, target = _positions(batch, _logits(model, batch), task)
+                n = int(logits.shape[0])
+                if n == 0:
+                    continue
+                counted += n
+                logq = F.log_softmax(logits / temperature, dim=-1)
+                logp = ref.logp.to(dev)
+                kl_sum += float((logp.exp() * (logp - logq)).sum())
+                top1 = logits.argmax(-1)
+                agree += int((top1 == ref.top1.to(dev)).sum())
+                if task == "lm":
+                    cand_nll += float(F.cross_entropy(logits, target, reduction="sum"))
+                    ref_nll += ref.nll
+                elif labelled:
+                    cand_correct += int((top1 == target).sum())
+                    ref_correct += ref.correct
+    finally:
+        model.train(was_training)
+    result: dict[str, Any] = {
+        "task": task,
+        "samples": samples,
+        "kl": kl_sum / counted if counted else float("nan"),
+        "agreement": agree / counted if counted else float("nan"),
+        "temperature": temperature,
+        "reference": reference,
+    }
+    if task == "lm":
+        result["tokens"] = counted
+        before = math.exp(ref_nll / counted) if counted else float("nan")
+        after = math.exp(cand_nll / counted) if counted else float("nan")
+        result["perplexity"] = {"before": before, "after": after, "ratio": after / before if before else float("nan")}
+    elif labelled:
+        before, after = ref_correct / counted, cand_correct / counted
+        result["accuracy"] = {"before": before, "after": after,
+                              "retained": after / before if before else float("nan")}
+    return result
+
+
+def _reference(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, temperature: float,
+               labelled: bool) -> _RefStats:
+    logits, target = _positions(batch, logits, task)
+    stats = _RefStats(logp=F.log_softmax(logits / temperature, dim=-1), top1=logits.argmax(-1))
+    if task == "lm" and logits.shape[0]:
+        stats.nll = float(F.cross_entropy(logits, target, reduction="sum"))
+    elif labelled and target is not None:
+        stats.correct = int((stats.top1 == target).sum())
+    return stats
+
+
+def compare_adapters(
+    base: Any,
+    original: Adapter | None,
+    compressed: Adapter,
+    batches: Sequence[dict[str, torch.Tensor]],
+    task: str,
+    *,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Attach ``compressed`` (student) and ``original`` (teacher) to ``base.model``, evaluate, detach.
+
+    ``base`` is a :class:`~loracompress.runtime.model.BaseModel` (or anything with a ``.model``). With
+    ``original=None`` the reference is the base model without any adapter.
+    """
+    model = base.model if hasattr(base, "model") else base
+    attach(model, compressed, teacher=original)
+    try:
+        return evaluate(model, batches, task, temperature=temperature,
+                        reference="teacher" if original is not None else "base")
+    finally:
+        detach(model)
+
+
+@dataclass
+class EvalOptions:
+    """What ``loracompress eval`` can be told."""
+
+    data: str
+    base_model: str | None = None
+    reference: str | None = None
+    text_field: str | None = None
+    label_field: str | None = None
+    max_samples: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    temperature: float = 1.0
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, Any]:
+    """Evaluate the adapter at ``adapter_path`` against ``options.reference`` (an adapter folder),
+    or against the base model alone when there is no reference, on ``options.data``."""
+    from loracompress.runtime.model import load_base_model
+
+    if options.temperature <= 0:
+        raise LoraCompressError(f"--temperature must be positive (got {options.temperature})")
+    adapter = load_adapter(adapter_path)
+    reference = load_adapter(options.reference) if options.reference else None
+    notes = []
+    if reference is not None and _heads_differ(adapter, reference):
+        notes.append("the two adapters carry different modules_to_save tensors; the reference's are used for both")
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The reference's record of its base (and its heads) when there is one: it is the ground truth.
+    base = load_base_model(options.base_model, reference or adapter, device=device,
+                           trust_remote_code=options.trust_remote_code)
+    prepare_model(base)
+    task = task_of(base)
+    examples = read_for_model(base, options.data, text_field=options.text_field, label_field=options.label_field,
+                              max_samples=options.max_samples, seed=options.seed)
+    batches = make_batches(examples, base.tokenizer, task=task, seq_len=options.seq_len,
+                           batch_size=options.batch_size)
+    result = compare_adapters(base, reference, adapter, batches, task, temperature=options.temperature)
+    result.update({
+        "adapter": str(adapter_path),
+        "reference_adapter": str(options.reference) if options.reference else None,
+        "base_model": base.source,
+        "data": str(options.data),
+        "data_fields": {k: v for k, v in examples.info.items() if k.endswith("_field") or k == "format"},
+        "params": {"before": reference.num_params if reference is not None else 0, "after": adapter.num_params},
+    })
+    if examples.label_names:
+        result["label_names"] = examples.label_names
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def _heads_differ(a: Adapter, b: Adapter) -> bool:
+    if set(a.extra_tensors) != set(b.extra_tensors):
+        return True
+    # a compressed copy may be stored in fp16/bf16: equal up to that rounding
+    return any(not torch.allclose(a.extra_tensors[k].float(), b.extra_tensors[k].float(), rtol=1e-2, atol=1e-3)
+               for k in a.extra_tensors)

@@ -1,0 +1,196 @@
+"""One-call entry points: a path in, a path out. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
+from loracompress.core.budget import Budget
+from loracompress.core.outputs import check_output_path
+from loracompress.cuts.svd import Selector, SvdResult, compress_svd
+from loracompress.errors import LoraCompressError
+from loracompress.gate.records import compression_report
+from loracompress.pipelines.results import write_result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    """Everything ``prune`` can be told. Calibration fields are used when ``data`` is given."""
+
+    budget: str | None = None
+    #: None: ``svd`` without data, :data:`DEFAULT_CALIBRATION` with ``data`` and a budget (see :func:`resolve_method`)
+    method: str | None = None
+    select: str | None = None
+    min_rank: int = 0
+    max_rank: int | None = None
+    dtype: str | None = None
+    force: bool = False
+    allow_nonfinite: bool = False
+    # --- with data: activation-aware cut, calibration, evaluation
+    base_model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    text_field: str | None = None
+    label_field: str | None = None
+    max_samples: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    warmup: float = 0.1
+    seed: int = 0
+    kd_weight: float = 1.0
+    task_weight: float = 1.0
+    temperature: float = 2.0
+    device: str = "auto"
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+    checkpoint_every: int | None = None
+    resume: bool = False
+    evaluate: bool = True
+    #: calibration: write the training-free SVD cut instead when it has the lower held-out KL
+    keep_best: bool = True
+    method_settings: dict[str, Any] = field(default_factory=dict)
+
+
+#: The calibration method ``prune`` uses when it is given data and no ``--method``: the one with the
+#: lowest held-out KL to the original at 1/16 and 1/32 over both tasks of benchmarks/results/quality.md
+#: (geometric mean of its KL relative to the svd cut's: increlora 0.50, lorpa 0.65, adalora 0.65,
+#: prilora 0.77; see the README).
+DEFAULT_CALIBRATION = "increlora"
+
+
+def resolve_method(options: PruneOptions) -> str:
+    """The method a run uses: the one asked for; else calibration when there is data and a budget and no
+    svd-only option (``--select``, ``--min-rank``, ``--max-rank``); else the training-free ``svd`` cut."""
+    if options.method:
+        return options.method
+    svd_only = options.select or options.min_rank or options.max_rank is not None or options.budget is None
+    return DEFAULT_CALIBRATION if options.data and not svd_only else "svd"
+
+
+def default_output(source: str | Path) -> Path:
+    src = Path(source).resolve()
+    return src.parent / f"{src.name}-compressed"
+
+
+def prune(
+    source: str | Path, output: str | Path | None, options: PruneOptions, progress: Any | None = None
+) -> dict[str, Any]:
+    """Compress the adapter at ``source`` into ``output``; returns the compression report.
+
+    ``progress(step, total, loss, eta_seconds)`` is called after each calibration step.
+
+    Everything that can be checked is checked before work starts, so a bad output path or a
+    bad budget never costs a long run.
+    """
+    t0 = time.perf_counter()
+    options = replace(options, method=resolve_method(options))
+    out = Path(output) if output is not None else default_output(source)
+    check_output_path(out, force=options.force, inputs=[Path(source)])
+    budget = Budget.parse(options.budget) if options.budget is not None else None
+    select = Selector.parse(options.select) if options.select else None
+    if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
+        raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
+    _check_method(options)
+    if options.method != "svd":
+        if not options.data:
+            raise LoraCompressError(
+                f"method {options.method!r} calibrates on your data: pass --data FILE (and --base-model if needed)"
+            )
+        from loracompress.pipelines.calibrate import calibrate
+
+        return calibrate(source, out, options, progress=progress)
+    adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
+    out_dtype = parse_dtype(options.dtype) or adapter.dtype
+    settings: dict[str, Any] = {"allocation": "global sigma^2/(in+out)"}
+    quality: dict[str, Any] = {}
+    if options.data:  # the activation-aware cut, measured on held-out data
+        result, settings, quality = _activation_aware(adapter, options, budget, select, out_dtype)
+    else:
+        result = compress_svd(
+            adapter,
+            budget,
+            select=select,
+            min_rank=options.min_rank,
+            max_rank=options.max_rank,
+            itemsize=torch.empty(0, dtype=out_dtype).element_size(),
+            dtype=out_dtype,
+        )
+    report = compression_report(
+        source=str(source),
+        output=str(out),
+        before=adapter,
+        after=result.adapter,
+        method="svd",
+        settings={"select": options.select, "min_rank": options.min_rank, "max_rank": options.max_rank, **settings},
+        budget=options.budget,
+        target_params=result.target_params,
+        out_dtype=out_dtype,
+        retained_energy=result.retained_energy,
+        total_retained_energy=result.total_retained_energy,
+        quality=quality,
+        seconds=time.perf_counter() - t0,
+    )
+    write_result(result.adapter, out, report, out_dtype, options.force)
+    return report
+
+
+def _check_method(options: PruneOptions) -> None:
+    """The method name and its ``-O`` settings, checked before any model or data is loaded."""
+    if options.method == "svd":
+        unknown = sorted(set(options.method_settings) - {"damping"})
+        if unknown:
+            raise LoraCompressError(f"svd has no setting {unknown[0]!r}; known: damping (with --data)")
+        if options.method_settings and not options.data:
+            raise LoraCompressError("-O damping applies to the activation-aware cut: add --data FILE or drop it")
+        d = options.method_settings.get("damping", 0.0)
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise LoraCompressError(f"-O damping={d!r}: give a finite number >= 0, e.g. -O damping=0.01")
+        return
+    from loracompress.calibration.methods.registry import get_method
+
+    get_method(options.method, **options.method_settings)  # raises the one-line error; cheap to build
+
+
+def _activation_aware(
+    adapter: Adapter, options: PruneOptions, budget: Budget | None, select: Selector | None, out_dtype: torch.dtype
+) -> tuple[SvdResult, dict[str, Any], dict[str, Any]]:
+    """``--method svd`` with ``--data``: the activation-aware cut; its settings and held-out quality."""
+    from loracompress.cuts.activation import DEFAULT_DAMPING, activation_aware_svd
+    from loracompress.pipelines.calibrate import load_data
+    from loracompress.pipelines.evaluate import compare_adapters
+    from loracompress.runtime.model import load_base_model
+
+    if budget is None and select is None:
+        raise LoraCompressError("nothing to do: give --budget, --select, or both")
+    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked in _check_method
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_base_model(options.base_model, adapter, device=device, trust_remote_code=options.trust_remote_code)
+    data = load_data(base, options)
+    result = activation_aware_svd(
+        base, adapter, data.train, budget, damping=damping, select=select, min_rank=options.min_rank,
+        max_rank=options.max_rank, itemsize=torch.empty(0, dtype=out_dtype).element_size(), dtype=out_dtype,
+    )
+    quality: dict[str, Any] = {}
+    if options.evaluate and data.held_out:
+        quality = compare_adapters(base, adapter, result.adapter, data.held_out, data.task)
+    settings = {"allocation": "global output-space sigma^2 / (E|x|^2/in) / (in+out)", "activation_aware": True,
+                "damping": damping, "base_model": base.source, "data": str(options.data),
+                "eval_data": options.eval_data, "eval_fraction": None if options.eval_data else options.eval_fraction,
+                "samples": data.samples, "held_out_samples": data.held_out_samples,
+                "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
+    return result, settings, quality

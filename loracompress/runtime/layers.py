@@ -1,0 +1,226 @@
+"""The LoRA layer used whenever loracompress runs a model: evaluation, calibration, export.
+
+:class:`LoraLayer` wraps a frozen base ``nn.Linear`` (or GPT-2 ``Conv1D``) and adds
+``scale · B @ (mask ⊙ (A @ x))``. It holds two sets of factors:
+
+- the **student** (``A``, ``B``: parameters, trainable during calibration), and
+- optionally the **teacher** (``A0``, ``B0``: frozen buffers, the original adapter),
+
+so distillation needs one copy of the base weights: :func:`use_mode` switches every layer of
+a model between ``"student"``, ``"teacher"`` and ``"base"``. ``mask`` is a per-rank-component
+multiplier (1 keep, 0 pruned) that methods set; allocation state lives in the methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from loracompress.core.adapter import Adapter, LoraModule
+from loracompress.errors import LoraCompressError
+
+MODES = ("student", "teacher", "base")
+
+
+def base_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of a Linear or Conv1D layer, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D: weight [in, out]
+        return int(module.weight.shape[1]), int(module.weight.shape[0])
+    return None
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus a maskable LoRA (student) and an optional frozen teacher LoRA."""
+
+    def __init__(self, base: nn.Module, module: LoraModule, teacher: LoraModule | None = None, trainable: bool = False):
+        super().__init__()
+        shape = base_shape(base)
+        if shape is None:
+            raise TypeError(f"LoRA needs a Linear or Conv1D layer, got {type(base).__name__}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        dev, dt = base.weight.device, torch.float32 if base.weight.dtype not in (torch.float32, torch.float64) else base.weight.dtype
+        self.A = nn.Parameter(module.A.detach().to(dev, dt).clone(), requires_grad=trainable)
+        self.B = nn.Parameter(module.B.detach().to(dev, dt).clone(), requires_grad=trainable)
+        self.scale = float(module.scale)
+        self.register_buffer("mask", torch.ones(module.rank, device=dev, dtype=dt))
+        if teacher is not None:
+            self.register_buffer("A0", teacher.A.detach().to(dev, dt).clone())
+            self.register_buffer("B0", teacher.B.detach().to(dev, dt).clone())
+            self.scale0 = float(teacher.scale)
+        else:
+            self.A0 = self.B0 = None
+            self.scale0 = 0.0
+        self.mode = "student"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def active_rank(self) -> int:
+        return int((self.mask != 0).sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.mode == "base":
+            return y
+        if self.mode == "teacher":
+            if self.A0 is None:
+                raise RuntimeError("this layer has no teacher factors")
+            A, B, mask, scale = self.A0, self.B0, None, self.scale0
+        else:
+            A, B, mask, scale = self.A, self.B, self.mask, self.scale
+        if A.shape[0] == 0:
+            return y
+        h = x.to(A.dtype) @ A.T
+        if mask is not None:
+            h = h * mask
+        return y + ((h @ B.T) * scale).to(y.dtype)
+
+    def to_module(self, apply_mask: bool = True) -> LoraModule:
+        """The student as a :class:`LoraModule`, masked components removed."""
+        A, B = self.A.detach().float().cpu(), self.B.detach().float().cpu()
+        if apply_mask:
+            keep = (self.mask != 0).cpu()
+            m = self.mask.detach().float().cpu()[keep]
+            A, B = A[keep] * m[:, None], B[:, keep]
+        return LoraModule(A=A.contiguous(), B=B.contiguous(), scale=self.scale)
+
+    def delta(self) -> torch.Tensor:
+        """The student's dense ``ΔW [out, in]`` (masked). Small layers only."""
+        return self.scale * (self.B * self.mask) @ self.A
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:.3g}, teacher={self.A0 is not None}, mode={self.mode}"
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def check_fit(model: nn.Module, adapter: Adapter, base_name: str = "the base model") -> None:
+    """Raise with the first module where the adapter and the base model disagree."""
+    arch = type(model).__name__
+    for path, m in adapter.modules.items():
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            raise LoraCompressError(
+                f"module {path} of the adapter is not in {base_name} ({arch}); pass the --base-model the adapter was trained on"
+            ) from None
+        if isinstance(target, LoraLayer):
+            target = target.base
+        shape = base_shape(target)
+        if shape is None:
+            raise LoraCompressError(
+                f"module {path} is a {type(target).__name__} in {base_name}, not a Linear layer; wrong --base-model?"
+            )
+        if shape != (m.out_features, m.in_features):
+            raise LoraCompressError(
+                f"module {path}: the adapter expects out×in = {m.out_features}×{m.in_features} but {base_name} has "
+                f"{shape[0]}×{shape[1]}; pass the --base-model the adapter was trained on"
+            )
+
+
+def attach(
+    model: nn.Module,
+    adapter: Adapter,
+    teacher: Adapter | None = None,
+    trainable: bool = False,
+) -> dict[str, LoraLayer]:
+    """Wrap every adapter module of ``model`` in a :class:`LoraLayer` (in place); returns them by path.
+
+    ``teacher`` (usually the original adapter) supplies frozen factors for :func:`use_mode`;
+    modules the student dropped (rank 0) still get a layer so the teacher can run there.
+    """
+    check_fit(model, adapter if teacher is None else teacher)
+    layers: dict[str, LoraLayer] = {}
+    paths = list(adapter.modules) + [p for p in (teacher.modules if teacher else {}) if p not in adapter.modules]
+    for path in paths:
+        target = model.get_submodule(path)
+        if isinstance(target, LoraLayer):
+            raise RuntimeError(f"{path} already has a LoRA layer attached; detach first")
+        student = adapter.modules.get(path)
+        if student is None:
+            ref = teacher.modules[path]
+            student = LoraModule(A=ref.A.new_zeros(0, ref.in_features), B=ref.B.new_zeros(ref.out_features, 0), scale=1.0)
+        layer = LoraLayer(target, student, teacher.modules.get(path) if teacher else None, trainable=trainable)
+        parent, name = _parent(model, path)
+        setattr(parent, name, layer)
+        layers[path] = layer
+    return layers
+
+
+def detach(model: nn.Module) -> None:
+    """Put the original base layers back."""
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            parent, name = _parent(model, path)
+            setattr(parent, name, mod.base)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextmanager
+def use_mode(layers: Mapping[str, LoraLayer] | nn.Module, mode: str) -> Iterator[None]:
+    """Run every LoRA layer as ``student``, ``teacher`` or ``base`` inside the block."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    items = lora_layers(layers).values() if isinstance(layers, nn.Module) else layers.values()
+    items = list(items)
+    old = [m.mode for m in items]
+    for m in items:
+        m.mode = mode
+    try:
+        yield
+    finally:
+        for m, o in zip(items, old):
+            m.mode = o
+
+
+def merge_into(model: nn.Module, adapter: Adapter) -> None:
+    """Add every module's ΔW to the base weights in place (computed in float32, cast back)."""
+    check_fit(model, adapter)
+    _untie(model, [f"{p}.weight" for p in adapter.modules])
+    with torch.no_grad():
+        for path, m in adapter.modules.items():
+            target = model.get_submodule(path)
+            delta = m.delta().to(target.weight.device)
+            if base_shape(target) is not None and type(target).__name__ == "Conv1D":
+                delta = delta.T
+            target.weight.copy_((target.weight.float() + delta).to(target.weight.dtype))
+
+
+def _untie(model: nn.Module, names: list[str]) -> None:
+    """Give each named weight that is shared with another parameter (a tied ``lm_head`` and input
+    embeddings) its own copy, so a merge changes only the layer the adapter targets.
+
+    The config stops declaring the tie, so the saved model reloads with both tensors as saved.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    untied = False
+    for name in names:
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        weight = getattr(module, attr)
+        if len(owners.get(id(weight), [])) > 1:
+            setattr(module, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for c in (config, text):  # multimodal configs keep the flag on their text part
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False

@@ -1,0 +1,216 @@
+"""Loading the base model an adapter belongs to, offline.
+
+``--base-model`` may be a local Hugging Face model folder, a hub id already in the local cache,
+or a ``.gguf`` file (dequantized on load). By default it is the adapter's
+``base_model_name_or_path``. The head follows the adapter's ``task_type``; heads saved in
+``modules_to_save`` are restored, with the number of labels taken from the saved head's shape.
+Nothing is ever downloaded, and ``trust_remote_code`` is off unless the user turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Before transformers (and huggingface_hub, which reads it once at import): nothing is ever
+# downloaded, and no request is made for an id that is not in the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+from loracompress.core.adapter import KEY_PREFIX, Adapter, base_param_name
+from loracompress.errors import LoraCompressError
+from loracompress.runtime.layers import check_fit
+
+log = logging.getLogger(__name__)
+
+# task_type -> transformers auto class name
+_AUTO = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+# Where heads live in common architectures, to read num_labels off a saved head.
+_HEAD_NAMES = ("classifier", "score", "classifier.out_proj", "qa_outputs")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model, its tokenizer (if any) and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    task_type: str | None
+    gguf_file: str | None = None
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.task_type == "CAUSAL_LM" or (self.task_type is None and hasattr(self.model, "lm_head"))
+
+
+def resolve_base_model(spec: str | Path | None, adapter: Adapter) -> str:
+    """The base model to load: the user's ``--base-model`` or the adapter's own record of it."""
+    name = str(spec) if spec else adapter.config.get("base_model_name_or_path")
+    if not name:
+        raise LoraCompressError(
+            "the adapter does not name its base model (base_model_name_or_path is empty); pass --base-model PATH"
+        )
+    return name
+
+
+def _num_labels(adapter: Adapter) -> int | None:
+    for head in _HEAD_NAMES:
+        w = adapter.extra_tensors.get(f"{KEY_PREFIX}{head}.weight")
+        if w is None:
+            w = adapter.extra_tensors.get(f"{KEY_PREFIX}{head}.modules_to_save.default.weight")
+        if w is not None and w.ndim == 2:
+            return int(w.shape[0])
+    return None
+
+
+def load_base_model(
+    spec: str | Path | None,
+    adapter: Adapter,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+) -> BaseModel:
+    """Load the base model for ``adapter``, restore its ``modules_to_save``, check that it fits."""
+    transformers.utils.logging.disable_progress_bar()
+    name = resolve_base_model(spec, adapter)
+    task = adapter.config.get("task_type")
+    task = str(task).upper() if task else None
+    auto_name = _AUTO.get(task or "", "AutoModelForCausalLM" if task is None else None)
+    if auto_name is None:
+        raise LoraCompressError(f"task_type {task!r} is not supported; supported: {', '.join(_AUTO)}")
+    auto = getattr(transformers, auto_name)
+    # adapter_kwargs: transformers looks for an adapter_config.json in the repo first and does not pass
+    # local_files_only on to that lookup, so without it an uncached id goes to the network (with retries).
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code,
+                              "adapter_kwargs": {"local_files_only": True}}
+    num_labels = _num_labels(adapter)
+    if task in ("SEQ_CLS", "TOKEN_CLS") and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        # The adapter's head replaces the checkpoint's (restore_modules_to_save below), so a
+        # checkpoint head with another number of classes is expected, not an error.
+        kwargs["ignore_mismatched_sizes"] = True
+    path = Path(name).expanduser()
+    gguf_file = None
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise LoraCompressError(f"GGUF file {path} not found; pass --base-model with an existing .gguf file")
+        gguf_file = path.name
+        load_from: str = str(path.parent)
+        kwargs["gguf_file"] = gguf_file
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise LoraCompressError(f"{path} is not a Hugging Face model folder (no config.json); pass --base-model PATH")
+        load_from = str(path)
+    elif _looks_like_path(name):
+        raise LoraCompressError(f"base model folder {path} does not exist; pass --base-model with an existing folder")
+    else:
+        load_from = name  # a hub id: only its local cache is used
+    try:
+        with _quiet_transformers():
+            model = auto.from_pretrained(load_from, dtype=dtype, **kwargs)
+    except OSError as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoraCompressError(
+            f"cannot load base model {name!r} offline ({msg[:140]}); pass --base-model with a local model folder or .gguf file"
+        ) from None
+    except ValueError as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise LoraCompressError(
+                f"base model {name!r} needs custom code; review it, then pass --trust-remote-code"
+            ) from None
+        raise LoraCompressError(f"cannot load base model {name!r}: {msg[:200]}") from None
+    except Exception as err:  # noqa: BLE001 - corrupt weights surface as SafetensorError, struct.error, ...
+        log.debug("loading %s failed", name, exc_info=True)
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoraCompressError(
+            f"cannot load base model {name!r} ({msg[:140]}); its files look damaged: re-download or re-save it"
+        ) from None
+    model.eval()
+    tokenizer = None
+    if with_tokenizer:
+        with _quiet_transformers():
+            tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
+    restore_modules_to_save(model, adapter, name)
+    check_fit(model, adapter, base_name=f"base model {name!r}")
+    model.to(device)
+    return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Mute transformers' warnings while loading (``--debug`` keeps them).
+
+    A checkpoint of the wrong architecture makes it log a multi-line "LOAD REPORT" to stderr;
+    :func:`check_fit` then says what is wrong in one line that names the fix.
+    """
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def _looks_like_path(name: str) -> bool:
+    """``./m``, ``/abs/m``, ``~/m``, ``a/b/c`` are folders; a hub id is ``name`` or ``org/name``."""
+    return name.startswith((".", "/", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(load_from, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        log.debug("no tokenizer for %s: %s", load_from, err)
+        return None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the base model") -> None:
+    """Copy the adapter's ``modules_to_save`` tensors (e.g. a trained classifier head) into the model."""
+    if not adapter.extra_tensors:
+        return
+    state = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    for key, tensor in adapter.extra_tensors.items():
+        bare = base_param_name(key)
+        if bare not in state:
+            raise LoraCompressError(
+                f"the adapter carries {bare} (modules_to_save) but base model {name!r} has no such tensor; wrong --base-model?"
+            )
+        if tuple(state[bare].shape) != tuple(tensor.shape):
+            raise LoraCompressError(
+                f"{bare}: the adapter's saved tensor is {tuple(tensor.shape)} but base model {name!r} has "
+                f"{tuple(state[bare].shape)}; wrong --base-model?"
+            )
+        target = params[bare] if bare in params else model.get_buffer(bare)
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
