@@ -1,0 +1,57 @@
+"""Devices, precision and processes through accelerate: the one place that knows about them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from loracompress.errors import LoraCompressError
+
+
+def make_accelerator(device: str, precision: str) -> Any:
+    """An ``Accelerator`` for ``device`` ("auto", "cpu", "cuda", "cuda:N") and ``precision``."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    dev = device.lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
+        raise LoraCompressError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoraCompressError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+        if ":" in dev:
+            index = int(dev.split(":")[1])
+            if index >= torch.cuda.device_count():
+                raise LoraCompressError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            torch.cuda.set_device(index)
+    cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
+    if precision == "fp16" and cpu:
+        raise LoraCompressError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    mixed = "no" if precision == "fp32" else precision
+    partial = PartialState._shared_state
+    distributed = bool(partial) and partial.get("num_processes", 1) > 1
+    state = AcceleratorState._shared_state
+    if state and not distributed:
+        # One process running several calibrations (a library user, the tests): start afresh
+        # rather than refusing another precision or device.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # Buffers (masks, teacher factors) are the same on every process: no need to broadcast them.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[ddp])
+
+
+def reducer(accelerator: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    if accelerator.num_processes == 1:
+        return lambda t: t
+    return lambda t: accelerator.reduce(t.contiguous(), reduction="mean")
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)

@@ -1,0 +1,335 @@
+"""The one calibration loop: distil the original adapter into a smaller one on the user's data.
+
+The engine wraps every adapter module of the (frozen) base model in a
+:class:`~loracompress.runtime.layers.LoraLayer` holding two factor sets over **one** copy of the base
+weights: the *student* (trainable, initialised from the checkpoint in SVD order) and the
+*teacher* (the original adapter, frozen). Each step:
+
+1. ``method.before_forward(step)``
+2. teacher logits: a no-grad forward in ``"teacher"`` mode (cached per batch when the data is
+   reused across epochs and the cache fits ``teacher_cache_mb``),
+3. student forward, loss = ``kd_weight · T² · KL(teacher_T ‖ student_T)`` + ``task_weight · CE``
+   (the task term only when the batch has labels), backward (DDP all-reduce),
+4. ``method.after_backward(step)``, gradient clipping, AdamW step on the student A/B only
+   (learning rate: linear warm-up, then cosine or linear decay),
+5. ``method.after_step(step)``, progress callback, checkpoint every ``checkpoint_every`` steps.
+
+At the end ``method.finalize()`` gives per-module ranks (met through
+:func:`loracompress.core.budget.allocate`); the surviving components of each module are
+re-factorised in SVD order (scale folded) into the result :class:`~loracompress.core.adapter.Adapter`.
+
+Built on ``accelerate``: CPU, CUDA, bf16/fp16 mixed precision, and several processes
+(``accelerate launch -m loracompress prune ...``, DDP: every process trains on its own shard of
+the batches; everything a method decides from is identical on every process, or reduced with
+``ctx.extras["reduce_mean"]``).
+
+Interruption and resuming: SIGINT/SIGTERM finish the current step, save a checkpoint when
+checkpointing is on, and raise :class:`Interrupted` (nothing is written to the output). A
+checkpoint is a folder ``step-NNNNNNNN`` holding ``state.safetensors`` (student factors, masks,
+optimizer moments, method tensors) and ``state.json`` (step, settings fingerprint, optimizer
+groups, method values), never a pickle. Resuming restores all of it; the data order is a pure
+function of ``(seed, epoch)``, so a resumed run ends with the same bytes as an uninterrupted one.
+Optional method attributes the engine uses when present:
+
+- ``state_dict() -> dict[str, Tensor | JSON value]`` and ``load_state_dict(state)``: state kept
+  across steps (EMAs, rewind points), saved in checkpoints so that resuming is exact;
+- ``schedule_restarts() -> list[int]``: steps where the learning-rate schedule starts again
+  (warm-up and decay), e.g. where LoRPA rewinds and retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loracompress.calibration.engine.accelerator import any_process, make_accelerator, reducer
+from loracompress.calibration.engine.checkpoints import Checkpoints
+from loracompress.calibration.engine.config import EngineConfig
+from loracompress.calibration.engine.loss import distillation_loss
+from loracompress.calibration.engine.schedule import lr_factor
+from loracompress.calibration.engine.signals import _StopRequest
+from loracompress.calibration.engine.student import extract
+from loracompress.calibration.methods.base import CalibContext, Method
+from loracompress.core.adapter import Adapter
+from loracompress.errors import LoraCompressError
+from loracompress.runtime.data import model_inputs
+from loracompress.runtime.layers import LoraLayer, attach, detach, use_mode
+
+log = logging.getLogger(__name__)
+
+#: step (1-based), total steps, loss of that step, estimated seconds left
+ProgressFn = Callable[[int, int, float, float], None]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the calibration after a complete step (a checkpoint may have been saved)."""
+
+
+@dataclass
+class EngineResult:
+    """The calibrated adapter and what the report says about the run."""
+
+    adapter: Adapter
+    ranks: dict[str, int]
+    steps: int
+    seconds: float
+    losses: list[float]
+    device: str
+    num_processes: int
+    teacher_cache_mb: float | None  # None: teacher logits were not cached
+    student_seconds_per_step: float
+    teacher_seconds_per_step: float
+    resumed_from: int | None = None
+    #: per step of this run: the student's forward, backward, optimizer step and hooks (not the teacher)
+    step_seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        tail = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
+        return {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "device": self.device,
+            "num_processes": self.num_processes,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "teacher_cache_mb": self.teacher_cache_mb,
+            "student_seconds_per_step": round(self.student_seconds_per_step, 5),
+            "teacher_seconds_per_step": round(self.teacher_seconds_per_step, 5),
+            "resumed_from": self.resumed_from,
+        }
+
+
+def module_depths(paths: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Block index of each module path (its first numeric path component; -1 outside blocks), and the block count."""
+    depth = {}
+    for p in paths:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", p)
+        depth[p] = int(m[1]) if m else -1
+    return depth, max([d for d in depth.values()], default=-1) + 1 or 1
+
+
+class Engine:
+    """Runs one calibration. Create one per run; see the module docstring for the loop."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    def run(
+        self,
+        model: nn.Module,
+        teacher: Adapter,
+        student: Adapter,
+        method: Method,
+        target_params: int,
+        batches: Sequence[Mapping[str, torch.Tensor]],
+        task: str,
+        *,
+        progress: ProgressFn | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
+    ) -> EngineResult:
+        """Calibrate ``student`` (the start, e.g. :func:`svd_student`) towards ``teacher`` on ``batches``.
+
+        ``model`` is the base model (frozen here; its LoRA layers are removed again at the end).
+        ``fingerprint`` identifies the run for checkpoints: resuming with other settings is refused.
+        """
+        cfg = self.config
+        if task not in ("cls", "lm"):
+            raise ValueError(f"task must be 'cls' or 'lm', not {task!r}")
+        if not batches:
+            raise LoraCompressError("no calibration batches; pass more data")
+        t_start = time.perf_counter()
+        accelerator = make_accelerator(cfg.device, cfg.precision)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if len(batches) < world:
+            raise LoraCompressError(
+                f"{len(batches)} batch(es) cannot be shared by {world} processes; pass more data or a smaller --batch-size"
+            )
+        per_proc = len(batches) // world
+        local = list(batches[rank::world])[:per_proc]  # equal shards: every process takes the same steps
+        total = cfg.total_steps(per_proc)
+        warmup = cfg.warmup_steps(total)
+        fp = {**(fingerprint or {}), "total_steps": total, "num_processes": world, "seed": cfg.seed,
+              "lr": cfg.lr, "warmup": cfg.warmup, "schedule": cfg.schedule, "kd_weight": cfg.kd_weight,
+              "task_weight": cfg.task_weight, "temperature": cfg.temperature, "precision": cfg.precision,
+              "target_params": int(target_params), "method": method.describe()}
+        fp = json.loads(json.dumps(fp, default=str))
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()  # dropout off: the student learns the teacher's deterministic function
+        layers = attach(model, student, teacher=teacher, trainable=True)
+        prepared: nn.Module | None = None
+        try:
+            for layer in layers.values():
+                for p in (layer.A, layer.B):
+                    if p.numel() == 0:
+                        p.requires_grad_(False)  # an empty factor takes no part (and DDP needs every trainable one used)
+            model.to(accelerator.device)
+            params = [p for layer in layers.values() for p in (layer.A, layer.B) if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            depth, num_layers = module_depths(list(layers))
+            ctx = CalibContext(
+                layers=layers, target_params=int(target_params), total_steps=total, optimizer=optimizer,
+                seed=cfg.seed, depth=depth, num_layers=num_layers,
+                extras={"task": task, "num_processes": world, "reduce_mean": reducer(accelerator)},
+            )
+            method.setup(ctx)
+            with warnings.catch_warnings():  # torch deprecates broadcast_buffers; False is still what we mean
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                prepared, opt = accelerator.prepare(model, optimizer)
+            start = 0
+            losses: list[float] = []
+            ckpt = Checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+            if cfg.resume and ckpt is not None:
+                start, losses = ckpt.load(layers, optimizer, accelerator, method, fp)
+                log.info("resuming at step %d of %d from %s", start, total, ckpt.root)
+            elif ckpt is not None and ckpt.latest() is not None and accelerator.is_main_process:
+                log.info("starting afresh; an earlier checkpoint in %s is replaced (pass --resume to continue it)", ckpt.root)
+                ckpt.clear()
+            loop = _Loop(cfg, accelerator, model, prepared, layers, opt, params, method, local, task, total, warmup)
+            with _StopRequest() as stop:
+                for step in range(start, total):
+                    losses.append(loop.step(step))
+                    if progress is not None and accelerator.is_main_process:
+                        done = step + 1 - start
+                        eta = (time.perf_counter() - loop.t0) / done * (total - step - 1)
+                        progress(step + 1, total, losses[-1], eta)
+                    stopping = any_process(accelerator, stop.signum is not None)
+                    last = step + 1 == total
+                    due = cfg.checkpoint_every is not None and (step + 1) % cfg.checkpoint_every == 0 and not last
+                    if ckpt is not None and cfg.checkpoint_every is not None and (due or (stopping and not last)):
+                        ckpt.save(step + 1, layers, optimizer, accelerator, method, fp, losses)
+                    if stopping and not last:
+                        where = f"; checkpoint saved in {ckpt.root}, continue with --resume" if ckpt and cfg.checkpoint_every else ""
+                        raise Interrupted(f"interrupted after step {step + 1} of {total}{where}")
+            ranks = method.finalize()
+            adapter = extract(layers, ranks, teacher, ctx, method.metadata())
+            return EngineResult(
+                adapter=adapter,
+                ranks={p: ranks.get(p, 0) for p in teacher.modules},
+                steps=total,
+                seconds=time.perf_counter() - t_start,
+                losses=losses,
+                device=str(accelerator.device),
+                num_processes=world,
+                teacher_cache_mb=loop.cache_mb(),
+                student_seconds_per_step=loop.student_time / max(1, loop.steps_run),
+                teacher_seconds_per_step=loop.teacher_time / max(1, loop.teacher_runs),
+                resumed_from=start or None,
+                step_seconds=loop.step_seconds,
+            )
+        finally:
+            if prepared is not None:
+                accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drop the autocast wrapper
+            detach(model)
+
+
+class _Loop:
+    """The per-step work, with the teacher-logit cache and timings."""
+
+    def __init__(self, cfg: EngineConfig, accelerator: Any, model: nn.Module, prepared: nn.Module,
+                 layers: dict[str, LoraLayer], optimizer: Any, params: list[nn.Parameter], method: Method,
+                 batches: list[Mapping[str, torch.Tensor]], task: str, total: int, warmup: int):
+        self.cfg, self.acc, self.model, self.prepared = cfg, accelerator, model, prepared
+        self.layers, self.opt, self.params, self.method = layers, optimizer, params, method
+        self.batches, self.task, self.total, self.warmup = batches, task, total, warmup
+        reused = total > len(batches)
+        self.cache: dict[int, torch.Tensor] | None = {} if (cfg.cache_teacher or (cfg.cache_teacher is None and reused)) else None
+        self._order: tuple[int, list[int]] | None = None
+        restarts = getattr(method, "schedule_restarts", None)
+        self.restarts = sorted({int(r) for r in (restarts() if callable(restarts) else []) if 0 < int(r) < total})
+        self.t0 = time.perf_counter()
+        self.student_time = self.teacher_time = 0.0
+        self.step_seconds: list[float] = []
+        self.steps_run = self.teacher_runs = 0
+
+    def lr_factor(self, step: int) -> float:
+        """Warm-up then decay, restarted at each of the method's ``schedule_restarts()`` steps."""
+        begin = max([0, *(r for r in self.restarts if r <= step)])
+        end = min([self.total, *(r for r in self.restarts if r > step)])
+        length = end - begin
+        warmup = self.warmup if begin == 0 and end == self.total else self.cfg.warmup_steps(length)
+        return lr_factor(step - begin, length, min(warmup, length - 1), self.cfg.schedule)
+
+    def batch_index(self, step: int) -> int:
+        """Batch for ``step``: a fresh permutation each epoch, a pure function of (seed, epoch)."""
+        n = len(self.batches)
+        epoch = step // n
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(n, generator=g).tolist())
+        return self._order[1][step % n]
+
+    def teacher_logits(self, idx: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.cache is not None and idx in self.cache:
+            return self.cache[idx]
+        t = time.perf_counter()
+        with use_mode(self.layers, "teacher"), torch.no_grad(), self.acc.autocast():
+            logits = self.model(**inputs).logits.detach().float()
+        self.teacher_time += time.perf_counter() - t
+        self.teacher_runs += 1
+        if self.cache is not None:
+            per_batch_mb = logits.numel() * logits.element_size() / 2**20
+            if not self.cache and per_batch_mb * len(self.batches) > self.cfg.teacher_cache_mb:
+                log.info("teacher logits would take %.0f MB; computing them every step instead of caching",
+                         per_batch_mb * len(self.batches))
+                self.cache = None
+            else:
+                self.cache[idx] = logits
+        return logits
+
+    def step(self, step: int) -> float:
+        cfg, acc = self.cfg, self.acc
+        idx = self.batch_index(step)
+        raw = self.batches[idx]
+        batch = model_inputs(raw, acc.device)
+        labels = raw["labels"].to(acc.device) if "labels" in raw else None
+        self.method.before_forward(step)
+        t_logits = self.teacher_logits(idx, batch)
+        t = time.perf_counter()
+        out = self.prepared(**batch)
+        loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
+                                    temperature=cfg.temperature, kd_weight=cfg.kd_weight, task_weight=cfg.task_weight)
+        if not loss.requires_grad:
+            if self.task == "cls":
+                raise LoraCompressError("nothing to train on: the data has no labels and --kd-weight is 0; raise --kd-weight")
+            loss = (out.logits * 0.0).sum()  # an LM batch with no counted token: a no-op step, same on every process
+        acc.backward(loss)
+        if acc.scaler is not None:
+            acc.unscale_gradients()  # hooks and clipping see true gradients
+        self.method.after_backward(step)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        factor = self.lr_factor(step)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * factor
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.method.after_step(step)
+        value = float(loss.detach())  # also waits for the GPU, so the timing is real
+        self.step_seconds.append(time.perf_counter() - t)
+        self.student_time += self.step_seconds[-1]
+        self.steps_run += 1
+        if not math.isfinite(value):
+            raise LoraCompressError(
+                f"the calibration loss became {value} at step {step + 1}; lower --lr or use --precision fp32"
+            )
+        return value
+
+    def cache_mb(self) -> float | None:
+        if self.cache is None:
+            return None
+        return round(sum(t.numel() * t.element_size() for t in self.cache.values()) / 2**20, 3)

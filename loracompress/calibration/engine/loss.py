@@ -1,0 +1,78 @@
+"""The calibration objective: distillation from the original adapter plus the task loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loracompress.runtime.data import IGNORE_INDEX
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    task: str,
+    *,
+    temperature: float = 2.0,
+    kd_weight: float = 1.0,
+    task_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_weight · T² · KL(softmax(t/T) ‖ softmax(s/T)) + task_weight · CE(s, labels)``.
+
+    ``task="cls"``: logits ``[B, C]``, labels ``[B]`` (a single-output head is a regression:
+    mean squared error for both terms). ``task="lm"``: logits ``[B, L, V]``; position ``i``
+    predicts token ``i+1`` and counts wherever that token's label is not -100 (padding and the
+    prompt of prompt/completion pairs are left out, as in :mod:`loracompress.pipelines.evaluate`), or
+    wherever it is a real token when there are no labels. Everything is computed in float32.
+    """
+    s, t = student.float(), teacher.float()
+    parts: dict[str, float] = {}
+    total = s.new_zeros(())
+    if task == "lm":
+        s, t = s[:, :-1], t[:, :-1]
+        if labels is not None:
+            valid = labels[:, 1:] != IGNORE_INDEX
+        elif attention_mask is not None:
+            valid = attention_mask[:, 1:] != 0
+        else:
+            valid = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+        s_v, t_v = s[valid], t[valid]  # [N, V]
+        if s_v.shape[0] == 0:
+            return total + 0.0 * s.sum(), parts  # nothing counted in this batch
+        if kd_weight > 0:
+            kd = _kl(s_v, t_v, temperature)
+            total = total + kd_weight * kd
+            parts["kd"] = float(kd.detach())
+        if labels is not None and task_weight > 0:
+            ce = F.cross_entropy(s_v, labels[:, 1:][valid])
+            total = total + task_weight * ce
+            parts["task"] = float(ce.detach())
+        return total, parts
+    if s.shape[-1] == 1:  # regression head
+        if kd_weight > 0:
+            kd = F.mse_loss(s, t)
+            total = total + kd_weight * kd
+            parts["kd"] = float(kd.detach())
+        if labels is not None and task_weight > 0:
+            mse = F.mse_loss(s.squeeze(-1), labels.float())
+            total = total + task_weight * mse
+            parts["task"] = float(mse.detach())
+        return total, parts
+    if kd_weight > 0:
+        kd = _kl(s, t, temperature)
+        total = total + kd_weight * kd
+        parts["kd"] = float(kd.detach())
+    if labels is not None and task_weight > 0:
+        ce = F.cross_entropy(s, labels)
+        total = total + task_weight * ce
+        parts["task"] = float(ce.detach())
+    return total, parts
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of ``KL(softmax(t/T) ‖ softmax(s/T))``, times ``T²`` (Hinton et al.)."""
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
