@@ -1,4 +1,4 @@
-"""``loracompress export``: ship an adapter as ONNX (merged or multi-LoRA) or for a serving engine."""
+"""``loracompress export``: ship an adapter as ONNX (merged or multi-LoRA), a llama.cpp GGUF, or for a serving engine."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_R
 from loracompress.core.adapter import parse_dtype
 from loracompress.errors import LoraCompressError
 from loracompress.export import REPORT_NAME, TARGETS, OnnxOptions, export_onnx, export_target
+from loracompress.export.gguf import export_gguf
 
-FORMATS = ("onnx", *TARGETS)
+FORMATS = ("onnx", *TARGETS, "gguf")
 
 
 def _format(fmt: str | None, target: str | None) -> str:
@@ -28,8 +29,8 @@ def _format(fmt: str | None, target: str | None) -> str:
 def export_cmd(
     adapters: list[Path] = typer.Argument(..., help="PEFT adapter folder(s); several only with --mode adapters."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-FORMAT)."),
-    fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm or uniform."),
-    target: str | None = typer.Option(None, "--target", help="Same as --format for adapter targets: peft, vllm, uniform."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm, uniform or gguf."),
+    target: str | None = typer.Option(None, "--target", help="Same as --format for adapter targets: peft, vllm, uniform, gguf (llama.cpp / Ollama)."),
     base_model: str | None = BASE_MODEL,
     mode: str = typer.Option("merged", "--mode", help="ONNX: merged (one graph, adapter folded in) or adapters (multi-LoRA)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or fp16 for GPU serving; targets: output dtype."),
@@ -46,9 +47,14 @@ def export_cmd(
     """Export ADAPTER as ONNX (verified with onnxruntime) or as a peft / vllm / uniform adapter."""
     chosen = _format(fmt, target)
     out = output or adapters[0].resolve().parent / f"{adapters[0].resolve().name}-{chosen}"
+    if chosen != "onnx" and len(adapters) != 1:
+        raise LoraCompressError(f"--format {chosen} takes one adapter folder")
+    if chosen == "gguf":
+        record = export_gguf(adapters[0], out, base_model=base_model, dtype=parse_dtype(dtype), force=force,
+                             trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite)
+        _print_gguf(record, as_json)
+        return
     if chosen != "onnx":
-        if len(adapters) != 1:
-            raise LoraCompressError(f"--format {chosen} takes one adapter folder")
         record = export_target(adapters[0], out, chosen, rank=rank, dtype=parse_dtype(dtype), force=force,
                                allow_nonfinite=allow_nonfinite)
         _print_target(record, as_json)
@@ -81,6 +87,19 @@ def _print_target(record: dict[str, Any], as_json: bool) -> None:
         line += f"; every module at rank {record['rank']}"
     console.print(line)
     console.print(f"wrote {record['output']}")
+
+
+def _print_gguf(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(record)
+        return
+    check = record["check"]
+    console.print(f"llama.cpp LoRA GGUF ({record['dtype']}, {record['architecture']}): {record['modules']} modules, "
+                  f"ranks {min(record['ranks'].values())}-{record['max_rank']}, adapter.lora.alpha = {record['lora_alpha']:g}, "
+                  f"{human_bytes(record['bytes'])}")
+    console.print(f"  read back: max relative ΔW error {check['max_rel_error']:.3g} (tolerance {check['tolerance']:.3g})")
+    console.print(f"wrote {record['output']}/{record['file']}; serve with: llama-server -m BASE.gguf --lora "
+                  f"{record['output']}/{record['file']}")
 
 
 def register(app: typer.Typer) -> None:
