@@ -43,6 +43,7 @@ from loracompress.calibration.methods.base import Method  # noqa: E402
 from loracompress.calibration.methods.registry import get_method  # noqa: E402
 from loracompress.core.adapter import Adapter, load_adapter  # noqa: E402
 from loracompress.runtime.data import make_batches, model_inputs, read_examples  # noqa: E402
+from loracompress.runtime.device import resolve_device  # noqa: E402
 from loracompress.runtime.model import load_base_model  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "minilm-rt"
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lr = 1e-3
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dev = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, base_model, batches, what = _setup(Path(tmp), args.batch_size, args.seq_len, args.steps)
         adapter = load_adapter(adapter_dir)

@@ -50,19 +50,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def run(args: argparse.Namespace) -> None:
     from loracompress.core.adapter import load_adapter
+    from loracompress.pipelines.evaluate import EvalOptions
+    from loracompress.pipelines.inputs import load_base, read_batches
     from loracompress.pipelines.prune import PruneOptions, prune
-    from loracompress.runtime.data import make_batches, prepare_model, read_for_model, task_of
-    from loracompress.runtime.model import load_base_model
+    from loracompress.runtime.data import task_of
 
     task = task_spec(args.task)
     torch.set_num_threads(args.threads)
     original = load_adapter(task.adapter)
-    base = load_base_model(task.base, original, device="cpu")
-    prepare_model(base)
+    test_opts = EvalOptions(data=str(task.test), base_model=task.base, max_samples=args.max_test, seed=0,
+                            seq_len=task.seq_len, batch_size=task.batch_size, device="cpu")
+    base = load_base(original, test_opts)
     kind = task_of(base)
-    test = read_for_model(base, task.test, max_samples=args.max_test, seed=0)
-    score = Scorer(base, original, make_batches(test, base.tokenizer, task=kind, seq_len=task.seq_len,
-                                                batch_size=task.batch_size), kind, task.metric)
+    test, test_batches = read_batches(base, task.test, test_opts)
+    score = Scorer(base, original, test_batches, kind, task.metric)
     command = shlex.join(["python", "benchmarks/defaults_sweep.py", *sys.argv[1:]])
     with _locked(OUT):
         state = json.loads(OUT.read_text()) if args.append and OUT.exists() else {"rows": [], "commands": []}

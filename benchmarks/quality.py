@@ -240,10 +240,10 @@ def run(args: argparse.Namespace) -> None:
     from loracompress.core.adapter import load_adapter
     from loracompress.core.budget import Budget
     from loracompress.cuts.nested import truncate_adapter
-    from loracompress.pipelines.calibrate import load_data
+    from loracompress.pipelines.evaluate import EvalOptions
+    from loracompress.pipelines.inputs import load_base, load_data, read_batches
     from loracompress.pipelines.prune import PruneOptions, prune
-    from loracompress.runtime.data import make_batches, prepare_model, read_for_model
-    from loracompress.runtime.model import load_base_model
+    from loracompress.runtime.data import task_of
 
     task = task_spec(args.task)
     seq_len = args.seq_len or task.seq_len
@@ -251,13 +251,12 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     original = load_adapter(task.adapter)
-    base = load_base_model(task.base, original, device=args.device if args.device != "auto" else "cpu")
-    prepare_model(base)
-    from loracompress.runtime.data import task_of
-
+    test_opts = EvalOptions(data=str(task.test), base_model=task.base, max_samples=args.max_test, seed=args.seed,
+                            seq_len=seq_len, batch_size=batch_size,
+                            device=args.device if args.device != "auto" else "cpu")
+    base = load_base(original, test_opts)
     kind = task_of(base)
-    test = read_for_model(base, task.test, max_samples=args.max_test, seed=args.seed)
-    test_batches = make_batches(test, base.tokenizer, task=kind, seq_len=seq_len, batch_size=batch_size)
+    test, test_batches = read_batches(base, task.test, test_opts)
     score = Scorer(base, original, test_batches, kind, task.metric)
     common = dict(base_model=task.base, data=str(task.calib), seq_len=seq_len, batch_size=batch_size,
                   max_samples=args.max_calib, seed=args.seed, device=args.device, evaluate=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +34,9 @@ from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
+from loracompress.pipelines.inputs import CalibrationData, load_base, load_data
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CalibrationData:
-    """Batches to calibrate on and to evaluate on, and the task they are for."""
-
-    task: str
-    train: list[dict[str, torch.Tensor]]
-    held_out: list[dict[str, torch.Tensor]]
-    samples: int
-    held_out_samples: int
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -56,36 +45,12 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
-def load_data(base: Any, options: Any) -> CalibrationData:
-    """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
-    from loracompress.runtime.data import make_batches, prepare_model, read_for_model, split_eval, task_of
-
-    if not options.data:
-        raise LoraCompressError(f"method {options.method!r} calibrates on data: pass --data FILE (jsonl, csv, txt, ...)")
-    task = task_of(base)
-    prepare_model(base)
-    fields = {"text_field": options.text_field, "label_field": options.label_field,
-              "max_samples": options.max_samples, "seed": options.seed}
-    examples = read_for_model(base, options.data, **fields)
-    if options.eval_data:
-        held = read_for_model(base, options.eval_data, **fields)
-    elif options.evaluate:
-        examples, held = split_eval(examples, options.eval_fraction, options.seed)
-    else:
-        held = []
-    kw = {"task": task, "seq_len": options.seq_len, "batch_size": options.batch_size}
-    train = make_batches(examples, base.tokenizer, shuffle=True, seed=options.seed, **kw)
-    held_batches = make_batches(held, base.tokenizer, **kw) if held else []
-    return CalibrationData(task, train, held_batches, len(examples), len(held))
-
-
 def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Compress the adapter at ``source`` into ``out`` with ``options.method``; returns the report.
 
     ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`.
     """
     from loracompress.pipelines.results import write_result
-    from loracompress.runtime.model import load_base_model
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -108,7 +73,7 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     mods = list(adapter.modules.values())
     target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
-    base = load_base_model(options.base_model, adapter, trust_remote_code=options.trust_remote_code)
+    base = load_base(adapter, options, place=False)  # the engine's accelerator places it
     data = load_data(base, options)
     log.info("calibrating with %s on %d samples (%d batches), %d held out", options.method, data.samples,
              len(data.train), data.held_out_samples)

@@ -30,14 +30,7 @@ from torch import nn
 
 from loracompress.core.adapter import Adapter, load_adapter
 from loracompress.errors import LoraCompressError
-from loracompress.runtime.data import (
-    IGNORE_INDEX,
-    make_batches,
-    model_inputs,
-    prepare_model,
-    read_for_model,
-    task_of,
-)
+from loracompress.runtime.data import IGNORE_INDEX, model_inputs, task_of
 from loracompress.runtime.layers import attach, detach, use_mode
 
 
@@ -244,7 +237,7 @@ class EvalOptions:
 def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate the adapter at ``adapter_path`` against ``options.reference`` (an adapter folder),
     or against the base model alone when there is no reference, on ``options.data``."""
-    from loracompress.runtime.model import load_base_model
+    from loracompress.pipelines.inputs import load_base, read_batches
 
     if options.temperature <= 0:
         raise LoraCompressError(f"--temperature must be positive (got {options.temperature})")
@@ -253,18 +246,10 @@ def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, 
     notes = []
     if reference is not None and _heads_differ(adapter, reference):
         notes.append("the two adapters carry different modules_to_save tensors; the reference's are used for both")
-    device = options.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     # The reference's record of its base (and its heads) when there is one: it is the ground truth.
-    base = load_base_model(options.base_model, reference or adapter, device=device,
-                           trust_remote_code=options.trust_remote_code)
-    prepare_model(base)
+    base = load_base(reference or adapter, options)
     task = task_of(base)
-    examples = read_for_model(base, options.data, text_field=options.text_field, label_field=options.label_field,
-                              max_samples=options.max_samples, seed=options.seed)
-    batches = make_batches(examples, base.tokenizer, task=task, seq_len=options.seq_len,
-                           batch_size=options.batch_size)
+    examples, batches = read_batches(base, options.data, options)
     result = compare_adapters(base, reference, adapter, batches, task, temperature=options.temperature)
     result.update({
         "adapter": str(adapter_path),

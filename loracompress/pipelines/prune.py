@@ -169,17 +169,13 @@ def _activation_aware(
 ) -> tuple[SvdResult, dict[str, Any], dict[str, Any]]:
     """``--method svd`` with ``--data``: the activation-aware cut; its settings and held-out quality."""
     from loracompress.cuts.activation import DEFAULT_DAMPING, activation_aware_svd
-    from loracompress.pipelines.calibrate import load_data
     from loracompress.pipelines.evaluate import compare_adapters
-    from loracompress.runtime.model import load_base_model
+    from loracompress.pipelines.inputs import load_base, load_data
 
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
     damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked in _check_method
-    device = options.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base_model(options.base_model, adapter, device=device, trust_remote_code=options.trust_remote_code)
+    base = load_base(adapter, options)
     data = load_data(base, options)
     result = activation_aware_svd(
         base, adapter, data.train, budget, damping=damping, select=select, min_rank=options.min_rank,

@@ -55,6 +55,7 @@ class TruncateOptions:
     text_field: str | None = None
     label_field: str | None = None
     max_samples: int | None = None
+    seed: int = 0  # of the --max-samples subset
     seq_len: int = 128
     batch_size: int = 16
     device: str = "auto"
@@ -123,18 +124,12 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
 def _measure(original: Adapter, cuts: list[Cut], options: TruncateOptions) -> list[dict[str, Any]]:
     """Each cut against ``original`` on the held-out data: one model load, one tokenisation."""
     from loracompress.pipelines.evaluate import compare_adapters
-    from loracompress.runtime.data import make_batches, prepare_model, read_for_model, task_of
-    from loracompress.runtime.model import load_base_model
+    from loracompress.pipelines.inputs import load_base, read_batches
+    from loracompress.runtime.data import task_of
 
-    device = options.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base_model(options.base_model, original, device=device, trust_remote_code=options.trust_remote_code)
-    prepare_model(base)
+    base = load_base(original, options)
     task = task_of(base)
-    examples = read_for_model(base, options.eval_data, text_field=options.text_field,
-                              label_field=options.label_field, max_samples=options.max_samples)
-    batches = make_batches(examples, base.tokenizer, task=task, seq_len=options.seq_len, batch_size=options.batch_size)
+    _, batches = read_batches(base, options.eval_data, options)
     return [compare_adapters(base, original, cut.adapter, batches, task) for cut in cuts]
 
 

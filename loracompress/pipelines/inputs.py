@@ -1,0 +1,125 @@
+"""What every data-driven pipeline starts from: the base model, ready for batches, and the data batched for it.
+
+``eval``, ``truncate --eval-data``, ``prune --method svd --data`` and calibration all run::
+
+    adapter + --base-model ─▶ load_base (device resolved, pad id set) ─▶ task_of
+                           ─▶ read_data (fields detected, labels checked against the head) ─▶ batches
+
+The options objects of those commands (:class:`~loracompress.pipelines.prune.PruneOptions`,
+:class:`~loracompress.pipelines.truncate.TruncateOptions`, :class:`~loracompress.pipelines.evaluate.EvalOptions`)
+share the fields read here; :class:`ModelSource` and :class:`DataSource` name them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from loracompress.core.adapter import Adapter
+from loracompress.errors import LoraCompressError
+from loracompress.runtime.data import (
+    Examples,
+    make_batches,
+    prepare_model,
+    read_for_model,
+    split_eval,
+    task_of,
+)
+from loracompress.runtime.device import resolve_device
+
+if TYPE_CHECKING:  # runtime.model imports transformers: loaded on first use, not with the CLI
+    from loracompress.runtime.model import BaseModel
+
+Batch = dict[str, torch.Tensor]
+
+
+class ModelSource(Protocol):
+    """The options that say which base model to load, and where."""
+
+    base_model: str | None
+    device: str
+    trust_remote_code: bool
+
+
+class DataSource(Protocol):
+    """The options that say how to read and batch the data."""
+
+    text_field: str | None
+    label_field: str | None
+    max_samples: int | None
+    seed: int
+    seq_len: int
+    batch_size: int
+
+
+class CalibrationSource(DataSource, Protocol):
+    """The data options of a calibration (or activation-aware) run: the data and its held-out part."""
+
+    method: str | None
+    data: str | None
+    eval_data: str | None
+    evaluate: bool
+    eval_fraction: float
+
+
+def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True) -> BaseModel:
+    """The base model of ``adapter`` (``options.base_model`` or the adapter's record of it), ready for batches.
+
+    ``place=False`` leaves it on the CPU: the calibration engine places the model itself.
+    """
+    from loracompress.runtime.model import load_base_model
+
+    device = resolve_device(options.device) if place else "cpu"
+    base = load_base_model(options.base_model, adapter, device=device, trust_remote_code=options.trust_remote_code)
+    prepare_model(base)
+    return base
+
+
+def read_data(base: BaseModel, path: str | Path, options: DataSource) -> Examples:
+    """The samples at ``path`` for ``base`` (string labels in its order, labels checked against its head)."""
+    return read_for_model(base, path, text_field=options.text_field, label_field=options.label_field,
+                          max_samples=options.max_samples, seed=options.seed)
+
+
+def batches(base: BaseModel, examples: Examples | list, options: DataSource, *, shuffle: bool = False) -> list[Batch]:
+    """``examples`` tokenised and padded for ``base``'s task (shuffled with ``options.seed`` when asked)."""
+    return make_batches(examples, base.tokenizer, task=task_of(base), seq_len=options.seq_len,
+                        batch_size=options.batch_size, shuffle=shuffle, seed=options.seed)
+
+
+def read_batches(base: BaseModel, path: str | Path, options: DataSource) -> tuple[Examples, list[Batch]]:
+    """:func:`read_data` then :func:`batches`, in file order: the held-out data of ``eval`` and ``truncate``."""
+    examples = read_data(base, path, options)
+    return examples, batches(base, examples, options)
+
+
+@dataclass
+class CalibrationData:
+    """Batches to calibrate on and to evaluate on, and the task they are for."""
+
+    task: str
+    train: list[Batch]
+    held_out: list[Batch]
+    samples: int
+    held_out_samples: int
+
+
+def load_data(base: BaseModel, options: CalibrationSource) -> CalibrationData:
+    """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
+    if not options.data:
+        raise LoraCompressError(f"method {options.method!r} calibrates on data: pass --data FILE (jsonl, csv, txt, ...)")
+    task = task_of(base)
+    prepare_model(base)  # idempotent; callers that loaded the model themselves may not have
+    examples = read_data(base, options.data, options)
+    if options.eval_data:
+        held = read_data(base, options.eval_data, options)
+    elif options.evaluate:
+        examples, held = split_eval(examples, options.eval_fraction, options.seed)
+    else:
+        held = []
+    train = batches(base, examples, options, shuffle=True)
+    held_batches = batches(base, held, options) if held else []
+    return CalibrationData(task, train, held_batches, len(examples), len(held))

@@ -1,0 +1,59 @@
+"""The entry point from a path to :class:`Examples`: read the rows, find the fields, take a subset."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from loracompress.errors import LoraCompressError
+from loracompress.runtime.data.examples import Example, Examples
+from loracompress.runtime.data.fields import examples_from_records
+from loracompress.runtime.data.readers import read_records
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    label2id: dict[str, int] | None = None,
+) -> Examples:
+    """Read the samples in ``path`` (a file or a ``save_to_disk`` folder).
+
+    Args:
+        path: the data file or folder.
+        text_field: the field holding the text; detected when ``None``.
+        label_field: the field holding the class; detected when ``None``. Give ``""`` to ignore labels.
+        max_samples: keep a seeded random subset of at most this many samples (in file order).
+        seed: seed of that subset.
+        label2id: how string labels map to indices (e.g. the model's ``config.label2id``);
+            sorted order when ``None``.
+
+    Raises:
+        LoraCompressError: missing, empty, binary or non-UTF-8 data, no text field, bad labels.
+    """
+    p = Path(path).expanduser()
+    if max_samples is not None and max_samples < 1:
+        raise LoraCompressError(f"--max-samples must be >= 1 (got {max_samples})")
+    if not p.exists():
+        raise LoraCompressError(f"data {p} not found; pass --data with an existing file or folder")
+    records, fmt = read_records(p)
+    if not records:
+        raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
+    if fmt == "text":
+        examples = Examples((Example(text=t) for t in records), info={"format": fmt, "text_field": None})
+    else:
+        examples = examples_from_records(records, p, text_field=text_field, label_field=label_field,
+                                         label2id=label2id)
+        examples.info["format"] = fmt
+    if not examples:
+        raise LoraCompressError(f"data {p}: every sample has an empty text; pass a file with text in it")
+    examples.info["source"] = str(p)
+    examples.info["total_samples"] = len(examples)
+    if max_samples is not None and max_samples < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), max_samples))
+        examples = examples.derive(examples[i] for i in keep)
+    examples.info["samples"] = len(examples)
+    return examples
