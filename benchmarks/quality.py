@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from loracompress.calibration.methods.registry import available  # noqa: E402
 from loracompress.calibration.methods.base import Method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,9 @@ sys.path.insert(0, str(ROOT / "samples"))
 
 log = logging.getLogger("quality")
 
-CALIBRATED = ("prilora", "lorpa", "increlora", "adalora")
+#: every registered calibration method (one file each under loracompress/calibration/methods/); DyLoRA is
+#: run once at the largest budget and truncated to the others, so it has its own row kind
+CALIBRATED = tuple(m for m in available() if m != "dylora")
 ALL_METHODS = ("svd", "svd-aware", *CALIBRATED, "dylora", "peft-convert", "uniform-svd", "scratch")
 BASELINES = ("peft-convert", "uniform-svd", "scratch")
 

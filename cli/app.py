@@ -68,11 +68,20 @@ def _register_all() -> None:
 _register_all()
 
 
+def _refresh_help() -> None:
+    """Help texts built from registries (the calibration methods) are filled in at each parse."""
+    for name in COMMAND_MODULES:
+        refresh = getattr(importlib.import_module(f"loracompress_cli.{name}"), "refresh_help", None)
+        if refresh is not None:
+            refresh()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORACOMPRESS_DEBUG") == "1"
     try:
+        _refresh_help()
         result = app(args=args, prog_name="loracompress", standalone_mode=False)
     except _EXITS as e:
         return e.exit_code

@@ -33,12 +33,23 @@ from loracompress.pipelines.prune import (
 )
 
 
+#: its help lists the registered methods, so it is filled in when the command line is built
+#: (:func:`refresh_help`): a method registered by a plugin or a test shows up too
+METHOD = typer.Option(None, "--method", "-m", help="")
+
+
+def refresh_help() -> None:
+    """Fill in ``--method``'s help from the method registry (called before each command-line parse)."""
+    from loracompress.calibration.methods.registry import help_line
+
+    METHOD.help = f"{help_line()} Default: svd, or {DEFAULT_CALIBRATION} (calibration) with --data and --budget."
+
+
 def prune_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to compress."),
     budget: str | None = typer.Option(None, "--budget", "-b", help="0.5, 50%, 1.2M, 300k, 4MB, 4MiB or rank=8."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-compressed)."),
-    method: str | None = typer.Option(None, "--method", "-m", help="svd (training-free; activation-aware with --data), prilora, lorpa, increlora, dylora, adalora. "
-                                     f"Default: svd, or {DEFAULT_CALIBRATION} (calibration) with --data and --budget."),
+    method: str | None = METHOD,
     select: str | None = typer.Option(None, "--select", help="Per-module cap: energy:0.95, fro:0.9 or ratio:10."),
     min_rank: int = typer.Option(0, "--min-rank", help="Keep at least this rank in every module."),
     max_rank: int | None = typer.Option(None, "--max-rank", help="Keep at most this rank in any module."),

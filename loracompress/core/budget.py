@@ -159,11 +159,11 @@ def allocate(
     hi = {n: min(_bound(max_rank, n, len(vals[n])), len(vals[n])) for n in names}
     for n in names:
         if lo[n] > hi[n]:
-            raise LoraCompressError(f"--min-rank {lo[n]} is above the maximum rank {hi[n]} allowed for {n}")
+            raise LoraCompressError(f"minimum rank {lo[n]} is above the maximum rank {hi[n]} allowed for {n}; lower the minimum rank")
     floor_cost = sum(lo[n] * costs[n] for n in names)
     if floor_cost > target:
         raise LoraCompressError(
-            f"--min-rank needs {_fmt(floor_cost)} parameters but the budget is {_fmt(target)}; lower --min-rank or raise the budget"
+            f"the minimum rank needs {_fmt(floor_cost)} parameters but the budget is {_fmt(target)}; lower the minimum rank or raise the budget"
         )
     ranks = dict(lo)
     spent = floor_cost

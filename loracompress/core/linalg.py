@@ -128,3 +128,10 @@ def effective_rank(energy: torch.Tensor, fraction: float) -> int:
     cum = torch.cumsum(energy, 0) / total
     # small tolerance so that fraction=1.0 is met despite rounding in cumsum
     return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype)).item()) + 1
+
+
+def component_energies(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(s·‖A_i‖·‖B_i‖)²`` per component, in float64: ``σ_i²`` when ``A``/``B`` are balanced SVD factors."""
+    a = A.double().norm(dim=1)
+    b = B.double().norm(dim=0)
+    return (a * b * scale) ** 2

@@ -20,6 +20,7 @@ import torch
 from loracompress.calibration.methods.dylora import ORDER_VALUE, RANGE_KEY, VALUES_KEY
 from loracompress.core.adapter import ORDER_KEY, Adapter, LoraModule
 from loracompress.core.budget import Budget, allocate
+from loracompress.core.linalg import component_energies
 from loracompress.cuts.svd import compress_svd
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ def dylora_values(adapter: Adapter) -> dict[str, np.ndarray]:
         else:
             if raw:
                 log.warning("no recorded values for %s; using its components' energies", path)
-            a = m.A.double().norm(dim=1)
-            b = m.B.double().norm(dim=0)
-            values[path] = ((a * b * m.scale) ** 2).numpy()
+            values[path] = component_energies(m.A, m.B, m.scale).numpy()
     return values
 
 

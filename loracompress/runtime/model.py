@@ -17,13 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Before transformers (and huggingface_hub, which reads it once at import): nothing is ever
-# downloaded, and no request is made for an id that is not in the local cache.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import transformers
+from torch import nn
 
 from loracompress.core.adapter import KEY_PREFIX, Adapter, base_param_name
 from loracompress.errors import LoraCompressError

@@ -78,7 +78,8 @@ def drive(
     torch.manual_seed(seed)
     params = [p for layer in calib.layers.values() for p in (layer.A, layer.B)]
     opt = torch.optim.Adam(params, lr=lr)
-    ctx = CalibContext(layers=calib.layers, target_params=target, total_steps=steps, optimizer=opt, seed=seed)
+    ctx = CalibContext(layers=calib.layers, target_params=target, total_steps=steps, optimizer=opt, seed=seed,
+                       reset_optimizer=opt.state.clear)
     method.setup(ctx)
     for step in range(steps):
         method.before_forward(step)

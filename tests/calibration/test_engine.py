@@ -26,7 +26,7 @@ from loracompress.calibration.engine import (
     svd_student,
 )
 from loracompress.calibration.methods.base import Method
-from loracompress.calibration.methods.lorpa import component_magnitude, keep_components
+from loracompress.calibration.methods.components import component_magnitude, keep_components
 from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter
 from loracompress.core.budget import Budget, allocate
 from loracompress.cuts.svd import compress_svd

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loracompress.calibration.methods.lorpa import LoRPA, component_magnitude
+from loracompress.calibration.methods.components import component_magnitude
+from loracompress.calibration.methods.lorpa import LoRPA
 from loracompress.calibration.methods.registry import get_method
 from loracompress.errors import LoraCompressError
 from tests.calibration.test_engine import calib_files, check_beats_svd, check_method_output, tiny_bert_run

@@ -52,8 +52,7 @@ class Checkpoints:
                     else:
                         opt_values[f"{pid}.{k}"] = v
             method_values: dict[str, Any] = {}
-            state_fn = getattr(method, "state_dict", None)
-            for k, v in (state_fn() if callable(state_fn) else {}).items():
+            for k, v in method.state_dict().items():
                 if isinstance(v, torch.Tensor):
                     tensors[f"method.{k}"] = v.detach()
                 else:
@@ -122,11 +121,9 @@ class Checkpoints:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         if info.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(info["scaler"])
-        load_fn = getattr(method, "load_state_dict", None)
-        if callable(load_fn):
-            mstate: dict[str, Any] = dict(info.get("method", {}))
-            mstate.update({k[len("method."):]: v.to(dev) for k, v in tensors.items() if k.startswith("method.")})
-            load_fn(mstate)
+        mstate: dict[str, Any] = dict(info.get("method", {}))
+        mstate.update({k[len("method."):]: v.to(dev) for k, v in tensors.items() if k.startswith("method.")})
+        method.load_state_dict(mstate)
         return int(info["step"]), [float(x) for x in info.get("losses", [])]
 
 

@@ -21,7 +21,7 @@ re-factorised in SVD order (scale folded) into the result :class:`~loracompress.
 Built on ``accelerate``: CPU, CUDA, bf16/fp16 mixed precision, and several processes
 (``accelerate launch -m loracompress prune ...``, DDP: every process trains on its own shard of
 the batches; everything a method decides from is identical on every process, or reduced with
-``ctx.extras["reduce_mean"]``).
+``ctx.reduce_mean``).
 
 Interruption and resuming: SIGINT/SIGTERM finish the current step, save a checkpoint when
 checkpointing is on, and raise :class:`Interrupted` (nothing is written to the output). A
@@ -29,12 +29,8 @@ checkpoint is a folder ``step-NNNNNNNN`` holding ``state.safetensors`` (student 
 optimizer moments, method tensors) and ``state.json`` (step, settings fingerprint, optimizer
 groups, method values), never a pickle. Resuming restores all of it; the data order is a pure
 function of ``(seed, epoch)``, so a resumed run ends with the same bytes as an uninterrupted one.
-Optional method attributes the engine uses when present:
-
-- ``state_dict() -> dict[str, Tensor | JSON value]`` and ``load_state_dict(state)``: state kept
-  across steps (EMAs, rewind points), saved in checkpoints so that resuming is exact;
-- ``schedule_restarts() -> list[int]``: steps where the learning-rate schedule starts again
-  (warm-up and decay), e.g. where LoRPA rewinds and retrains.
+The whole method contract (hooks, state, schedule restarts, the context's callbacks) is in
+:mod:`loracompress.calibration.methods.base`.
 """
 
 from __future__ import annotations
@@ -184,7 +180,7 @@ class Engine:
             ctx = CalibContext(
                 layers=layers, target_params=int(target_params), total_steps=total, optimizer=optimizer,
                 seed=cfg.seed, depth=depth, num_layers=num_layers,
-                extras={"task": task, "num_processes": world, "reduce_mean": reducer(accelerator)},
+                reduce_mean=reducer(accelerator), reset_optimizer=lambda: optimizer.state.clear(),
             )
             method.setup(ctx)
             with warnings.catch_warnings():  # torch deprecates broadcast_buffers; False is still what we mean
@@ -249,8 +245,7 @@ class _Loop:
         reused = total > len(batches)
         self.cache: dict[int, torch.Tensor] | None = {} if (cfg.cache_teacher or (cfg.cache_teacher is None and reused)) else None
         self._order: tuple[int, list[int]] | None = None
-        restarts = getattr(method, "schedule_restarts", None)
-        self.restarts = sorted({int(r) for r in (restarts() if callable(restarts) else []) if 0 < int(r) < total})
+        self.restarts = sorted({int(r) for r in method.schedule_restarts() if 0 < int(r) < total})
         self.t0 = time.perf_counter()
         self.student_time = self.teacher_time = 0.0
         self.step_seconds: list[float] = []

@@ -29,24 +29,56 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from loracompress.calibration.methods.base import CalibContext, Method
-from loracompress.calibration.methods.importance import (
-    ComponentImportance,
+from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
+from loracompress.calibration.methods.components import (
     add_orthogonality_grad,
     component_energy,
     keep_leading,
     live_layers,
     move_to_front,
 )
+from loracompress.calibration.methods.importance import ComponentImportance
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaLoRASettings(MethodSettings):
+    """t_init / t_final: fractions of the steps before pruning starts and with the final mask fixed.
+    interval: steps between re-allocations (None: about 50 of them). init_budget: the schedule's start as
+    a fraction of the adapter (below 1: from the SVD cut of that size). beta1, beta2: EMA factors of the
+    sensitivity and its uncertainty. orth_reg: weight of the orthogonality regulariser (0: off)."""
+
+    t_init: float = 0.1
+    t_final: float = 0.2
+    interval: int | None = None
+    init_budget: float = 1.0
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.1
+
+    def __post_init__(self) -> None:
+        t_init, t_final = self.t_init, self.t_final
+        if not (0 <= t_init <= 1 and 0 <= t_final <= 1 and t_init + t_final <= 1):
+            raise LoraCompressError(
+                f"adalora: t_init={t_init} and t_final={t_final} must be fractions of the run with t_init + t_final <= 1"
+            )
+        if self.interval is not None and self.interval < 1:
+            raise LoraCompressError(f"adalora: interval={self.interval} must be at least 1 step")
+        if not 0 < self.init_budget <= 1:
+            raise LoraCompressError(f"adalora: init_budget={self.init_budget} must be a fraction of the adapter in (0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise LoraCompressError(f"adalora: beta1={self.beta1} and beta2={self.beta2} must be in [0, 1)")
+        if self.orth_reg < 0:
+            raise LoraCompressError(f"adalora: orth_reg={self.orth_reg} must be >= 0")
 
 
 class AdaLoRA(Method):
@@ -63,32 +95,12 @@ class AdaLoRA(Method):
     """
 
     name = "adalora"
+    summary = "AdaLoRA's triplet importance and cubic schedule, the budget counted in parameters"
+    Settings = AdaLoRASettings
 
-    def __init__(
-        self,
-        t_init: float = 0.1,
-        t_final: float = 0.2,
-        interval: int | None = None,
-        init_budget: float = 1.0,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        orth_reg: float = 0.1,
-    ) -> None:
-        super().__init__(t_init=t_init, t_final=t_final, interval=interval, init_budget=init_budget,
-                         beta1=beta1, beta2=beta2, orth_reg=orth_reg)
-        if not (0 <= t_init <= 1 and 0 <= t_final <= 1 and t_init + t_final <= 1):
-            raise LoraCompressError(
-                f"adalora: t_init={t_init} and t_final={t_final} must be fractions of the run with t_init + t_final <= 1"
-            )
-        if interval is not None and interval < 1:
-            raise LoraCompressError(f"adalora: interval={interval} must be at least 1 step")
-        if not 0 < init_budget <= 1:
-            raise LoraCompressError(f"adalora: init_budget={init_budget} must be a fraction of the adapter in (0, 1]")
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise LoraCompressError(f"adalora: beta1={beta1} and beta2={beta2} must be in [0, 1)")
-        if orth_reg < 0:
-            raise LoraCompressError(f"adalora: orth_reg={orth_reg} must be >= 0")
-        self.importance = ComponentImportance(beta1, beta2)
+    def __init__(self, settings: AdaLoRASettings | None = None, **values: Any) -> None:
+        super().__init__(settings, **values)
+        self.importance = ComponentImportance(self.config.beta1, self.config.beta2)
         #: (steps done, budget in parameters, parameters active) at every allocation
         self.history: list[tuple[int, int, int]] = []
         self._final_done = False

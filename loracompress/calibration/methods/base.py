@@ -1,4 +1,4 @@
-"""The calibration-method interface: plain hooks that the engine calls, in this order.
+"""The calibration-method contract: plain hooks that the engine calls, in this order.
 
 ::
 
@@ -12,49 +12,94 @@
     ranks = method.finalize()              # per-module ranks meeting the budget exactly
     meta = method.metadata()               # str -> str, merged into the output's safetensors metadata
 
+and, for checkpoints and the learning-rate schedule, ``state_dict()`` / ``load_state_dict()`` (state
+kept across steps, saved so that resuming is exact) and ``schedule_restarts()`` (steps where the
+warm-up and decay start again). Every hook has a no-op default here; only ``finalize`` is required.
+
 Methods never run their own loop and never do I/O. Allocation state (scores, EMAs, masks to
 apply) lives in the method, not in the layers; a method changes a layer only through its
-``mask`` and, where the algorithm needs it, its ``A``/``B`` values. ``finalize`` must meet
-``ctx.target_params`` through :func:`loracompress.core.budget.allocate` so every method meets its
-budget the same way. A user can drive these hooks from their own training loop.
+``mask`` and, where the algorithm needs it, its ``A``/``B`` values, and the engine's state only
+through the callbacks in :class:`CalibContext`. ``finalize`` must meet ``ctx.target_params``
+through :func:`loracompress.core.budget.allocate`, so every method meets its budget the same way.
+
+A method is one file: a :class:`Method` subclass with a ``name``, a one-line ``summary`` and a
+``Settings`` dataclass (validated in ``__post_init__``) registers itself when its module is imported;
+:mod:`loracompress.calibration.methods.registry` imports every module of this package, so the CLI's
+``--method`` help and the methods table in docs/methods.md list it without further edits.
+A user can drive these hooks from their own training loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
 from loracompress.runtime.layers import LoraLayer
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class CalibContext:
-    """What a method may know about the run."""
+    """What a method may know about the run, and the two things it may ask of the engine."""
 
     layers: dict[str, LoraLayer]  # path -> layer, in model order
     target_params: int  # the budget, in parameters (one rank of a layer costs in + out)
     total_steps: int
+    #: for inspection only (e.g. the current learning rate): change its state through reset_optimizer
     optimizer: torch.optim.Optimizer | None = None
     seed: int = 0
     #: path -> depth index (0 = first block), for depth-aware methods; -1 when unknown
     depth: dict[str, int] = field(default_factory=dict)
     num_layers: int = 1  # number of transformer blocks
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: the mean of a tensor over all processes (identity in one process): every decision a method
+    #: takes from statistics must be the same on every process of a distributed run
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
+    #: forget the optimizer's moments (e.g. LoRPA's rewound ticket retrains from fresh ones)
+    reset_optimizer: Callable[[], None] = _nothing
 
     def cost(self, path: str) -> int:
         layer = self.layers[path]
         return int(layer.A.shape[1] + layer.B.shape[0])
 
 
+@dataclass
+class MethodSettings:
+    """A method's ``-O`` settings. Subclasses add fields with defaults and check them in ``__post_init__``
+    (raising :class:`~loracompress.errors.LoraCompressError` with the fix)."""
+
+
 class Method:
-    """Base class: every hook is a no-op; ``finalize`` keeps the leading components by mask order."""
+    """Base class: every hook is a no-op except ``finalize``."""
 
-    name = "base"
+    #: the ``--method`` name; a subclass that sets it is registered (see the registry)
+    name: ClassVar[str] = ""
+    #: one line for ``--help`` and docs/methods.md
+    summary: ClassVar[str] = ""
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
 
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            from loracompress.calibration.methods.registry import register
+
+            register(cls)
+
+    def __init__(self, settings: MethodSettings | None = None, **values: Any) -> None:
+        if settings is not None and values:
+            raise TypeError("give a Settings object or keyword settings, not both")
+        self.config = settings if settings is not None else self.Settings(**values)
+        #: the settings as a plain dict (what the report records)
+        self.settings: dict[str, Any] = asdict(self.config)
         self.ctx: CalibContext | None = None
 
     def setup(self, ctx: CalibContext) -> None:
@@ -76,6 +121,17 @@ class Method:
     def metadata(self) -> dict[str, str]:
         """Safetensors metadata for the output adapter, called after ``finalize`` (e.g. DyLoRA's order)."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across steps (tensors or JSON values), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors already on the run's device)."""
+
+    def schedule_restarts(self) -> list[int]:
+        """Steps where the learning-rate schedule starts again (warm-up and decay); after ``setup``."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in ``compression_report.json``."""

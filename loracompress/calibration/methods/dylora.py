@@ -28,13 +28,14 @@ import json
 import logging
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from loracompress.calibration.methods.base import CalibContext, Method
-from loracompress.calibration.methods.importance import component_energy, keep_leading, live_layers
+from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
+from loracompress.calibration.methods.components import component_energy, keep_leading, live_layers
 from loracompress.core.adapter import ORDER_KEY
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
@@ -50,6 +51,28 @@ MODES = ("full", "frozen")
 SAMPLING = ("log", "uniform")
 
 
+@dataclass
+class DyLoRASettings(MethodSettings):
+    """mode: ``full`` (train the whole sampled prefix) or ``frozen`` (only its last component). b_min: the
+    smallest budget trained, as a fraction of the target budget. sampling: ``log`` (log-uniform budgets) or
+    ``uniform``. top: probability that a step trains the output cut itself."""
+
+    mode: str = "full"
+    b_min: float = 1 / 16
+    sampling: str = "log"
+    top: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LoraCompressError(f"dylora: mode={self.mode!r}; choose one of {', '.join(MODES)}")
+        if not 0 < self.b_min <= 1:
+            raise LoraCompressError(f"dylora: b_min={self.b_min} must be a fraction of the budget in (0, 1]")
+        if self.sampling not in SAMPLING:
+            raise LoraCompressError(f"dylora: sampling={self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if not 0 <= self.top < 1:
+            raise LoraCompressError(f"dylora: top={self.top} must be a probability in [0, 1)")
+
+
 class DyLoRA(Method):
     """Nested-budget training: one sampled cut per step, every cut a prefix of each module.
 
@@ -61,17 +84,11 @@ class DyLoRA(Method):
     """
 
     name = "dylora"
+    summary = "nested-rank training: every prefix works, then `truncate` cuts any size without data"
+    Settings = DyLoRASettings
 
-    def __init__(self, mode: str = "full", b_min: float = 1 / 16, sampling: str = "log", top: float = 0.25) -> None:
-        super().__init__(mode=mode, b_min=b_min, sampling=sampling, top=top)
-        if mode not in MODES:
-            raise LoraCompressError(f"dylora: mode={mode!r}; choose one of {', '.join(MODES)}")
-        if not 0 < b_min <= 1:
-            raise LoraCompressError(f"dylora: b_min={b_min} must be a fraction of the budget in (0, 1]")
-        if sampling not in SAMPLING:
-            raise LoraCompressError(f"dylora: sampling={sampling!r}; choose one of {', '.join(SAMPLING)}")
-        if not 0 <= top < 1:
-            raise LoraCompressError(f"dylora: top={top} must be a probability in [0, 1)")
+    def __init__(self, settings: DyLoRASettings | None = None, **values: Any) -> None:
+        super().__init__(settings, **values)
         self._cache: dict[int, dict[str, int]] = {}
         self._step_ranks: dict[str, int] = {}
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] = {}
@@ -82,11 +99,7 @@ class DyLoRA(Method):
     def setup(self, ctx: CalibContext) -> None:
         super().setup(ctx)
         self.layers, self.costs = live_layers(ctx.layers)
-        given = ctx.extras.get("values") or {}
-        self.values = {
-            p: np.asarray(given[p] if p in given else component_energy(layer).numpy(), dtype=np.float64)
-            for p, layer in self.layers.items()
-        }
+        self.values = {p: np.asarray(component_energy(layer).numpy(), dtype=np.float64) for p, layer in self.layers.items()}
         self.target = int(ctx.target_params)
         smallest = min(self.costs.values(), default=1)
         self.low = max(smallest, int(self.settings["b_min"] * self.target))

@@ -34,23 +34,64 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from loracompress.calibration.methods.base import CalibContext, Method
-from loracompress.calibration.methods.importance import (
-    ComponentImportance,
+from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
+from loracompress.calibration.methods.components import (
     add_orthogonality_grad,
     component_energy,
     keep_leading,
     live_layers,
 )
+from loracompress.calibration.methods.importance import ComponentImportance
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class IncreLoRASettings(MethodSettings):
+    """init_rank / init_fraction: the start's leading components per module and share of the budget.
+    t_init / grow_until: fractions of the steps before the first growth round and by which the budget is
+    allocated. rounds, per_round: growth rounds and components added to one module per round. reserve,
+    advance, reserve_mask: components trained ahead of being added, and the mask they run at. warmup:
+    steps over which a new component's mask ramps to 1 (None: one round). beta1, beta2: EMA factors.
+    orth_reg: weight of the orthogonality regulariser (0: off)."""
+
+    init_rank: int = 1
+    init_fraction: float = 0.5
+    t_init: float = 0.1
+    grow_until: float = 0.7
+    rounds: int = 8
+    per_round: int = 1
+    reserve: int = 1
+    advance: bool = True
+    reserve_mask: float = 1e-3
+    warmup: int | None = None
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.init_rank < 0 or not 0 <= self.init_fraction <= 1:
+            raise LoraCompressError(
+                f"increlora: init_rank={self.init_rank} must be >= 0 and init_fraction={self.init_fraction} in [0, 1]")
+        if not 0 <= self.t_init <= self.grow_until <= 1:
+            raise LoraCompressError(f"increlora: need 0 <= t_init ({self.t_init}) <= grow_until ({self.grow_until}) <= 1")
+        if self.rounds < 1 or self.per_round < 1 or self.reserve < 0:
+            raise LoraCompressError(
+                f"increlora: rounds ({self.rounds}) and per_round ({self.per_round}) must be >= 1, reserve >= 0")
+        if not 0 < self.reserve_mask < 1:
+            raise LoraCompressError(f"increlora: reserve_mask={self.reserve_mask} must be in (0, 1)")
+        if self.warmup is not None and self.warmup < 1:
+            raise LoraCompressError(f"increlora: warmup={self.warmup} must be at least 1 step")
+        if self.orth_reg < 0:
+            raise LoraCompressError(f"increlora: orth_reg={self.orth_reg} must be >= 0")
 
 
 class IncreLoRA(Method):
@@ -72,39 +113,12 @@ class IncreLoRA(Method):
     """
 
     name = "increlora"
+    summary = "starts small and grows rank where the |θ·∇θ| importance is highest"
+    Settings = IncreLoRASettings
 
-    def __init__(
-        self,
-        init_rank: int = 1,
-        init_fraction: float = 0.5,
-        t_init: float = 0.1,
-        grow_until: float = 0.7,
-        rounds: int = 8,
-        per_round: int = 1,
-        reserve: int = 1,
-        advance: bool = True,
-        reserve_mask: float = 1e-3,
-        warmup: int | None = None,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        orth_reg: float = 0.0,
-    ) -> None:
-        super().__init__(init_rank=init_rank, init_fraction=init_fraction, t_init=t_init, grow_until=grow_until,
-                         rounds=rounds, per_round=per_round, reserve=reserve, advance=advance,
-                         reserve_mask=reserve_mask, warmup=warmup, beta1=beta1, beta2=beta2, orth_reg=orth_reg)
-        if init_rank < 0 or not 0 <= init_fraction <= 1:
-            raise LoraCompressError(f"increlora: init_rank={init_rank} must be >= 0 and init_fraction={init_fraction} in [0, 1]")
-        if not 0 <= t_init <= grow_until <= 1:
-            raise LoraCompressError(f"increlora: need 0 <= t_init ({t_init}) <= grow_until ({grow_until}) <= 1")
-        if rounds < 1 or per_round < 1 or reserve < 0:
-            raise LoraCompressError(f"increlora: rounds ({rounds}) and per_round ({per_round}) must be >= 1, reserve >= 0")
-        if not 0 < reserve_mask < 1:
-            raise LoraCompressError(f"increlora: reserve_mask={reserve_mask} must be in (0, 1)")
-        if warmup is not None and warmup < 1:
-            raise LoraCompressError(f"increlora: warmup={warmup} must be at least 1 step")
-        if orth_reg < 0:
-            raise LoraCompressError(f"increlora: orth_reg={orth_reg} must be >= 0")
-        self.importance = ComponentImportance(beta1, beta2)
+    def __init__(self, settings: IncreLoRASettings | None = None, **values: Any) -> None:
+        super().__init__(settings, **values)
+        self.importance = ComponentImportance(self.config.beta1, self.config.beta2)
         self.active: dict[str, int] = {}
         self.start_ranks: dict[str, int] = {}
         #: (steps done, parameters active) after each growth round

@@ -21,38 +21,39 @@ The last phase retrains the winning ticket with its mask fixed; its ranks are th
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from loracompress.calibration.methods.base import CalibContext, Method
+from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
+from loracompress.calibration.methods.components import component_magnitude, keep_components
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
-from loracompress.runtime.layers import LoraLayer
 
 log = logging.getLogger(__name__)
 
 SCORES = ("norm", "products")
 
 
-def component_magnitude(layer: LoraLayer, kind: str = "norm") -> torch.Tensor:
-    """Per-component magnitude of ``scale·B[:, i]·A[i, :]``, squared (an energy, like ``σ²``)."""
-    A, B = layer.A.detach().float(), layer.B.detach().float()
-    if kind == "products":
-        mag = B.abs().sum(0) * A.abs().sum(1)
-    else:
-        mag = B.norm(dim=0) * A.norm(dim=1)
-    return (mag * abs(layer.scale)) ** 2
+@dataclass
+class LoRPASettings(MethodSettings):
+    """rounds: pruning rounds (1: prune once, halfway; 3: geometric steps towards the budget). score:
+    ``"norm"`` (‖B_i‖·‖A_i‖) or ``"products"`` (Σ|B_ki·A_ij|). rewind_step: rewind survivors to their
+    values after this many steps (0: the checkpoint's)."""
 
+    rounds: int = 1
+    score: str = "norm"
+    rewind_step: int = 0
 
-def keep_components(layer: LoraLayer, keep: torch.Tensor) -> None:
-    """Mask (and zero) every component of ``layer`` not in the boolean ``keep``."""
-    with torch.no_grad():
-        drop = ~keep.to(layer.mask.device)
-        layer.mask[drop] = 0.0
-        layer.A[drop] = 0.0
-        layer.B[:, drop] = 0.0
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise LoraCompressError(f"lorpa rounds must be a whole number >= 1 (got {self.rounds!r})")
+        if self.score not in SCORES:
+            raise LoraCompressError(f"lorpa score must be one of {', '.join(SCORES)} (got {self.score!r})")
+        if not isinstance(self.rewind_step, int) or self.rewind_step < 0:
+            raise LoraCompressError(f"lorpa rewind_step must be a step count >= 0 (got {self.rewind_step!r})")
 
 
 class LoRPA(Method):
@@ -65,18 +66,12 @@ class LoRPA(Method):
     """
 
     name = "lorpa"
+    summary = "lottery ticket: magnitude rank-pruning, rewind the survivors, retrain with the mask fixed"
+    Settings = LoRPASettings
 
-    def __init__(self, rounds: int = 1, score: str = "norm", rewind_step: int = 0, **settings: Any) -> None:
-        if settings:
-            raise LoraCompressError(f"lorpa has no setting {sorted(settings)[0]!r}; known: rounds, score, rewind_step")
-        if not isinstance(rounds, int) or rounds < 1:
-            raise LoraCompressError(f"lorpa rounds must be a whole number >= 1 (got {rounds!r})")
-        if score not in SCORES:
-            raise LoraCompressError(f"lorpa score must be one of {', '.join(SCORES)} (got {score!r})")
-        if not isinstance(rewind_step, int) or rewind_step < 0:
-            raise LoraCompressError(f"lorpa rewind_step must be a step count >= 0 (got {rewind_step!r})")
-        super().__init__(rounds=rounds, score=score, rewind_step=rewind_step)
-        self.rounds, self.score, self.rewind_step = rounds, score, rewind_step
+    def __init__(self, settings: LoRPASettings | None = None, **values: Any) -> None:
+        super().__init__(settings, **values)
+        self.rounds, self.score, self.rewind_step = self.config.rounds, self.config.score, self.config.rewind_step
         self.prune_at: list[int] = []  # 0-based steps after which a round prunes
         self.rewind_to: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full_params = 0
@@ -169,8 +164,7 @@ class LoRPA(Method):
                 layer.A.copy_(A0)
                 layer.B.copy_(B0)
                 keep_components(layer, keep)
-        if ctx.optimizer is not None:
-            ctx.optimizer.state.clear()  # the rewound ticket retrains from fresh moments
+        ctx.reset_optimizer()  # the rewound ticket retrains from fresh moments
         kept = sum(counts[p] * costs[p] for p in counts)
         log.info("lorpa round %d/%d: kept %d parameters (target %d), rewound and retraining",
                  k + 1, self.rounds, kept, target)

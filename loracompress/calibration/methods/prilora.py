@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from loracompress.calibration.methods.base import CalibContext, Method
-from loracompress.calibration.methods.lorpa import component_magnitude, keep_components
+from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
+from loracompress.calibration.methods.components import component_magnitude, keep_components
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.layers import LoraLayer
@@ -77,6 +78,32 @@ def linear_ranks(
     return {p: min(hi * weights[p], caps[p]) for p in weights}
 
 
+@dataclass
+class PriLoRASettings(MethodSettings):
+    """rank_ratio: ``r_max / r_min`` of the depth-linear ranks (>= 1; 1 = uniform). fraction: share of each
+    active A row's non-zero elements zeroed at each pruning event. interval: steps between pruning events
+    (None: a twentieth of the steps). beta: EMA factor of the input-norm statistics. cut_end: fraction of
+    the steps by which the structured cut reaches the final ranks."""
+
+    rank_ratio: float = 3.0
+    fraction: float = 0.1
+    interval: int | None = None
+    beta: float = 0.9
+    cut_end: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (self.rank_ratio >= 1 and math.isfinite(self.rank_ratio)):
+            raise LoraCompressError(f"prilora rank_ratio must be >= 1 (got {self.rank_ratio!r})")
+        if not 0 <= self.fraction < 1:
+            raise LoraCompressError(f"prilora fraction must be in [0, 1) (got {self.fraction!r})")
+        if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
+            raise LoraCompressError(f"prilora interval must be a step count >= 1 (got {self.interval!r})")
+        if not 0 <= self.beta < 1:
+            raise LoraCompressError(f"prilora beta must be in [0, 1) (got {self.beta!r})")
+        if not 0 < self.cut_end <= 1:
+            raise LoraCompressError(f"prilora cut_end must be in (0, 1] (got {self.cut_end!r})")
+
+
 class PriLoRA(Method):
     """Depth-linear ranks under the budget; A pruned by ``|A_ij|·x̄_j``; a gradual structured cut.
 
@@ -89,26 +116,14 @@ class PriLoRA(Method):
     """
 
     name = "prilora"
+    summary = "depth-linear ranks, A pruned by |A|·x̄ (input-norm EMA) during a short distillation"
+    Settings = PriLoRASettings
 
-    def __init__(self, rank_ratio: float = 3.0, fraction: float = 0.1, interval: int | None = None,
-                 beta: float = 0.9, cut_end: float = 0.5, **settings: Any) -> None:
-        if settings:
-            raise LoraCompressError(
-                f"prilora has no setting {sorted(settings)[0]!r}; known: rank_ratio, fraction, interval, beta, cut_end"
-            )
-        if not (rank_ratio >= 1 and math.isfinite(rank_ratio)):
-            raise LoraCompressError(f"prilora rank_ratio must be >= 1 (got {rank_ratio!r})")
-        if not 0 <= fraction < 1:
-            raise LoraCompressError(f"prilora fraction must be in [0, 1) (got {fraction!r})")
-        if interval is not None and (not isinstance(interval, int) or interval < 1):
-            raise LoraCompressError(f"prilora interval must be a step count >= 1 (got {interval!r})")
-        if not 0 <= beta < 1:
-            raise LoraCompressError(f"prilora beta must be in [0, 1) (got {beta!r})")
-        if not 0 < cut_end <= 1:
-            raise LoraCompressError(f"prilora cut_end must be in (0, 1] (got {cut_end!r})")
-        super().__init__(rank_ratio=rank_ratio, fraction=fraction, interval=interval, beta=beta, cut_end=cut_end)
-        self.rank_ratio, self.fraction, self.beta, self.cut_end = float(rank_ratio), float(fraction), float(beta), float(cut_end)
-        self.interval = interval
+    def __init__(self, settings: PriLoRASettings | None = None, **values: Any) -> None:
+        super().__init__(settings, **values)
+        c = self.config
+        self.rank_ratio, self.fraction, self.beta, self.cut_end = float(c.rank_ratio), float(c.fraction), float(c.beta), float(c.cut_end)
+        self.interval = c.interval
         self.ranks: dict[str, int] = {}  # the final, depth-linear ranks
         self.start_ranks: dict[str, int] = {}
         self.cut_step = 0  # 0-based step after which the mask is final
@@ -199,7 +214,7 @@ class PriLoRA(Method):
         ema = self.ema.get(path)
         if ema is None:  # no statistics yet: plain magnitude
             return torch.ones(layer.A.shape[1], device=layer.A.device)
-        return self._ctx().extras.get("reduce_mean", lambda t: t)(ema.clone())
+        return self._ctx().reduce_mean(ema.clone())
 
     def _prune_elements(self) -> None:
         if self.fraction <= 0:

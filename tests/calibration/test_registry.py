@@ -1,0 +1,95 @@
+"""The method registry: a method is one class (here: one defined in this test module), and the CLI's
+``--method`` help, ``-O`` checking and docs/methods.md all come from the methods themselves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from loracompress_cli.app import main
+
+from loracompress.calibration.methods import registry
+from loracompress.calibration.methods.base import Method, MethodSettings
+from loracompress.core.adapter import load_adapter
+from loracompress.core.budget import allocate
+from loracompress.errors import LoraCompressError
+from tests.calibration.test_engine import calib_files
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class KeepSettings(MethodSettings):
+    """floor: at least this many leading components per module survive."""
+
+    floor: int = 0
+
+    def __post_init__(self) -> None:
+        if self.floor < 0:
+            raise LoraCompressError(f"toykeep floor must be >= 0 (got {self.floor})")
+
+
+class ToyKeep(Method):
+    """Keep each module's leading components by energy under the budget; count the hook calls."""
+
+    name = "toykeep"
+    summary = "a test method: the budget's leading components, no pruning during training"
+    Settings = KeepSettings
+    calls: dict[str, int] = {}
+
+    def after_step(self, step: int) -> None:
+        ToyKeep.calls["after_step"] = ToyKeep.calls.get("after_step", 0) + 1
+
+    def finalize(self) -> dict[str, int]:
+        ctx = self.ctx
+        assert ctx is not None
+        values = {p: [float(x) for x in layer.B.detach().norm(dim=0) * layer.A.detach().norm(dim=1)]
+                  for p, layer in ctx.layers.items()}
+        return allocate(values, {p: ctx.cost(p) for p in ctx.layers}, ctx.target_params, min_rank=self.config.floor)
+
+
+def test_a_method_defined_in_a_test_module_is_registered():
+    assert registry.available()["toykeep"] is ToyKeep
+    assert {"prilora", "lorpa", "increlora", "dylora", "adalora"} <= set(registry.available())
+    method = registry.get_method("toykeep", floor=1.0)  # a whole-number float for an int setting
+    assert isinstance(method, ToyKeep) and method.config.floor == 1 and method.describe() == {"method": "toykeep", "floor": 1}
+
+
+def test_settings_are_checked_against_the_dataclass():
+    with pytest.raises(LoraCompressError, match="toykeep has no setting 'flor'; known: floor"):
+        registry.get_method("toykeep", flor=1)
+    with pytest.raises(LoraCompressError, match="must be a whole number"):
+        registry.get_method("toykeep", floor="many")
+    with pytest.raises(LoraCompressError, match="floor must be >= 0"):
+        registry.get_method("toykeep", floor=-1)
+    with pytest.raises(LoraCompressError, match="unknown method 'nope'.*toykeep"):
+        registry.get_method("nope")
+
+
+def test_the_toy_method_is_in_prune_help_and_runs_through_the_cli(tmp_path, capsys):
+    assert main(["prune", "--help"]) == 0
+    assert "toykeep" in " ".join(capsys.readouterr().out.split())
+    files = calib_files(tmp_path / "f")
+    out = tmp_path / "out"
+    ToyKeep.calls.clear()
+    code = main(["prune", str(files["adapter"]), "--budget", "0.25", "--method", "toykeep", "-O", "floor=1",
+                 "--base-model", str(files["base"]), "--data", str(files["data"]), "--steps", "3",
+                 "--batch-size", "8", "--seq-len", "32", "--device", "cpu", "--no-eval", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert ToyKeep.calls["after_step"] == 3
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["method"] == "toykeep" and report["settings"]["floor"] == 1
+    small = load_adapter(out)
+    assert 0 < small.num_params <= 0.25 * load_adapter(files["adapter"]).num_params
+    assert all(m.rank >= 1 for m in small.modules.values())  # the floor held
+
+
+def test_docs_methods_table_is_generated_from_the_methods():
+    text = (REPO / "docs" / "methods.md").read_text(encoding="utf-8")
+    start, end = registry.TABLE_MARKERS
+    table = text[text.index(start) + len(start):text.index(end)].strip("\n") + "\n"
+    shipped = {name: cls for name, cls in registry.available().items() if cls.__module__.startswith("loracompress.")}
+    expected = registry.methods_table(shipped)
+    assert table == expected, "docs/methods.md is stale: python -m loracompress.calibration.methods.registry"
