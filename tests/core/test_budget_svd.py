@@ -143,7 +143,7 @@ def test_allocate_respects_bounds():
     vals = {"a": np.array([10.0, 5, 1]), "b": np.array([0.1, 0.05, 0.01])}
     ranks = allocate(vals, {"a": 10, "b": 10}, 40, min_rank=1, max_rank=2)
     assert ranks == {"a": 2, "b": 2}
-    with pytest.raises(LoraCompressError, match="min-rank"):
+    with pytest.raises(LoraCompressError, match="minimum rank"):
         allocate(vals, {"a": 10, "b": 10}, 15, min_rank=1)
 
 
