@@ -333,7 +333,7 @@ OPTION_CASES = [
     (["--select", "nonsense"], ("--select", "ratio:R")),
     (["--min-rank", "-1"], ("--min-rank must be >= 0",)),
     (["--max-rank", "0"], ("--max-rank >= 1",)),
-    (["--min-rank", "100"], ("lower --min-rank",)),
+    (["--min-rank", "100"], ("lower the minimum rank",)),
     (["-O", "nonsense=1"], ("svd has no setting 'nonsense'", "damping")),
     (["-O", "damping=0.1"], ("activation-aware", "--data")),
     (["-O", "rounds"], ("KEY=VALUE",)),
