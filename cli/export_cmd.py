@@ -86,6 +86,9 @@ def _print_target(record: dict[str, Any], as_json: bool) -> None:
     elif record["target"] == "uniform":
         line += f"; every module at rank {record['rank']}"
     console.print(line)
+    for key in record.get("dropped", []):
+        console.print(f"  left out {key.removeprefix('base_model.model.')}: PEFT's copy of the base model's layer "
+                      "(save_embedding_layers); vLLM uses the base model's own")
     console.print(f"wrote {record['output']}")
 
 

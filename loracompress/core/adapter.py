@@ -8,8 +8,9 @@ modules by ``<path>``, the module's name in the base model, which is also what P
 The portable form written by :func:`save_adapter` is read identically by every consumer:
 the scale is folded into the weights, each module's ``alpha == rank`` (scale 1), the global
 ``r == lora_alpha == max rank`` (so a reader that ignores the patterns and applies one global
-``lora_alpha / r``, as vLLM does, also sees scale 1), ``use_rslora`` is false, and patterns are
-keyed by full module path.
+``lora_alpha / r``, as vLLM does, also sees scale 1), ``use_rslora`` is false, patterns are
+keyed by anchored full module paths (``^model\\.layers\\.0\\.self_attn\\.q_proj$``), and
+``init_lora_weights`` is ``true`` (the weights are trained; PEFT must not re-run an init at load).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ _UNSUPPORTED_FLAGS = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "kasa_config": "KaSA (kasa_config: it changes the base weights and adds lora_diag)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
 }
 
 
@@ -199,7 +203,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LoraCompressError(f"{directory}: no {CONFIG_NAME} found; point to a PEFT adapter folder (save_pretrained output)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: editors on Windows save JSON with a byte-order mark; the content is fine.
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LoraCompressError(f"{path}: not valid JSON ({err}); restore the file from the training run") from None
     if not isinstance(config, dict):
@@ -216,6 +221,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise LoraCompressError(
             f"{path}: bias={config['bias']!r} is not supported (the trained biases would be lost); retrain with bias='none'"
         )
+    if peft_type == "LORA":  # AdaLoRA layers only test init_lora_weights for truth
+        _check_init(config.get("init_lora_weights", True), path)
     for key in ("r", "lora_alpha", "init_r"):
         if key in ("r", "lora_alpha") or config.get(key) is not None:
             _check_positive(config.get(key, 8), f"{path}: {key}", integer=key != "lora_alpha")
@@ -223,12 +230,79 @@ def _read_config(directory: Path) -> dict[str, Any]:
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
             raise LoraCompressError(f"{path}: {key} must be an object mapping module patterns to values")
+        if key == "rank_pattern" and peft_type == "ADALORA":
+            _check_adalora_masks(patterns, path)
+            continue
         for pattern, value in patterns.items():
             _check_positive(value, f"{path}: {key}[{pattern!r}]", integer=key == "rank_pattern")
     for key in ("use_rslora", "fan_in_fan_out"):
         if config.get(key) not in (None, True, False):
             raise LoraCompressError(f"{path}: {key}={config[key]!r} must be true or false; fix adapter_config.json")
     return config
+
+
+def _check_init(value: Any, path: Path) -> None:
+    """Refuse the ``init_lora_weights`` values for which ``W + s·B·A`` is not what the adapter learned.
+
+    Mirrors what PEFT's ``LoraLayer.update_layer`` does with each value when it loads an adapter.
+    A PiSSA/OLoRA/CorDA/LoRA-GA adapter saved *with* ``path_initial_model_for_weight_conversion``
+    has ``init_lora_weights: true`` (and doubled rank) and is plain LoRA.
+    """
+    if value is None or isinstance(value, bool) or value == "":
+        return
+    if not isinstance(value, str):
+        raise LoraCompressError(f"{path}: init_lora_weights={value!r} must be true, false or a PEFT init name; fix adapter_config.json")
+    name = _base_changing_init(value)
+    if name is not None:
+        raise LoraCompressError(
+            f"{path}: init_lora_weights={value!r}: {name} trained this adapter against a changed base weight, so it cannot "
+            "be merged, served or compressed as saved; convert it to plain LoRA with PEFT's "
+            "`path_initial_model_for_weight_conversion` (save_pretrained) and pass the converted folder"
+        )
+    if value == "loftq":
+        raise LoraCompressError(
+            f"{path}: init_lora_weights='loftq': PEFT re-quantizes the base model when it loads this adapter; save it with "
+            "init_lora_weights=true beside its LoftQ base model (as PEFT's LoftQ example does) and pass that base as --base-model"
+        )
+    # What PEFT builds without touching the base: gaussian and mica (any case), eva, orthogonal.
+    if value.lower() not in ("gaussian", "mica") and value not in ("eva", "orthogonal"):
+        raise LoraCompressError(
+            f"{path}: init_lora_weights={value!r} is not an init PEFT knows, and PEFT refuses to load it; set it to true "
+            "in adapter_config.json (trained weights do not depend on it)"
+        )
+
+
+def _base_changing_init(value: str) -> str | None:
+    """The method name when PEFT's init subtracts ``s·B0·A0`` from the base weight as it builds the layer.
+
+    Such an adapter was trained against ``W - s·B0·A0``, so ``W + s·B·A`` (our merge, and PEFT's own
+    load for LoRA-GA, which skips the subtraction without its gradients) is not what it learned.
+    PEFT tests these exactly like this: prefixes for PiSSA (``pissa_niter_N``) and CorDA, OLoRA in any case.
+    """
+    if value.startswith("pissa"):
+        return "PiSSA"
+    if value.startswith("corda"):
+        return "CorDA"
+    if value.lower() == "olora":
+        return "OLoRA"
+    if value == "lora_ga":
+        return "LoRA-GA"
+    return None
+
+
+def _check_adalora_masks(patterns: dict[str, Any], path: Path) -> None:
+    """AdaLoRA's ``rank_pattern``: ``{"<module>.lora_E": [true, false, ...]}``, the components it kept."""
+    for key, mask in patterns.items():
+        if not (isinstance(mask, list) and all(isinstance(b, bool) for b in mask)) or ".lora_E" not in key:
+            raise LoraCompressError(
+                f"{path}: rank_pattern[{key!r}]={str(mask)[:40]} is not an AdaLoRA mask (a list of true/false keyed by "
+                "'<module>.lora_E'); use the adapter_config.json saved with these weights"
+            )
+
+
+def _adalora_masks(config: dict[str, Any]) -> dict[str, list[bool]]:
+    """Module path -> kept-component mask, keys stripped as PEFT's AdaLoraModel does (``….lora_E[.adapter]``)."""
+    return {key.split(".lora_E")[0]: mask for key, mask in (config.get("rank_pattern") or {}).items()}
 
 
 def _check_positive(value: Any, what: str, integer: bool) -> None:
@@ -338,6 +412,8 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
+    # AdaLoRA after training: rank_pattern holds the kept-component masks (PEFT saves only the kept ones).
+    masks = _adalora_masks(config) if is_adalora else {}
     dtypes: set[torch.dtype] = set()
     modules: dict[str, LoraModule] = {}
     for mpath in sorted(parts, key=_natural_key):
@@ -367,6 +443,13 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             E = p["E"].reshape(-1)
             if E.numel() != r:
                 raise LoraCompressError(f"{directory}: module {mpath}: lora_E has {E.numel()} values for rank {r}")
+            # PEFT saves only the components the mask keeps and sizes the layer to sum(mask) when it loads.
+            mask = masks.pop(mpath, None)
+            if mask is not None and r != sum(mask):
+                raise LoraCompressError(
+                    f"{directory}: module {mpath} has rank {r} but its rank_pattern mask keeps {sum(mask)} of {len(mask)}; "
+                    "the config does not belong to these weights: use the adapter_config.json saved with them"
+                )
             # AdaLoRA: ΔW = B (A ⊙ E) · alpha / ranknum, ranknum fixed at init_r (the r it started from).
             A = A.float() * E.float()[:, None]
             ranknum = float(config.get("init_r") or r_default)
@@ -392,6 +475,11 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             A = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0)
             B = torch.nan_to_num(B, nan=0.0, posinf=0.0, neginf=0.0)
         modules[mpath] = LoraModule(A=A, B=B, scale=scale)
+    if masks:
+        raise LoraCompressError(
+            f"{directory}: rank_pattern names {sorted(masks)[0]}, which has no LoRA weights; "
+            "use the adapter_config.json saved with these weights"
+        )
     dtype = max(dtypes, key=lambda d: torch.empty(0, dtype=d).element_size()) if dtypes else torch.float32
     if dtype not in _DTYPE_NAMES:
         raise LoraCompressError(f"{directory}: LoRA weights are {dtype}; expected fp32, fp16 or bf16")
@@ -423,6 +511,10 @@ _LORA_CONFIG_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Settings of the inits PEFT runs at load time, reset to their "not used" defaults in written configs.
+_INIT_SETTINGS: dict[str, Any] = {"loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None}
+
+
 def portable_config(adapter: Adapter) -> dict[str, Any]:
     """The ``adapter_config.json`` of the portable form (see module docstring)."""
     src = adapter.config
@@ -434,26 +526,41 @@ def portable_config(adapter: Adapter) -> dict[str, Any]:
     config["peft_type"] = "LORA"
     kept = {p: m.rank for p, m in adapter.modules.items() if m.rank > 0}
     r = max(kept.values(), default=1)
-    config.update(
-        r=r,
-        lora_alpha=r,
-        use_rslora=False,
-        target_modules=sorted(kept, key=_natural_key),
-        rank_pattern={p: k for p, k in kept.items() if k != r},
-        alpha_pattern={p: k for p, k in kept.items() if k != r},
-    )
+    config.update(r=r, lora_alpha=r, use_rslora=False, target_modules=sorted(kept, key=_natural_key))
+    config.update(rank_patterns(kept, r))
+    # The weights are trained: an init PEFT would re-run at load (PiSSA, LoftQ, ...) must not ride along.
+    config["init_lora_weights"] = True
+    for name, plain in _INIT_SETTINGS.items():
+        if name in config:
+            config[name] = plain
     for name in _PLACEMENT_FIELDS:
         config[name] = None
-    _check_patterns_unambiguous(config["rank_pattern"], kept)
     return config
 
 
-def _check_patterns_unambiguous(patterns: dict[str, int], paths: Iterable[str]) -> None:
-    """Full paths are used as PEFT regex keys; make sure none reaches a module it does not name."""
+def pattern_key(path: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that names exactly ``path``.
+
+    PEFT matches keys as regexes against a suffix of each module path (``(.*\\.)?(KEY)$``), so a
+    bare ``attn.q`` would also hit ``block.attn.q``; ``^`` and ``$`` anchor it, ``re.escape`` keeps the
+    dots literal.
+    """
+    return f"^{re.escape(path)}$"
+
+
+def rank_patterns(ranks: dict[str, int], global_rank: int) -> dict[str, dict[str, int]]:
+    """``rank_pattern`` and ``alpha_pattern`` (alpha == rank) for the modules whose rank is not ``global_rank``."""
+    patterns = {pattern_key(p): k for p, k in sorted(ranks.items(), key=lambda kv: _natural_key(kv[0])) if k != global_rank}
+    _check_patterns_exact(patterns, ranks)
+    return {"rank_pattern": patterns, "alpha_pattern": dict(patterns)}
+
+
+def _check_patterns_exact(patterns: dict[str, int], paths: Iterable[str]) -> None:
+    """Each key reaches only the module it names (a bug guard: anchored keys cannot do otherwise)."""
     for path in paths:
         hits = [k for k in patterns if re.match(rf"(.*\.)?({k})$", path)]
-        if hits and hits[0] != path:
-            raise RuntimeError(f"rank_pattern key {hits[0]!r} would also match {path!r}")
+        if hits and hits != [pattern_key(path)]:
+            raise RuntimeError(f"rank_pattern keys {hits} match {path!r}")
 
 
 def portable_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ All three are stock PEFT adapters that give the same ΔW as the input, module fo
 * ``vllm``: the portable form with the global ``r == lora_alpha`` rounded up to a value vLLM
   accepts as ``--max-lora-rank``. vLLM applies one global ``lora_alpha / r`` (= 1 here) and
   pads each module's factors to the engine's rank, so per-module ranks keep their sizes.
-  ``modules_to_save`` is refused: vLLM cannot load it.
+  ``modules_to_save`` is refused: vLLM cannot load it. The copies of the base model's embedding
+  layers PEFT saves beside an ``lm_head`` LoRA (``lm_head.base_layer.weight``) are left out:
+  vLLM skips them and uses the base model's own weights.
 * ``uniform``: every module zero-padded to one rank (zero rows of A, zero columns of B add
   nothing to B @ A), for engines that need all modules of one rank.
 """
@@ -25,7 +27,9 @@ from loracompress.core.adapter import (
     KEY_PREFIX,
     Adapter,
     LoraModule,
+    base_param_name,
     load_adapter,
+    rank_patterns,
     write_adapter_files,
 )
 from loracompress.core.outputs import atomic_output_dir, check_output_path
@@ -69,26 +73,40 @@ def pad_to_rank(adapter: Adapter, rank: int) -> Adapter:
     return adapter.replace(modules)
 
 
-def _check_vllm(adapter: Adapter) -> None:
+def _embedding_copies(adapter: Adapter) -> list[str]:
+    """Keys of the base-layer copies PEFT saves beside a LoRA on an embedding layer (``save_embedding_layers``).
+
+    ``lm_head.base_layer.weight`` is the base model's own ``lm_head`` weight, written because
+    ``lm_head`` is a LoRA target; it is not a ``modules_to_save`` head the user trained.
+    """
+    copies = []
+    for key in adapter.extra_tensors:
+        bare = key.removeprefix(KEY_PREFIX)
+        path, sep, _ = bare.rpartition(".base_layer.")
+        if sep and path in adapter.modules:
+            copies.append(key)
+    return sorted(copies)
+
+
+def _check_vllm(adapter: Adapter) -> Adapter:
+    """The adapter vLLM can serve: PEFT's base-layer copies dropped (vLLM skips them and uses the base's own)."""
+    copies = _embedding_copies(adapter)
     saved = adapter.config.get("modules_to_save")
-    if adapter.extra_tensors or saved:
-        # base_model.model.classifier.weight (or ...classifier.modules_to_save.default.weight) -> classifier
-        what = ", ".join(sorted({k.removeprefix(KEY_PREFIX).split(".modules_to_save")[0].rsplit(".", 1)[0]
-                                 for k in adapter.extra_tensors}))
+    heads = sorted({base_param_name(k).rsplit(".", 1)[0] for k in adapter.extra_tensors if k not in copies})
+    if heads or saved:
         raise LoraCompressError(
-            f"vLLM cannot serve modules_to_save ({what or saved}); use --target peft, or retrain without modules_to_save"
+            f"vLLM cannot serve modules_to_save ({', '.join(heads) or saved}); use --target peft, or retrain without modules_to_save"
         )
+    if not copies:
+        return adapter
+    extra = {k: t for k, t in adapter.extra_tensors.items() if k not in copies}
+    return adapter.replace(dict(adapter.modules), extra_tensors=extra)
 
 
 def _global_rank(config_path: Path, rank: int, ranks: dict[str, int]) -> None:
     """Rewrite the written config so the global ``r == lora_alpha == rank`` and patterns cover the rest."""
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.update(
-        r=rank,
-        lora_alpha=rank,
-        rank_pattern={p: k for p, k in ranks.items() if k != rank},
-        alpha_pattern={p: k for p, k in ranks.items() if k != rank},
-    )
+    config.update(r=rank, lora_alpha=rank, **rank_patterns(ranks, rank))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -121,7 +139,9 @@ def export_target(
     record: dict[str, Any] = {"target": target, "source": str(source), "output": str(output), "max_rank": max(kept.values())}
     global_rank = None
     if target == "vllm":
-        _check_vllm(adapter)
+        served = _check_vllm(adapter)
+        record["dropped"] = sorted(set(adapter.extra_tensors) - set(served.extra_tensors))
+        adapter = served
         global_rank = vllm_rank(max(kept.values()))
         record["max_lora_rank"] = global_rank
     elif target == "uniform":

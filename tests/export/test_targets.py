@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -100,3 +101,40 @@ def test_format_and_target_must_agree(compressed, capsys):
     root, small, _ = compressed
     assert main(["export", str(small), "--format", "vllm", "--target", "uniform", "-o", str(root / "x")]) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_vllm_leaves_out_peft_copies_of_embedding_layers(tmp_path, capsys):
+    """A LoRA on lm_head makes PEFT save ``lm_head.base_layer.weight`` (save_embedding_layers): the base
+    model's own head, not a modules_to_save the user set. vLLM skips such tensors, so the vllm target
+    leaves them out and says so; a real modules_to_save beside it is still refused by its own name."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import tiny_llama
+
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(tmp_path / "a"))
+    copy_key = "base_model.model.lm_head.base_layer.weight"
+    assert copy_key in load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+
+    out = tmp_path / "v"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "a"), "--target", "vllm", "-o", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "left out lm_head.base_layer.weight" in printed and "modules_to_save" not in printed
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert not any(".base_layer." in k for k in tensors)
+    assert "base_model.model.lm_head.lora_A.weight" in tensors
+    _same_deltas(peft_deltas(tmp_path / "a", base), peft_deltas(out, base))
+
+    with_head = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                              modules_to_save=["model.norm"], task_type="CAUSAL_LM"))
+    with_head.save_pretrained(str(tmp_path / "b"))
+    assert main(["export", str(tmp_path / "b"), "--target", "vllm", "-o", str(tmp_path / "vb")]) == 2
+    err = capsys.readouterr().err
+    assert "modules_to_save (model.norm)" in err and "lm_head" not in err
+    assert not (tmp_path / "vb").exists()

@@ -178,6 +178,17 @@ def _is_a_file(d: Path) -> None:
     d.write_text("not an adapter folder\n")
 
 
+def _adalora(rank_pattern: dict[str, list[bool]]) -> Callable[[Path], None]:
+    """An AdaLoRA folder laid out as PEFT saves one (``lora_E`` beside A and B) with this ``rank_pattern``."""
+    def build(d: Path) -> None:
+        t = lora_tensors()
+        for key in [k for k in t if k.endswith(".lora_A.weight")]:
+            t[key.replace(".lora_A.weight", ".lora_E.weight")] = torch.ones(4, 1)
+        write_adapter(d, base_config(peft_type="ADALORA", init_r=4, rank_pattern=rank_pattern), t)
+
+    return build
+
+
 HUGE = 2**20
 # (id, builder of the adapter folder, words the message must contain: what is wrong / how to fix it)
 ADAPTER_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
@@ -206,6 +217,23 @@ ADAPTER_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("config-rank-pattern-not-object", _edit_config(rank_pattern=[4]), ("rank_pattern", "object")),
     ("config-rslora-not-bool", _edit_config(use_rslora="no"), ("use_rslora='no'", "true or false")),
     ("config-adalora-init-r", _edit_config(peft_type="ADALORA", init_r="x"), ("init_r", "positive integer")),
+    ("config-adalora-rank-pattern-ints", _edit_config(peft_type="ADALORA", rank_pattern={"q_proj": 2}),
+     ("AdaLoRA mask", "saved with these weights")),
+    ("config-adalora-mask-lies", _adalora({"model.layers.0.self_attn.q_proj.lora_E": [True, False, False, False]}),
+     ("keeps 1 of 4", "saved with them")),
+    ("config-adalora-mask-unknown-module", _adalora({"model.nope.lora_E": [True]}), ("model.nope", "no LoRA weights")),
+    # inits that change the base weight when PEFT loads the adapter: W + B·A would be silently wrong
+    ("init-pissa", _edit_config(init_lora_weights="pissa"), ("PiSSA", "path_initial_model_for_weight_conversion")),
+    ("init-pissa-niter", _edit_config(init_lora_weights="pissa_niter_4"), ("PiSSA", "path_initial_model_for_weight_conversion")),
+    ("init-olora", _edit_config(init_lora_weights="olora"), ("OLoRA", "path_initial_model_for_weight_conversion")),
+    ("init-olora-any-case", _edit_config(init_lora_weights="OLoRA"), ("OLoRA", "path_initial_model_for_weight_conversion")),
+    ("init-corda", _edit_config(init_lora_weights="corda"), ("CorDA", "path_initial_model_for_weight_conversion")),
+    ("init-lora-ga", _edit_config(init_lora_weights="lora_ga"), ("LoRA-GA", "path_initial_model_for_weight_conversion")),
+    ("init-loftq", _edit_config(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}),
+     ("loftq", "init_lora_weights=true", "--base-model")),
+    ("init-unknown", _edit_config(init_lora_weights="PISSA"), ("not an init PEFT knows", "set it to true")),
+    ("init-not-a-name", _edit_config(init_lora_weights=1), ("init_lora_weights=1", "fix adapter_config.json")),
+    ("unsupported-kasa", _edit_config(kasa_config={"beta": 1e-4, "gamma": 1e-3}), ("KaSA", "not supported")),
     ("unsupported-dora", _edit_config(use_dora=True), ("DoRA", "not supported")),
     ("unsupported-dora-weights", _tensors(_put(**{"base_model__model__model__layers__0__self_attn__q_proj__lora_magnitude_vector": torch.ones(48)})),
      ("DoRA", "not supported")),
@@ -277,6 +305,20 @@ def test_the_valid_template_loads(tmp_path: Path, capsys: pytest.CaptureFixture[
     src = write_adapter(tmp_path / "adapter")
     assert run_cli(capsys, "prune", src, "--budget", "0.5", "-o", tmp_path / "out")[0] == 0
     assert load_adapter(tmp_path / "out").num_params <= load_adapter(src).num_params // 2
+
+
+def test_config_with_a_utf8_bom_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Windows editors save JSON with a byte-order mark; the config is fine, so it is read (and not copied)."""
+    plain = write_adapter(tmp_path / "plain")
+    src = write_adapter(tmp_path / "bom")
+    (src / CFG).write_bytes(b"\xef\xbb\xbf" + (src / CFG).read_bytes())
+    assert run_cli(capsys, "inspect", src)[0] == 0
+    code, _, err = run_cli(capsys, "prune", src, "--budget", "0.5", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert not (tmp_path / "out" / CFG).read_bytes().startswith(b"\xef\xbb\xbf")
+    expected = load_adapter(plain)
+    for path, m in load_adapter(src).modules.items():
+        assert torch.equal(m.delta(), expected.modules[path].delta())
 
 
 def test_nonfinite_weights_work_with_allow_nonfinite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
