@@ -15,28 +15,47 @@ def merge_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to merge."),
     output: Path = typer.Option(..., "--output", "-o", help="Output model folder."),
     base_model: str | None = BASE_MODEL,
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: the base model's published dtype)."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
-    tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed max abs logit difference, merged vs base+adapter (default 1e-3)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: each tensor keeps the base's dtype)."),
+    max_shard_size: str | None = typer.Option(
+        None, "--max-shard-size", help="Re-shard the output, e.g. 2GB, 500MB (default: the base's own shard layout)."),
+    verify: str = typer.Option(
+        "auto", "--verify", help="modules (every merged module on random probes, no model in memory), full (also the "
+        "whole model's logits), auto (full when the model fits in memory comfortably)."),
+    tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed max abs difference, merged vs base+adapter, in fp32 (default 1e-3)."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON."),
 ) -> None:
-    """Merge ADAPTER into its base model in fp32, check it on a probe batch, save it cast to --dtype."""
-    options = MergeOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, tolerance=tolerance,
-                           force=force, trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite)
+    """Merge ADAPTER into its base model (streaming, shard by shard, fp32 arithmetic), check it, save it."""
+    options = MergeOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+                           tolerance=tolerance, force=force, trust_remote_code=trust_remote_code,
+                           allow_nonfinite=allow_nonfinite)
     report = merge_adapter(adapter, output, options)
     if as_json:
         print_json(report)
         return
-    shards = sum(1 for f in report["files"] if f.endswith(".safetensors"))
+    shards = len(report["shards"])
+    how = "streamed shard by shard" if report["streamed"] else "in memory"
     console.print(f"merged {report['modules_merged']} LoRA modules into {report['base_model']} "
-                  f"({report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, {human_bytes(report['bytes'])})")
-    line = f"check on a probe batch: max abs difference merged vs base+adapter {report['max_abs_diff']:.3g} (fp32)"
-    if report["dtype"] != "fp32" and report["max_abs_diff_output_dtype"] is not None:
-        line += f", {report['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
-    console.print(line + f"; tolerance {report['tolerance']:.3g}")
+                  f"({how}; {report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, "
+                  f"{human_bytes(report['bytes'])})")
+    if report["vocab_resized"]:
+        old, new = report["vocab_resized"]
+        console.print(f"resized the base's vocabulary from {old} to {new} tokens, the size of the adapter's saved "
+                      "embeddings (as PEFT does)")
+    if report["untied"]:
+        console.print(f"untied {', '.join(report['untied'])} from the input embeddings: the LoRA changes the head only")
+    mc = report["module_check"]
+    line = f"check of {mc['modules']} merged modules on random probes: max abs difference {mc['max_abs_diff']:.3g} (fp32)"
+    if report["dtype"] != "fp32" and mc["max_abs_diff_output_dtype"] is not None:
+        line += f", {mc['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
+    console.print(line)
+    if report["verify"] == "full":
+        line = f"check on a probe batch: max abs difference merged vs base+adapter {report['max_abs_diff']:.3g} (fp32)"
+        if report["dtype"] != "fp32" and report["max_abs_diff_output_dtype"] is not None:
+            line += f", {report['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
+        console.print(line + f"; tolerance {report['tolerance']:.3g}")
     console.print(f"wrote {output} (and {MERGE_REPORT})")
 
 

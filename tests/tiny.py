@@ -169,3 +169,50 @@ def tiny_sentences(n: int, seed: int = 0, min_words: int = 3, max_words: int = 1
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def save_tiny_gguf(path: Path, seed: int = 0) -> torch.nn.Module:
+    """Write the tiny Llama (same weights as :func:`tiny_llama`) as an F32 GGUF file; returns the model.
+
+    Tensor names follow llama.cpp's; q/k rows are permuted into its rotary order, which transformers
+    undoes when it reads the file.
+    """
+    import gguf
+
+    model = tiny_llama(seed)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(0)
+    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:  # HF -> llama.cpp rotary layout
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for key, value in model.state_dict().items():
+        if key in top:
+            name = top[key]
+        else:
+            parts = key.split(".")
+            name = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}"
+            if name.endswith("attn_q"):
+                value = permute(value, cfg.num_attention_heads)
+            elif name.endswith("attn_k"):
+                value = permute(value, cfg.num_key_value_heads)
+        writer.add_tensor(f"{name}.weight", value.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model

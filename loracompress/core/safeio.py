@@ -11,7 +11,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -86,7 +88,34 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``)."""
+    dtype = _CODE_DTYPES.get(code)
+    if dtype is None:
+        raise LoraCompressError(f"safetensors dtype {code} is not supported here; re-save the weights as F32, F16 or BF16")
+    return dtype
+
+
+def read_tensor(fh: BinaryIO, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor of an open safetensors file, read with plain file reads.
+
+    Plain reads, not a memory map: mapped pages of a multi-GB shard count as resident memory of the
+    process until the map is closed, a read buffer is only the tensor itself.
+    """
+    start, end = entry["data_offsets"]
+    buf = bytearray(end - start)
+    fh.seek(data_start + start)
+    if fh.readinto(buf) != len(buf):
+        raise LoraCompressError(f"{getattr(fh, 'name', 'safetensors file')}: truncated while reading; re-download or re-save it")
+    dtype = torch_dtype(entry["dtype"])
+    if not buf:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -96,17 +125,30 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     adapter gives different bytes) and builds the whole file in memory first. Here keys are sorted,
     so equal inputs give equal bytes, and each tensor is written straight from its storage.
     """
-    names = sorted(tensors)
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    write_safetensors_lazy(path, specs, lambda name: tensors[name], metadata)
+
+
+def write_safetensors_lazy(
+    path: Path,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """:func:`write_safetensors` for tensors made one at a time: ``specs`` gives each name's dtype
+    and shape (the header comes first), ``produce(name)`` is called once per name in sorted order,
+    right before its bytes are written, so only one tensor needs to be in memory."""
+    names = sorted(specs)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
     offset = 0
     for name in names:
-        t = tensors[name]
-        if t.dtype not in _DTYPE_CODES:
-            raise ValueError(f"cannot store dtype {t.dtype} in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dtype, shape = specs[name]
+        if dtype not in _DTYPE_CODES:
+            raise ValueError(f"cannot store dtype {dtype} in safetensors")
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
@@ -114,8 +156,12 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name in names:
-            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            t = produce(name)
+            if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
+                raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, the header says {specs[name]}")
+            t = t.detach().cpu().contiguous().reshape(-1)
             if t.numel():
                 fh.write(memoryview(t.view(torch.uint8).numpy()))  # no copy of the data
+            del t
         fh.flush()
         os.fsync(fh.fileno())

@@ -1,15 +1,26 @@
 """``merge``: an adapter folded into its base model, written as a Hugging Face model folder.
 
-The merge is done in float32 (``W + B @ A · scale``), checked on a probe batch against the base
-model with the adapter attached as LoRA layers, then cast to the output dtype and saved as
-sharded safetensors with the config and (when the base has one) the tokenizer. The check's
-max abs difference is printed and recorded in ``merge_report.json`` beside the model.
+A base given as a folder of safetensors (or a cached hub id) is merged **streaming**
+(:mod:`loracompress.pipelines.merge_stream`): shard by shard, one tensor in memory at a time, each
+LoRA'd weight gets ``ΔW = B @ A · scale`` added in fp32 and is cast back to its own dtype, the output
+keeps the base's shard layout and dtype. Any other base (a ``.gguf`` file, ``.bin`` weights, a
+checkpoint whose tensors do not map one-to-one onto the model) is loaded whole in fp32, merged in
+memory and written as plain safetensors.
+
+Verification (``verify``): ``modules`` checks every merged module on random probes
+(``W'x`` against ``Wx + B(Ax)``, fp32, before the cast) and needs no model in memory; ``full`` also
+compares the whole model's logits on a probe batch with the base running the adapter as LoRA
+layers, then the written model's (after the cast); ``auto`` is ``full`` when the model fits in
+memory comfortably. The figures are recorded in ``merge_report.json`` beside the model.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +28,30 @@ from typing import Any
 
 import torch
 
-from loracompress.core.adapter import dtype_name, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter, dtype_name, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
+from loracompress.pipelines.merge_stream import (
+    FLOATS,
+    MergePlan,
+    ModuleCheck,
+    plan_merge,
+    read_checkpoint,
+    write_plan,
+)
 from loracompress.runtime.data import prepare_model
-from loracompress.runtime.layers import merge_into
-from loracompress.runtime.model import load_base_model
+from loracompress.runtime.layers import base_shape, merge_into
+from loracompress.runtime.model import BaseModel, BaseStructure, load_base_model, load_base_structure
 
 log = logging.getLogger(__name__)
 
 MERGE_REPORT = "merge_report.json"
+VERIFY_MODES = ("auto", "modules", "full")
+#: ``auto`` runs the full check when the fp32 model takes at most this share of the available memory.
+FULL_CHECK_SHARE = 1 / 3
+_COPIED_FILES = ("generation_config.json",)
 
 
 @dataclass
@@ -37,23 +60,48 @@ class MergeOptions:
 
     base_model: str | None = None
     dtype: str | None = None
-    max_shard_size: str = "2GB"
+    #: None keeps the base's shard layout (streaming) or uses 2GB shards (in memory).
+    max_shard_size: str | None = None
     tolerance: float | None = None
+    verify: str = "auto"
     force: bool = False
     trust_remote_code: bool = False
     allow_nonfinite: bool = False
+    #: None: stream whenever the base allows it; False: always merge in memory (tests compare the two).
+    streaming: bool | None = None
 
 
-def _output_dtype(requested: str | None, model: torch.nn.Module) -> torch.dtype:
-    """The requested dtype, else the dtype the base model was published in, else fp32."""
-    dtype = parse_dtype(requested)
-    if dtype is not None:
-        return dtype
-    config = getattr(model, "config", None)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"100KB"`` or a byte count, as bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(text), flags=re.IGNORECASE)
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    unit = (m.group(2) or "").lower() if m else None
+    if m is None or unit not in units or float(m.group(1)) * units[unit] < 1:
+        raise LoraCompressError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or 1.5GiB")
+    return int(float(m.group(1)) * units[unit])
+
+
+def _check_verify(mode: str) -> str:
+    if mode not in VERIFY_MODES:
+        raise LoraCompressError(f"unknown --verify {mode!r}: use auto, modules or full")
+    return mode
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+    except ImportError:  # accelerate depends on it; without it, play safe
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _resolve_verify(mode: str, params: int) -> str:
+    """``auto`` -> ``full`` when the fp32 model fits comfortably in the memory available now."""
+    if mode != "auto":
+        return mode
+    available = _available_memory()
+    return "full" if available is not None and params * 4 <= available * FULL_CHECK_SHARE else "modules"
 
 
 def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions) -> dict[str, Any]:
@@ -65,56 +113,251 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
         LoraCompressError: bad input, or the merged model disagrees with base+adapter beyond the tolerance.
     """
     t0 = time.perf_counter()
+    verify = _check_verify(options.verify)
+    requested = parse_dtype(options.dtype)
+    max_shard = parse_size(options.max_shard_size) if options.max_shard_size is not None else None
     tolerance = resolve_tolerance(options.tolerance, "fp32")
     out = check_output_path(output, force=options.force, inputs=[Path(source)])
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
-    base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
-    prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
-    model = base.model
-    dtype = _output_dtype(options.dtype, model)
 
-    probe = probe_batch(model, base.tokenizer, batch=2, seq=16, seed=0)
-    with applied(model, adapter):
-        reference = model_outputs(model, probe)
-    merge_into(model, adapter)
-    diff = max_abs_diff(model_outputs(model, probe, list(reference)), reference, probe["attention_mask"])
-    log.debug("merged (fp32) vs base+adapter: max abs difference %.3g on the probe batch", diff)
+    plan: MergePlan | str = "streaming turned off"
+    structure: BaseStructure | str = "streaming turned off"
+    if options.streaming is not False:
+        structure = load_base_structure(options.base_model, adapter, trust_remote_code=options.trust_remote_code)
+        if isinstance(structure, BaseStructure):
+            checkpoint = read_checkpoint(structure.folder)
+            plan = ("the base has no safetensors weights" if checkpoint is None else
+                    plan_merge(checkpoint, structure.model, structure.config, adapter, requested, max_shard))
+        else:
+            plan = structure
+    if isinstance(plan, str):
+        log.info("merging in memory: %s", plan)
+        return _merge_in_memory(source, out, adapter, options, verify, requested, max_shard, tolerance, plan, t0)
+    assert isinstance(structure, BaseStructure)
+    return _merge_streaming(source, out, adapter, options, verify, structure, plan, tolerance, t0)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: MergeOptions, verify: str,
+                     structure: BaseStructure, plan: MergePlan, tolerance: float, t0: float) -> dict[str, Any]:
+    params = sum(int(torch.Size(t.shape).numel()) for t in plan.tensors if t.dtype in FLOATS)
+    verify = _resolve_verify(verify, params)
+    check = ModuleCheck()
+    with atomic_output_dir(out, force=options.force, inputs=[Path(source)]) as tmp:
+        shards = write_plan(plan, adapter, tmp, check)
+        _require_modules(check, tolerance)
+        _write_config(structure, plan, tmp)
+        full: dict[str, Any] = {}
+        if verify == "full":
+            full = _full_check_of_files(options, adapter, tmp, plan.dtype, tolerance)
+        report = _report(source, out, adapter, structure.source, plan.dtype, verify, check, full, tolerance, tmp, t0,
+                         streamed=True, reason=None, untied=plan.untied, vocab_resized=structure.vocab_resized,
+                         layout="base" if options.max_shard_size is None else "max_shard_size", shards=shards)
+        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _write_config(structure: BaseStructure, plan: MergePlan, directory: Path) -> None:
+    """config.json as the merged model really is, the tokenizer and the generation config."""
+    config = structure.model.config
+    config.architectures = [type(structure.model).__name__]
+    config.dtype = plan.dtype  # the dtype the output really has (not what transformers set on load)
+    if plan.untied:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for c in (config, text):  # multimodal configs keep the flag on their text part
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+    prepare_model(structure)  # the pad id, as the in-memory merge records it
+    config.save_pretrained(str(directory))
+    for name in _COPIED_FILES:
+        if (structure.folder / name).is_file():
+            shutil.copyfile(structure.folder / name, directory / name)
+    if structure.tokenizer is not None:
+        structure.tokenizer.save_pretrained(str(directory))
+
+
+def _require_modules(check: ModuleCheck, tolerance: float) -> None:
+    if not check.max_abs_diff <= tolerance:
+        raise LoraCompressError(
+            f"merged module {check.worst} differs from base+adapter by {check.max_abs_diff:.3g} on random probes "
+            f"(> tolerance {tolerance:.3g}); nothing was written"
+        )
+
+
+def _full_check_of_files(options: MergeOptions, adapter: Adapter, written: Path, dtype: torch.dtype,
+                         tolerance: float) -> dict[str, Any]:
+    """The whole-model check: base+adapter (fp32) against the fp32 merge, then against the files written.
+
+    One model is in memory at a time: the base (merged in place for the fp32 figure), then the written one.
+    """
+    base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    prepare_model(base)
+    probe = probe_batch(base.model, base.tokenizer, batch=2, seq=16, seed=0)
+    with applied(base.model, adapter):
+        reference = model_outputs(base.model, probe)
+    merge_into(base.model, adapter)
+    diff = max_abs_diff(model_outputs(base.model, probe, list(reference)), reference, probe["attention_mask"])
     if not diff <= tolerance:
         raise LoraCompressError(
             f"the merged model differs from base+adapter by {diff:.3g} (> tolerance {tolerance:.3g}); nothing was written"
         )
+    auto = type(base.model)
+    del base
+    gc.collect()
+    # Read the written files as a user would (upcast to fp32, so the figure is the cast's cost alone).
+    merged = auto.from_pretrained(str(written), dtype=torch.float32).eval()
+    got = model_outputs(merged, probe, list(reference))
+    del merged
+    gc.collect()
+    written_diff = max_abs_diff(got, reference, probe["attention_mask"])
+    if dtype == torch.float32 and not written_diff <= tolerance:
+        raise LoraCompressError(
+            f"the written model differs from base+adapter by {written_diff:.3g} (> tolerance {tolerance:.3g}); nothing was written"
+        )
+    return {"probe_shape": list(probe["input_ids"].shape), "outputs": list(reference), "max_abs_diff": diff,
+            "max_abs_diff_output_dtype": written_diff}
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def _published_dtype(base: BaseModel) -> torch.dtype:
+    """The dtype the base was published in (its config on disk; transformers overwrites the loaded one), else fp32."""
+    if base.gguf_file:
+        return torch.float32  # dequantized: no published float dtype to keep
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base.source, local_files_only=True)
+    except (OSError, ValueError):
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in FLOATS else torch.float32
+
+
+def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: MergeOptions, verify: str,
+                     requested: torch.dtype | None, max_shard: int | None, tolerance: float, reason: str,
+                     t0: float) -> dict[str, Any]:
+    base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
+    model = base.model
+    dtype = requested or _published_dtype(base)
+    verify = "full" if verify == "auto" else verify  # the model is in memory already
+
+    check = ModuleCheck()
+    probes = {}
+    for path, m in adapter.modules.items():
+        if m.rank:
+            x = check.inputs(m)
+            probes[path] = (x, check.reference(_oriented(model, path), m, x))
+    full: dict[str, Any] = {}
+    probe = reference = None
+    if verify == "full":
+        probe = probe_batch(model, base.tokenizer, batch=2, seq=16, seed=0)
+        with applied(model, adapter):
+            reference = model_outputs(model, probe)
+    untied = _tied_targets(model, adapter)
+    merge_into(model, adapter)
+    for path, (x, ref) in probes.items():
+        check.record(path, _oriented(model, path), None, x, ref)
+    _require_modules(check, tolerance)
+    if verify == "full":
+        diff = max_abs_diff(model_outputs(model, probe, list(reference)), reference, probe["attention_mask"])
+        log.debug("merged (fp32) vs base+adapter: max abs difference %.3g on the probe batch", diff)
+        if not diff <= tolerance:
+            raise LoraCompressError(
+                f"the merged model differs from base+adapter by {diff:.3g} (> tolerance {tolerance:.3g}); nothing was written"
+            )
+        full = {"probe_shape": list(probe["input_ids"].shape), "outputs": list(reference), "max_abs_diff": diff,
+                "max_abs_diff_output_dtype": diff}
     model.to(dtype)
-    diff_cast = diff
     if dtype != torch.float32:
-        try:
-            diff_cast = max_abs_diff(model_outputs(model, probe, list(reference)), reference, probe["attention_mask"])
-        except RuntimeError as err:  # an op without a CPU kernel for this dtype: the cast cannot be checked here
-            log.warning("could not run the %s model on this device to measure the cast (%s)", dtype_name(dtype), err)
-            diff_cast = None
-        else:
-            log.debug("merged (%s) vs base+adapter: max abs difference %.3g", dtype_name(dtype), diff_cast)
+        cast_check = ModuleCheck()
+        for path, (x, ref) in probes.items():
+            cast_check.record(path, _oriented(model, path), None, x, ref)
+        check.max_abs_diff_cast = cast_check.max_abs_diff if probes else None
+        if verify == "full":
+            try:
+                full["max_abs_diff_output_dtype"] = max_abs_diff(model_outputs(model, probe, list(reference)), reference,
+                                                                 probe["attention_mask"])
+            except RuntimeError as err:  # an op without a CPU kernel for this dtype: the cast cannot be checked here
+                log.warning("could not run the %s model on this device to measure the cast (%s)", dtype_name(dtype), err)
+                full["max_abs_diff_output_dtype"] = None
 
     with atomic_output_dir(out, force=options.force, inputs=[Path(source)]) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=options.max_shard_size)
+        _save_plain(model, tmp, max_shard if max_shard is not None else "2GB")
         if base.tokenizer is not None:
             base.tokenizer.save_pretrained(str(tmp))
-        files = sorted(p.name for p in tmp.iterdir())
-        report = {
-            "source": str(source),
-            "output": str(out),
-            "base_model": base.source,
-            "dtype": dtype_name(dtype),
-            "probe_shape": list(probe["input_ids"].shape),
-            "outputs": list(reference),
-            "max_abs_diff": diff,
-            "max_abs_diff_output_dtype": diff_cast,
-            "tolerance": tolerance,
-            "modules_merged": sum(1 for m in adapter.modules.values() if m.rank > 0),
-            "lora_params": adapter.num_params,
-            "modules_to_save": sorted(saved_module_params(adapter)),
-            "files": files,
-            "bytes": sum((tmp / f).stat().st_size for f in files),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+        shards = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".safetensors"))
+        report = _report(source, out, adapter, base.source, dtype, verify, check, full, tolerance, tmp, t0,
+                         streamed=False, reason=reason, untied=untied, vocab_resized=base.vocab_resized,
+                         layout="max_shard_size", shards=shards)
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _oriented(model: torch.nn.Module, path: str) -> torch.Tensor:
+    """A module's weight as ``[out, in]`` in fp32 (GPT-2's Conv1D stores ``[in, out]``)."""
+    target = model.get_submodule(path)
+    w = target.weight.detach().float()
+    return w.T if type(target).__name__ == "Conv1D" and base_shape(target) is not None else w
+
+
+def _tied_targets(model: torch.nn.Module, adapter: Adapter) -> list[str]:
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return sorted(f"{p}.weight" for p, m in adapter.modules.items()
+                  if m.rank and owners.get(id(model.get_submodule(p).weight), 0) > 1)
+
+
+def _save_plain(model: torch.nn.Module, directory: Path, max_shard_size: int | str) -> None:
+    """``save_pretrained`` as plain weights: a model loaded from GGUF is dequantized already, but
+    transformers still marks it quantized and refuses to serialize it."""
+    config = model.config
+    if getattr(model, "hf_quantizer", None) is not None or getattr(config, "quantization_config", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(source: str | Path, out: Path, adapter: Adapter, base_source: str, dtype: torch.dtype, verify: str,
+            check: ModuleCheck, full: dict[str, Any], tolerance: float, tmp: Path, t0: float, *, streamed: bool,
+            reason: str | None, untied: list[str], vocab_resized: tuple[int, int] | None, layout: str,
+            shards: list[str]) -> dict[str, Any]:
+    files = sorted(p.name for p in tmp.iterdir() if p.name != MERGE_REPORT)
+    return {
+        "source": str(source),
+        "output": str(out),
+        "base_model": base_source,
+        "dtype": dtype_name(dtype),
+        "streamed": streamed,
+        "in_memory_reason": reason,
+        "verify": verify,
+        "probe_shape": full.get("probe_shape"),
+        "outputs": full.get("outputs", []),
+        # The whole-model figures when verify is full, else the module check's.
+        "max_abs_diff": full.get("max_abs_diff", check.max_abs_diff),
+        "max_abs_diff_output_dtype": full.get("max_abs_diff_output_dtype", check.max_abs_diff_cast),
+        "module_check": check.to_json(),
+        "tolerance": tolerance,
+        "modules_merged": sum(1 for m in adapter.modules.values() if m.rank > 0),
+        "lora_params": adapter.num_params,
+        "modules_to_save": sorted(saved_module_params(adapter)),
+        "untied": untied,
+        "vocab_resized": list(vocab_resized) if vocab_resized else None,
+        "shard_layout": layout,
+        "shards": shards,
+        "files": files,
+        "bytes": sum((tmp / f).stat().st_size for f in files if (tmp / f).is_file()),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

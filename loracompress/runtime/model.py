@@ -49,6 +49,8 @@ class BaseModel:
     source: str
     task_type: str | None
     gguf_file: str | None = None
+    #: (base vocabulary, adapter's) when the adapter was saved after resizing the vocabulary.
+    vocab_resized: tuple[int, int] | None = None
 
     @property
     def is_causal_lm(self) -> bool:
@@ -145,10 +147,11 @@ def load_base_model(
     if with_tokenizer:
         with _quiet_transformers():
             tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
-    restore_modules_to_save(model, adapter, name)
+    resized = restore_modules_to_save(model, adapter, name)
     check_fit(model, adapter, base_name=f"base model {name!r}")
     model.to(device)
-    return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file)
+    return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file,
+                     vocab_resized=resized)
 
 
 @contextmanager
@@ -190,10 +193,53 @@ def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bo
     return tok
 
 
-def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the base model") -> None:
-    """Copy the adapter's ``modules_to_save`` tensors (e.g. a trained classifier head) into the model."""
+def saved_vocab_size(model: nn.Module, adapter: Adapter) -> int | None:
+    """The vocabulary size of the adapter's saved embeddings when it differs from the model's.
+
+    An adapter trained after ``resize_token_embeddings`` (new tokens) carries the resized input
+    embeddings and head (``save_embedding_layers``); their row count is the vocabulary it needs.
+    """
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    names = embedding_param_names(model)
+    for key, tensor in adapter.extra_tensors.items():
+        bare = base_param_name(key)
+        if bare in names and tensor.ndim == 2 and bare in shapes and tensor.shape[1] == shapes[bare][1] \
+                and tensor.shape[0] != shapes[bare][0]:
+            return int(tensor.shape[0])
+    return None
+
+
+def embedding_param_names(model: nn.Module) -> set[str]:
+    """Every parameter name of the input embeddings and the output head (tied names included)."""
+    wanted = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, get)()
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            wanted.add(id(layer.weight))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in wanted}
+
+
+def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the base model") -> tuple[int, int] | None:
+    """Copy the adapter's ``modules_to_save`` tensors (e.g. a trained classifier head) into the model.
+
+    When the adapter's saved embeddings have another vocabulary size than the model's, the model's
+    embeddings are resized to it first, as PEFT does when it loads such an adapter; returns
+    ``(old, new)`` vocabulary sizes then, else ``None``.
+    """
     if not adapter.extra_tensors:
-        return
+        return None
+    resized = None
+    vocab = saved_vocab_size(model, adapter)
+    if vocab is not None and hasattr(model, "resize_token_embeddings"):
+        old = int(model.get_input_embeddings().weight.shape[0])
+        # Every new row is overwritten by the adapter's saved copy: no need for mean initialisation.
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        log.info("resized the base model's vocabulary from %d to %d tokens, the size of the adapter's saved "
+                 "embeddings (as PEFT does)", old, vocab)
+        resized = (old, vocab)
     state = model.state_dict()
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
     for key, tensor in adapter.extra_tensors.items():
@@ -210,3 +256,82 @@ def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the
         target = params[bare] if bare in params else model.get_buffer(bare)
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
+    return resized
+
+
+@dataclass
+class BaseStructure:
+    """A base model's structure without its weights: what a streaming merge needs to plan.
+
+    ``model`` lives on the meta device (no memory); ``folder`` is the local folder of the checkpoint.
+    """
+
+    model: nn.Module
+    config: Any
+    tokenizer: Any
+    folder: Path
+    source: str
+    task_type: str | None
+    vocab_resized: tuple[int, int] | None = None
+
+
+def load_base_structure(spec: str | Path | None, adapter: Adapter, *, trust_remote_code: bool = False) -> BaseStructure | str:
+    """The structure :func:`load_base_model` would build for ``adapter``, built on the meta device.
+
+    Returns a reason (a string) instead when the base is not a local Hugging Face folder (a GGUF file,
+    an uncached id, a path that is not a model folder): those are loaded whole by
+    :func:`load_base_model`, which also says what is wrong with a bad one. A structure that does not
+    fit the adapter raises the same error :func:`load_base_model` would.
+    """
+    transformers.utils.logging.disable_progress_bar()
+    name = resolve_base_model(spec, adapter)
+    path = Path(name).expanduser()
+    task = adapter.config.get("task_type")
+    task = str(task).upper() if task else None
+    auto_name = _AUTO.get(task or "", "AutoModelForCausalLM" if task is None else None)
+    if auto_name is None:
+        return f"task_type {task!r} is not supported"
+    if path.suffix.lower() == ".gguf":
+        return "a GGUF base is dequantized in memory"
+    if path.exists():
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            return "not a model folder"
+        folder = path
+    elif _looks_like_path(name):
+        return "no such folder"
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception as err:  # noqa: BLE001 - not in the local cache, or not a valid id
+            return f"not in the local cache ({type(err).__name__})"
+    overrides: dict[str, Any] = {}
+    num_labels = _num_labels(adapter)
+    if task in ("SEQ_CLS", "TOKEN_CLS") and num_labels is not None:
+        overrides["num_labels"] = num_labels
+    try:
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                             trust_remote_code=trust_remote_code, **overrides)
+            with torch.device("meta"):
+                model = getattr(transformers, auto_name).from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - load_base_model reports a bad config with its fix
+        log.debug("cannot build %s on the meta device", name, exc_info=True)
+        return f"the model cannot be built from its config ({type(err).__name__})"
+    resized = None
+    vocab = saved_vocab_size(model, adapter)
+    if vocab is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        resized = (int(text.vocab_size), vocab)
+        text.vocab_size = vocab
+        with torch.device("meta"):
+            model = getattr(transformers, auto_name).from_config(config, trust_remote_code=trust_remote_code)
+        log.info("resizing the base model's vocabulary from %d to %d tokens, the size of the adapter's saved "
+                 "embeddings (as PEFT does)", *resized)
+    model.eval()
+    check_fit(model, adapter, base_name=f"base model {name!r}")
+    with _quiet_transformers():
+        tokenizer = _load_tokenizer(str(folder), None, trust_remote_code)
+    return BaseStructure(model=model, config=config, tokenizer=tokenizer, folder=folder, source=name,
+                         task_type=task, vocab_resized=resized)
