@@ -16,19 +16,9 @@ from loracompress_cli.common import console, human, human_bytes, print_json
 from rich.table import Table
 
 from loracompress.errors import CheckFailed, LoraCompressError
-from loracompress.gate.check import (
-    AdapterResult,
-    CheckResult,
-    Finding,
-    QualityBound,
-    Thresholds,
-    display_path,
-    load_config,
-    parse_amount,
-    parse_rank,
-    parse_tolerance,
-    run_check,
-)
+from loracompress.gate.check import AdapterResult, CheckResult, Finding, run_check
+from loracompress.gate.config import display_path, load_config
+from loracompress.gate.thresholds import QualityBound, Thresholds, parse_amount, parse_rank, parse_tolerance
 
 
 def fmt_value(value: float | None, unit: str) -> str:

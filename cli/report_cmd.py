@@ -9,7 +9,9 @@ import typer
 from loracompress_cli.common import console, err_console, human, human_bytes
 from rich.table import Table
 
-from loracompress.gate.check import baseline_text, load_config, report_sizes
+from loracompress.gate.baselines import baseline_text
+from loracompress.gate.config import load_config
+from loracompress.gate.measure import report_sizes
 
 
 def report(
