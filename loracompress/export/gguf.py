@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,27 @@ def plan_modules(adapter: Adapter, base: BaseShape, alpha: float, dtype: torch.d
     return planned
 
 
+@contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """gguf's writer logs its progress at INFO ("Writing the following files: ..."); --debug keeps it."""
+    logger = logging.getLogger("gguf")
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def write_gguf(file: Path, modules: list[GgufModule], base: BaseShape, alpha: float, source_name: str) -> None:
+    with _quiet_gguf():
+        _write(file, modules, base, alpha, source_name)
+
+
+def _write(file: Path, modules: list[GgufModule], base: BaseShape, alpha: float, source_name: str) -> None:
     gguf = import_gguf()
     writer = gguf.GGUFWriter(str(file), base.arch)
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -222,3 +222,13 @@ def test_permutation_matches_transformers_inverse():
         assert not np.array_equal(permuted, x)
         assert np.array_equal(inverse(permuted, heads, heads), x)
         assert np.array_equal(gguf_export.unpermute_rows(permuted, heads), x)
+
+
+def test_gguf_writer_progress_stays_out_of_the_output(case, tmp_path, caplog):
+    """gguf logs "Writing the following files: ..." at INFO; the CLI's INFO output must not show it."""
+    import logging
+
+    _, base_dir, _, small, _ = case
+    caplog.set_level(logging.INFO)
+    gguf_export.export_gguf(small, tmp_path / "out", base_model=base_dir)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("gguf")]
