@@ -89,7 +89,7 @@ def _print_target(record: dict[str, Any], as_json: bool) -> None:
     for key in record.get("dropped", []):
         console.print(f"  left out {key.removeprefix('base_model.model.')}: PEFT's copy of the base model's layer "
                       "(save_embedding_layers); vLLM uses the base model's own")
-    console.print(f"wrote {record['output']}")
+    console.print(f"wrote {record['output']} (and {REPORT_NAME})")
 
 
 def _print_gguf(record: dict[str, Any], as_json: bool) -> None:

@@ -599,14 +599,17 @@ def save_adapter(
     dtype: torch.dtype | None = None,
     force: bool = False,
     extra_files: dict[str, str] | None = None,
+    inputs: Iterable[str | Path | None] = (),
 ) -> Path:
     """Save the portable form atomically (temporary sibling folder, then rename).
 
-    ``extra_files`` maps file names to text written beside the adapter (report, card).
+    ``extra_files`` maps file names to text written beside the adapter (report, card). ``inputs``: other
+    paths the output must not overlap (the adapter's own source always counts).
     """
     from loracompress.core.outputs import atomic_output_dir
 
-    with atomic_output_dir(path, force=force, inputs=[adapter.source] if adapter.source else []) as tmp:
+    protected = [adapter.source, *inputs]
+    with atomic_output_dir(path, force=force, inputs=protected) as tmp:
         write_adapter_files(adapter, tmp, dtype)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -2,6 +2,8 @@
 
 An interrupted run (exception, Ctrl-C, SIGTERM, even ``kill -9``) never leaves a half-written
 output at the requested path: at worst a ``.NAME.tmp-*`` sibling, which the next run removes.
+An existing output is replaced (``force``) only when loracompress wrote it or it is empty, and never
+when it is the current folder or an input of the run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from pathlib import Path
 from loracompress.errors import LoraCompressError
 
 
+#: The record file each loracompress command writes into its output folder (prune: compression_report.json;
+#: truncate with several budgets: truncate_report.json; merge; export). ``--force`` replaces only a folder
+#: holding one of these, or an empty folder: never a folder the tool did not make.
+OUTPUT_RECORDS = ("compression_report.json", "truncate_report.json", "merge_report.json", "export_report.json")
+#: An adapter input given as one of its own files stands for its folder.
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
 def _is_within(child: Path, parent: Path) -> bool:
     try:
         child.resolve().relative_to(parent.resolve())
@@ -26,31 +36,80 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_output_path(path: str | Path, force: bool = False, inputs: Sequence[Path | str] = ()) -> Path:
-    """Validate an output folder before any work is done, so a long run cannot fail at the end."""
-    out = Path(path)
+def _check_inputs(out: Path, inputs: Sequence[Path | str | None]) -> None:
+    """An output never equals, holds or sits inside an input folder, and never is or holds an input file."""
     for src in inputs:
+        if src is None or str(src) == "":
+            continue
         src = Path(src)
         if not src.exists():
-            continue  # the reader says the input is missing; an overlap message would only mislead
-        src_dir = src if src.is_dir() else src.parent
-        if _is_within(out, src_dir) or _is_within(src_dir, out):
+            continue  # a hub id, or a missing path the reader reports; an overlap message would only mislead
+        if src.is_file() and src.name in _ADAPTER_FILES:
+            src = src.parent
+        if src.is_dir():
+            overlaps = _is_within(out, src) or _is_within(src, out)
+        else:  # a data file, a .gguf base: writing beside it is fine, replacing it (or a folder holding it) is not
+            overlaps = _is_within(src, out) or _is_within(out, src)
+        if overlaps:
             raise LoraCompressError(
-                f"output {out} overlaps the input {src_dir}; choose an output folder outside the input"
+                f"output {out} overlaps the input {src}; choose an output folder outside the input"
             )
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (the folder ``-o``'s missing parents are made in)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or "/")
+
+
+def _check_not_cwd(out: Path) -> None:
+    if out.exists() and _is_within(Path.cwd(), out):
+        raise LoraCompressError(
+            f"refusing to replace {out}: it is the current folder or holds it; choose a new -o (e.g. -o out/small)"
+        )
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """An existing output: only a folder loracompress wrote (or an empty one), and only with ``force``."""
+    resolved = out.resolve()
+    _check_not_cwd(out)
+    if not out.is_dir():
+        raise LoraCompressError(f"output {out} exists and is a file; choose a folder path")
+    try:
+        names = {p.name for p in resolved.iterdir()}
+    except OSError as err:
+        raise LoraCompressError(f"cannot read the existing output {out} ({err.strerror}); choose another -o") from None
+    if names and not names & set(OUTPUT_RECORDS):
+        raise LoraCompressError(
+            f"output {out} already exists and loracompress did not write it (no {', '.join(OUTPUT_RECORDS)} in it); "
+            "--force replaces only loracompress outputs: choose another -o, or empty the folder yourself"
+        )
+    if not force:
+        raise LoraCompressError(f"output {out} already exists; pass --force to replace it or choose another -o")
+
+
+def check_output_path(
+    path: str | Path, force: bool = False, inputs: Sequence[Path | str | None] = ()
+) -> Path:
+    """Validate an output folder before any work is done, so a long run cannot fail at the end.
+
+    ``inputs``: every path the command reads (adapters, base model, data files, reference, graph):
+    the output may not overlap any of them, ``--force`` or not.
+    """
+    out = Path(path)
+    _check_not_cwd(out)
+    _check_inputs(out, inputs)
     if out.resolve().parent.is_dir():
         _cleanup_stale(out.resolve())  # may put back an output that a killed --force run had moved aside
-    if out.exists() and not out.is_dir():
-        raise LoraCompressError(f"output {out} exists and is a file; choose a folder path")
-    if out.exists() and not force:
-        raise LoraCompressError(f"output {out} already exists; pass --force to replace it or choose another -o")
-    parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise LoraCompressError(f"cannot write {out}: {parent} is a file, not a folder; choose another -o")
-    if not parent.is_dir():
-        raise LoraCompressError(f"cannot write {out}: parent folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LoraCompressError(f"cannot write {out}: no write permission in {parent}; choose another -o")
+    if out.exists():
+        _check_replaceable(out, force)
+    anchor = _nearest_existing(out.resolve().parent)
+    if not anchor.is_dir():
+        raise LoraCompressError(f"cannot write {out}: {anchor} is a file, not a folder; choose another -o")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise LoraCompressError(f"cannot write {out}: no write permission in {anchor}; choose another -o")
     return out
 
 
@@ -81,14 +140,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path``, on any failure it is removed."""
+def atomic_output_dir(
+    path: str | Path, force: bool = False, inputs: Sequence[Path | str | None] = ()
+) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path``, on any failure it is removed.
+
+    Missing parent folders of ``path`` are created here (as ``save_pretrained`` does), and removed
+    again if the write fails, so a failed run leaves nothing behind.
+    """
     out = check_output_path(path, force=force, inputs=inputs).resolve()
+    made = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         yield tmp
         if out.exists():
+            _check_replaceable(out, force)  # someone may have put files there while we worked
             old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             try:
@@ -101,6 +168,7 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Pa
             _move_into_place(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise LoraCompressError(
                 f"disk full while writing {out} ({err.strerror}); free space or raise the quota/file-size limit "
@@ -116,7 +184,30 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Sequence[Pa
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing ancestors; returns the ones made, deepest first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_made(missing)
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC):
+            raise LoraCompressError(f"cannot create {folder} ({err.strerror}); choose another -o") from None
+        raise
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the parent folders this run created, deepest first; one that is no longer empty stays."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -19,14 +19,13 @@ import torch
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.export.targets import TARGETS, export_target
+from loracompress.export.targets import REPORT_NAME, TARGETS, export_target  # one record name for every export
 
 __all__ = ["MODES", "OnnxOptions", "REPORT_NAME", "TARGETS", "export_onnx", "export_target"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("merged", "adapters")
-REPORT_NAME = "export_report.json"
 ONNX_DTYPES = ("fp32", "fp16")
 
 
@@ -82,7 +81,8 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     t0 = time.perf_counter()
     dtype = _validate(sources, options)
     import_onnxruntime()
-    out = check_output_path(output, force=options.force, inputs=[Path(s) for s in sources])
+    inputs = [*sources, options.base_model, options.graph]
+    out = check_output_path(output, force=options.force, inputs=inputs)
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
@@ -101,7 +101,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     example = probe_batch(base.model, base.tokenizer, batch=2, seq=16, seed=0)
     probe = probe_batch(base.model, base.tokenizer, batch=3, seq=13, seed=1)
 
-    with atomic_output_dir(out, force=options.force, inputs=[Path(s) for s in sources]) as tmp:
+    with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp:
         if options.mode == "merged":
             from loracompress.export.onnx_merged import export_merged
 

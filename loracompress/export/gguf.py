@@ -342,7 +342,8 @@ def export_gguf(
     if dtype not in TOLERANCES:
         raise LoraCompressError("--target gguf writes --dtype fp32 (default) or fp16")
     source = Path(source)
-    check_output_path(output, force=force, inputs=[source])
+    inputs = [source, base_model]  # the .gguf / folder the shapes are read from is an input too
+    check_output_path(output, force=force, inputs=inputs)
     adapter = load_adapter(source, allow_nonfinite=allow_nonfinite)
     base = read_base_shape(base_model, adapter, trust_remote_code)
     _check_supported(adapter, source)
@@ -358,7 +359,7 @@ def export_gguf(
         "ranks": {m.path: int(m.a.shape[0]) for m in modules},
         "params": int(sum(m.a.size + m.b.size for m in modules)),
     }
-    with atomic_output_dir(output, force=force, inputs=[source]) as tmp:
+    with atomic_output_dir(output, force=force, inputs=inputs) as tmp:
         write_gguf(tmp / GGUF_NAME, modules, base, alpha, source.resolve().name)
         check = verify_gguf(tmp / GGUF_NAME, modules, base)
         check["tolerance"] = TOLERANCES[dtype]

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 TARGETS = ("peft", "vllm", "uniform")
 #: The ``max_lora_rank`` values vLLM accepts.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: The record beside the exported adapter (the ONNX export's report has the same name): it marks the
+#: folder as loracompress's, so a later ``--force`` may replace it.
+REPORT_NAME = "export_report.json"
 
 
 def vllm_rank(max_rank: int) -> int:
@@ -155,4 +158,5 @@ def export_target(
         # Reading it back checks that every module's pattern resolves to its own rank.
         written = load_adapter(tmp)
         record.update(params=written.num_params, bytes=written.num_bytes(), modules=len(written.modules))
+        (tmp / REPORT_NAME).write_text(json.dumps({"format": target, **record}, indent=2) + "\n", encoding="utf-8")
     return record

@@ -50,11 +50,12 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
 
     ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`.
     """
+    from loracompress.pipelines.prune import input_paths
     from loracompress.pipelines.results import write_result
 
     t0 = time.perf_counter()
     out = Path(out)
-    check_output_path(out, force=options.force, inputs=[Path(source)])
+    check_output_path(out, force=options.force, inputs=input_paths(source, options))
     if options.budget is None:
         raise LoraCompressError(f"method {options.method!r} needs a --budget (e.g. --budget 0.25)")
     budget = Budget.parse(options.budget)
@@ -102,7 +103,7 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
         seconds=time.perf_counter() - t0,
     )
     if _is_main_process():
-        write_result(chosen, out, report, out_dtype, options.force)
+        write_result(chosen, out, report, out_dtype, options.force, input_paths(source, options))
         remove_checkpoints(ckpt)
     _wait_for_everyone()
     return report

@@ -104,6 +104,11 @@ def _resolve_verify(mode: str, params: int) -> str:
     return "full" if available is not None and params * 4 <= available * FULL_CHECK_SHARE else "modules"
 
 
+def merge_inputs(source: str | Path, options: MergeOptions) -> list[str | Path | None]:
+    """What a merge reads: ``-o BASE --force`` must never replace the base model."""
+    return [source, options.base_model]
+
+
 def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions) -> dict[str, Any]:
     """Merge the adapter at ``source`` into its base model and save the result at ``output``.
 
@@ -117,7 +122,7 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
     requested = parse_dtype(options.dtype)
     max_shard = parse_size(options.max_shard_size) if options.max_shard_size is not None else None
     tolerance = resolve_tolerance(options.tolerance, "fp32")
-    out = check_output_path(output, force=options.force, inputs=[Path(source)])
+    out = check_output_path(output, force=options.force, inputs=merge_inputs(source, options))
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
 
     plan: MergePlan | str = "streaming turned off"
@@ -145,7 +150,7 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
     params = sum(int(torch.Size(t.shape).numel()) for t in plan.tensors if t.dtype in FLOATS)
     verify = _resolve_verify(verify, params)
     check = ModuleCheck()
-    with atomic_output_dir(out, force=options.force, inputs=[Path(source)]) as tmp:
+    with atomic_output_dir(out, force=options.force, inputs=merge_inputs(source, options)) as tmp:
         shards = write_plan(plan, adapter, tmp, check)
         _require_modules(check, tolerance)
         _write_config(structure, plan, tmp)
@@ -288,7 +293,7 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
                 log.warning("could not run the %s model on this device to measure the cast (%s)", dtype_name(dtype), err)
                 full["max_abs_diff_output_dtype"] = None
 
-    with atomic_output_dir(out, force=options.force, inputs=[Path(source)]) as tmp:
+    with atomic_output_dir(out, force=options.force, inputs=merge_inputs(source, options)) as tmp:
         _save_plain(model, tmp, max_shard if max_shard is not None else "2GB")
         if base.tokenizer is not None:
             base.tokenizer.save_pretrained(str(tmp))

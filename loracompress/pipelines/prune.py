@@ -80,6 +80,12 @@ def resolve_method(options: PruneOptions) -> str:
     return DEFAULT_CALIBRATION if options.data and not svd_only else "svd"
 
 
+def input_paths(source: str | Path, options: Any) -> list[str | Path | None]:
+    """Every path a prune (or truncate) run reads: its output may overlap none of them."""
+    return [source, getattr(options, "base_model", None), getattr(options, "data", None),
+            getattr(options, "eval_data", None)]
+
+
 def default_output(source: str | Path) -> Path:
     src = Path(source).resolve()
     return src.parent / f"{src.name}-compressed"
@@ -98,7 +104,7 @@ def prune(
     t0 = time.perf_counter()
     options = replace(options, method=resolve_method(options))
     out = Path(output) if output is not None else default_output(source)
-    check_output_path(out, force=options.force, inputs=[Path(source)])
+    check_output_path(out, force=options.force, inputs=input_paths(source, options))
     budget = Budget.parse(options.budget) if options.budget is not None else None
     select = Selector.parse(options.select) if options.select else None
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
@@ -143,7 +149,7 @@ def prune(
         quality=quality,
         seconds=time.perf_counter() - t0,
     )
-    write_result(result.adapter, out, report, out_dtype, options.force)
+    write_result(result.adapter, out, report, out_dtype, options.force, input_paths(source, options))
     return report
 
 

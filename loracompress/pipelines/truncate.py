@@ -84,7 +84,8 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         raise LoraCompressError(f"--budgets lists the same budget twice ({', '.join(options.budgets)}); give each once")
     if options.eval_data is None and options.base_model is not None:
         log.warning("--base-model is only used with --eval-data; no quality is measured")
-    check_output_path(out, force=options.force, inputs=[Path(source)])
+    inputs = [source, options.base_model, options.eval_data]
+    check_output_path(out, force=options.force, inputs=inputs)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
@@ -108,9 +109,9 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
             quality=q, seconds=time.perf_counter() - t0,
         ))
     if len(cuts) == 1:
-        write_result(cuts[0].adapter, out, reports[0], out_dtype, options.force)
+        write_result(cuts[0].adapter, out, reports[0], out_dtype, options.force, inputs)
         return reports
-    with atomic_output_dir(out, force=options.force, inputs=[Path(source)]) as tmp:
+    with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp:
         for name, cut, report in zip(names, cuts, reports):
             write_result(cut.adapter, tmp / name, report, out_dtype, force=False)
         summary = [{"budget": r["budget"], "folder": n, "params_after": r["params_after"],

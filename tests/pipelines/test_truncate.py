@@ -102,8 +102,14 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert main(["truncate", str(ckpt["dyl"]), "--budget", "0.5", "-o", str(out)]) == 2
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only what loracompress wrote: a folder of the user's stays as it is
+    assert main(["truncate", str(ckpt["dyl"]), "--budget", "0.5", "-o", str(out), "--force"]) == 2
+    assert (out / "keep.txt").read_text() == "mine" and not (out / SAFETENSORS_NAME).exists()
+    (out / "keep.txt").unlink()
+    assert main(["truncate", str(ckpt["dyl"]), "--budgets", "0.5,0.25", "-o", str(out), "--force"]) == 0
+    assert (out / "truncate_report.json").is_file()
     assert main(["truncate", str(ckpt["dyl"]), "--budget", "0.5", "-o", str(out), "--force"]) == 0
-    assert (out / SAFETENSORS_NAME).is_file() and not (out / "keep.txt").exists()
+    assert (out / SAFETENSORS_NAME).is_file() and not (out / "truncate_report.json").exists()
 
 
 def test_eval_data_reports_quality_at_each_cut(ckpt, tmp_path):

@@ -419,9 +419,9 @@ def test_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: lis
         ("same", True, ("overlaps the input", "outside the input")),
         ("parent", True, ("overlaps the input", "outside the input")),
         ("config-file", True, ("overlaps the input",)),
-        ("exists", False, ("already exists", "--force")),
+        ("exists", False, ("already exists", "did not write it", "another -o")),
+        ("exists", True, ("already exists", "did not write it", "another -o")),
         ("is-a-file", True, ("is a file", "folder")),
-        ("missing-parent", False, ("does not exist", "create it first")),
         ("file-as-parent", False, ("is a file, not a folder", "another -o")),
     ],
 )
@@ -437,7 +437,6 @@ def test_bad_output(tmp_path: Path, capsys: pytest.CaptureFixture[str], where: s
         "config-file": src / CFG,
         "exists": tmp_path / "existing",
         "is-a-file": tmp_path / "a-file",
-        "missing-parent": tmp_path / "no" / "such" / "out",
         "file-as-parent": tmp_path / "a-file" / "out",
     }[where]
     args = ["prune", src, "--budget", "0.5", "-o", out] + (["--force"] if force else [])
