@@ -75,6 +75,45 @@ def test_base_changing_inits_are_refused_with_the_conversion_fix(tmp_path, capsy
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_corda_and_lora_ga_adapters_are_refused(tmp_path, init):
+    """Real ones, from PEFT's own preprocessing (CorDA: input covariances; LoRA-GA: gradients). Both
+    subtract s·B0·A0 from the base in training. Loading the folder, PEFT refuses CorDA (no covariances)
+    and builds LoRA-GA on the *unchanged* base, which is not the model that was trained."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora.config import CordaConfig, LoraGAConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    batches = [sample_inputs("llama", batch=1, seq=12, seed=s) for s in range(4)]
+    if init == "corda":
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
+                         corda_config=CordaConfig(corda_method="ipm"), task_type="CAUSAL_LM")
+        preprocess_corda(model, cfg, run_model=lambda: [model(**b) for b in batches])
+    else:
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                         lora_ga_config=LoraGAConfig(), task_type="CAUSAL_LM")
+        preprocess_loraga(model, cfg, train_step=lambda: model(**batches[0], labels=batches[0]["input_ids"]).loss.backward())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = get_peft_model(model, cfg)
+    q = trained.base_model.model.model.layers[0].self_attn.q_proj
+    assert (q.get_base_layer().weight - base.model.layers[0].self_attn.q_proj.weight).abs().max() > 1e-5
+    _perturb(trained)
+    trained.save_pretrained(str(tmp_path / "a"))
+    if init == "corda":
+        with pytest.raises(ValueError, match="eigens"):
+            PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    else:
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+        trained.eval()
+        assert (_logits(loaded, batches[1]) - _logits(trained, batches[1])).abs().max() > 1e-6
+    with pytest.raises(LoraCompressError, match="path_initial_model_for_weight_conversion"):
+        load_adapter(tmp_path / "a")
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_adapter_converted_by_peft_reads_merges_and_prunes_like_peft(tmp_path, capsys, init):
     """``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes a plain LoRA of doubled
