@@ -31,7 +31,6 @@ import torch
 from loracompress.core.adapter import KEY_PREFIX, Adapter, load_adapter
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.export.targets import REPORT_NAME
 from loracompress.export.genai_graph import (
     CONFIG_NAME,
     GRAPH_NAME,
@@ -54,6 +53,7 @@ from loracompress.export.genai_verify import (
     peft_greedy,
     require_passed,
 )
+from loracompress.export.targets import REPORT_NAME
 
 __all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
 
@@ -204,7 +204,8 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     _validate(sources, options)
     og = import_genai()
     paths = [Path(s) for s in sources]
-    out = check_output_path(output, force=options.force, inputs=paths)
+    inputs = [*paths, options.base_model]  # --force never replaces an input
+    out = check_output_path(output, force=options.force, inputs=inputs)
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
     for adapter in adapters:
         _check_adapter(adapter)
@@ -218,7 +219,7 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     adapters_mode = options.mode == "adapters"
     refs, base_refs = _references(base.model, paths, prompts, options.new_tokens, with_base=adapters_mode)
 
-    with atomic_output_dir(out, force=options.force, inputs=paths) as tmp, \
+    with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp, \
             tempfile.TemporaryDirectory(prefix=".genai-work-", dir=str(tmp.parent)) as work_name:
         work = Path(work_name)
         if not adapters_mode:
