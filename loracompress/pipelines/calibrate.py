@@ -52,6 +52,7 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
     """
     from loracompress.pipelines.prune import input_paths
     from loracompress.pipelines.results import write_result
+    from loracompress.runtime.placement import resolve_placement
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -67,21 +68,23 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
         steps=options.steps, epochs=options.epochs, lr=options.lr, warmup=options.warmup, seed=options.seed,
         kd_weight=options.kd_weight, task_weight=options.task_weight, temperature=options.temperature,
         device=options.device, precision=options.precision, checkpoint_every=options.checkpoint_every,
-        checkpoint_dir=ckpt, resume=options.resume,
+        checkpoint_dir=ckpt, resume=options.resume, **memory_settings(options),
     )
+    placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     mods = list(adapter.modules.values())
     target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
-    base = load_base(adapter, options, place=False)  # the engine's accelerator places it
+    base = load_base(adapter, options, placement=placement)  # straight to the device, in the base dtype
     data = load_data(base, options)
     log.info("calibrating with %s on %d samples (%d batches), %d held out", options.method, data.samples,
              len(data.train), data.held_out_samples)
 
     student = svd_student(adapter)
     fingerprint = {"source": str(Path(source).resolve()), "data": str(options.data), "samples": data.samples,
-                   "batches": len(data.train), "batch_size": options.batch_size, "seq_len": options.seq_len}
+                   "batches": len(data.train), "batch_size": options.batch_size, "seq_len": options.seq_len,
+                   **placement.describe()}
     result = Engine(config).run(base.model, adapter, student, method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
     quality = _quality(base, adapter, result.adapter, data, options)
@@ -92,7 +95,7 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
         before=adapter,
         after=chosen,
         method=options.method if kept.get("kept", options.method) == options.method else "svd",
-        settings={**method.describe(), "engine": config_dict(config), "student_init": "svd",
+        settings={**method.describe(), "engine": config_dict(config), "base": placement.describe(), "student_init": "svd",
                   "run": result.summary(), "samples": data.samples, "held_out_samples": data.held_out_samples,
                   "data": str(options.data), "batch_size": options.batch_size, "seq_len": options.seq_len,
                   **({"keep_best": kept} if kept else {})},
@@ -107,6 +110,13 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
         remove_checkpoints(ckpt)
     _wait_for_everyone()
     return report
+
+
+def memory_settings(options: Any) -> dict[str, Any]:
+    """The engine's memory settings among ``options`` (unset ones keep the engine's defaults)."""
+    given = {"gradient_checkpointing": options.gradient_checkpointing, "teacher_top_k": options.teacher_top_k,
+             "teacher_cache_mb": options.teacher_cache_mb}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: Any) -> dict[str, Any]:

@@ -7,15 +7,14 @@
 
 The options objects of those commands (:class:`~loracompress.pipelines.prune.PruneOptions`,
 :class:`~loracompress.pipelines.truncate.TruncateOptions`, :class:`~loracompress.pipelines.evaluate.EvalOptions`)
-are composed of :class:`ModelOptions` and :class:`DataOptions`, so each of those fields and its default is
-declared once, here.
+share the fields read here; :class:`ModelSource` and :class:`DataSource` name them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -33,58 +32,55 @@ from loracompress.runtime.device import resolve_device
 
 if TYPE_CHECKING:  # runtime.model imports transformers: loaded on first use, not with the CLI
     from loracompress.runtime.model import BaseModel
+    from loracompress.runtime.placement import BasePlacement
 
 Batch = dict[str, torch.Tensor]
 
 
-@dataclass(kw_only=True)
-class ModelOptions:
-    """Which base model to load, and where: shared by every command that needs the base model."""
+class ModelSource(Protocol):
+    """The options that say which base model to load, and where."""
 
-    base_model: str | None = None  # a folder, a cached hub id or a .gguf file; None: the adapter's record
-    device: str = "auto"
-    trust_remote_code: bool = False
-
-
-@dataclass(kw_only=True)
-class DataOptions:
-    """How to read and batch data: shared by every command that reads data."""
-
-    text_field: str | None = None  # None: detected
-    label_field: str | None = None  # None: detected
-    max_samples: int | None = None
-    seed: int = 0  # of the --max-samples subset, the held-out split and the shuffling
-    seq_len: int = 128
-    batch_size: int = 16
+    base_model: str | None
+    device: str
+    trust_remote_code: bool
 
 
-#: the names the pipelines' signatures use for what they read of an options object
-ModelSource = ModelOptions
-DataSource = DataOptions
+class DataSource(Protocol):
+    """The options that say how to read and batch the data."""
+
+    text_field: str | None
+    label_field: str | None
+    max_samples: int | None
+    seed: int
+    seq_len: int
+    batch_size: int
 
 
-@dataclass(kw_only=True)
-class CalibrationDataOptions(DataOptions):
-    """The data of a calibration (or activation-aware) run and its held-out part."""
+class CalibrationSource(DataSource, Protocol):
+    """The data options of a calibration (or activation-aware) run: the data and its held-out part."""
 
-    data: str | None = None
-    eval_data: str | None = None  # None: hold out eval_fraction of data
-    eval_fraction: float = 0.1
-    evaluate: bool = True  # score the result on the held-out part
-
-
-CalibrationSource = CalibrationDataOptions
+    method: str | None
+    data: str | None
+    eval_data: str | None
+    evaluate: bool
+    eval_fraction: float
 
 
-def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True) -> BaseModel:
+def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True,
+              placement: BasePlacement | None = None) -> BaseModel:
     """The base model of ``adapter`` (``options.base_model`` or the adapter's record of it), ready for batches.
 
-    ``place=False`` leaves it on the CPU: the calibration engine places the model itself.
+    ``place=False`` leaves it on the CPU: the calibration engine places the model itself. A
+    ``placement`` (``--base-dtype``, ``--load-in-4bit``, see :mod:`loracompress.runtime.placement`)
+    says the dtype, the device and the quantization instead: the weights are read straight into them.
     """
     from loracompress.runtime.model import load_base_model
 
-    device = resolve_device(options.device) if place else "cpu"
-    base = load_base_model(options.base_model, adapter, device=device, trust_remote_code=options.trust_remote_code)
+    if placement is not None:
+        kwargs = placement.load_kwargs()
+    else:
+        kwargs = {"device": resolve_device(options.device) if place else "cpu"}
+    base = load_base_model(options.base_model, adapter, trust_remote_code=options.trust_remote_code, **kwargs)
     prepare_model(base)
     return base
 
@@ -121,7 +117,7 @@ class CalibrationData:
 def load_data(base: BaseModel, options: CalibrationSource) -> CalibrationData:
     """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
     if not options.data:
-        raise LoraCompressError("calibration needs data: pass --data FILE (jsonl, csv, txt, ...)")
+        raise LoraCompressError(f"method {options.method!r} calibrates on data: pass --data FILE (jsonl, csv, txt, ...)")
     task = task_of(base)
     prepare_model(base)  # idempotent; callers that loaded the model themselves may not have
     examples = read_data(base, options.data, options)

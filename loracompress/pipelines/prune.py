@@ -11,28 +11,20 @@ from typing import Any
 
 import torch
 
-from loracompress.calibration.engine.config import EngineConfig
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
 from loracompress.cuts.svd import Selector, SvdResult, compress_svd
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
-from loracompress.pipelines.inputs import CalibrationDataOptions, ModelOptions, load_base, load_data
 from loracompress.pipelines.results import write_result
 
 log = logging.getLogger(__name__)
 
 
-_ENGINE = EngineConfig  # the engine's defaults are the one declaration of the training settings
-
-
-@dataclass(kw_only=True)
-class PruneOptions(ModelOptions, CalibrationDataOptions):
-    """Everything ``prune`` can be told: the model and data options it shares with the other commands
-    (:mod:`loracompress.pipelines.inputs`), the cut, and the training settings, whose defaults are the
-    engine's (:class:`~loracompress.calibration.engine.EngineConfig`). Calibration fields are used when
-    ``data`` is given."""
+@dataclass
+class PruneOptions:
+    """Everything ``prune`` can be told. Calibration fields are used when ``data`` is given."""
 
     budget: str | None = None
     #: None: ``svd`` without data, :data:`DEFAULT_CALIBRATION` with ``data`` and a budget (see :func:`resolve_method`)
@@ -43,17 +35,37 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
     dtype: str | None = None
     force: bool = False
     allow_nonfinite: bool = False
-    # --- calibration (training settings: the engine's defaults)
-    steps: int | None = _ENGINE.steps
-    epochs: float | None = _ENGINE.epochs
-    lr: float = _ENGINE.lr
-    warmup: float = _ENGINE.warmup
-    kd_weight: float = _ENGINE.kd_weight
-    task_weight: float = _ENGINE.task_weight
-    temperature: float = _ENGINE.temperature
-    precision: str = _ENGINE.precision
-    checkpoint_every: int | None = _ENGINE.checkpoint_every
-    resume: bool = _ENGINE.resume
+    # --- with data: activation-aware cut, calibration, evaluation
+    base_model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    text_field: str | None = None
+    label_field: str | None = None
+    max_samples: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    warmup: float = 0.1
+    seed: int = 0
+    kd_weight: float = 1.0
+    task_weight: float = 1.0
+    temperature: float = 2.0
+    device: str = "auto"
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+    checkpoint_every: int | None = None
+    resume: bool = False
+    # --- how the base is held (runtime/placement.py) and calibration memory (docs/calibration.md)
+    base_dtype: str | None = None  # None/"auto": bf16 on a GPU that supports it, else fp32
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    gradient_checkpointing: bool = False
+    teacher_cache_mb: float | None = None  # None: the engine's default (1024)
+    teacher_top_k: int | None = None  # None: auto; 0: full vocabulary
+    evaluate: bool = True
     #: calibration: write the training-free SVD cut instead when it has the lower held-out KL
     keep_best: bool = True
     method_settings: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +163,7 @@ def prune(
 def _check_method(options: PruneOptions) -> None:
     """The method name and its ``-O`` settings, checked before any model or data is loaded."""
     if options.method == "svd":
+        _check_calibration_only(options)
         unknown = sorted(set(options.method_settings) - {"damping"})
         if unknown:
             raise LoraCompressError(f"svd has no setting {unknown[0]!r}; known: damping (with --data)")
@@ -165,17 +178,35 @@ def _check_method(options: PruneOptions) -> None:
     get_method(options.method, **options.method_settings)  # raises the one-line error; cheap to build
 
 
+def _check_calibration_only(options: PruneOptions) -> None:
+    """Flags that only a calibration run reads, refused for the training-free cut rather than ignored."""
+    given = [flag for flag, on in (("--gradient-checkpointing", options.gradient_checkpointing),
+                                   ("--teacher-top-k", options.teacher_top_k is not None),
+                                   ("--teacher-cache-mb", options.teacher_cache_mb is not None)) if on]
+    if given:
+        raise LoraCompressError(f"{given[0]} applies to calibration (a --method other than svd, with --data); drop it")
+    base_flags = [flag for flag, on in (("--base-dtype", options.base_dtype not in (None, "auto")),
+                                        ("--load-in-4bit", options.load_in_4bit),
+                                        ("--load-in-8bit", options.load_in_8bit)) if on]
+    if base_flags and not options.data:
+        raise LoraCompressError(f"{base_flags[0]} sets how the base model is loaded, and the cut without --data "
+                                "loads none; drop it or add --data")
+
+
 def _activation_aware(
     adapter: Adapter, options: PruneOptions, budget: Budget | None, select: Selector | None, out_dtype: torch.dtype
 ) -> tuple[SvdResult, dict[str, Any], dict[str, Any]]:
     """``--method svd`` with ``--data``: the activation-aware cut; its settings and held-out quality."""
     from loracompress.cuts.activation import DEFAULT_DAMPING, activation_aware_svd
     from loracompress.pipelines.evaluate import compare_adapters
+    from loracompress.pipelines.inputs import load_base, load_data
+    from loracompress.runtime.placement import resolve_placement
 
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
     damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked in _check_method
-    base = load_base(adapter, options)
+    placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
+    base = load_base(adapter, options, placement=placement)
     data = load_data(base, options)
     result = activation_aware_svd(
         base, adapter, data.train, budget, damping=damping, select=select, min_rank=options.min_rank,
@@ -188,5 +219,6 @@ def _activation_aware(
                 "damping": damping, "base_model": base.source, "data": str(options.data),
                 "eval_data": options.eval_data, "eval_fraction": None if options.eval_data else options.eval_fraction,
                 "samples": data.samples, "held_out_samples": data.held_out_samples,
-                "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
+                "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed,
+                **placement.describe()}
     return result, settings, quality

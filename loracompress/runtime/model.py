@@ -85,8 +85,14 @@ def load_base_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    quantization_config: Any = None,
 ) -> BaseModel:
-    """Load the base model for ``adapter``, restore its ``modules_to_save``, check that it fits."""
+    """Load the base model for ``adapter``, restore its ``modules_to_save``, check that it fits.
+
+    The weights are read straight into ``dtype`` on ``device`` (a GPU gets them through ``device_map``):
+    never a float32 copy in host RAM first. ``quantization_config`` (a ``BitsAndBytesConfig``, see
+    :mod:`loracompress.runtime.placement`) loads a quantized base; it needs a CUDA ``device``.
+    """
     transformers.utils.logging.disable_progress_bar()
     name = resolve_base_model(spec, adapter)
     task = adapter.config.get("task_type")
@@ -105,11 +111,18 @@ def load_base_model(
         # The adapter's head replaces the checkpoint's (restore_modules_to_save below), so a
         # checkpoint head with another number of classes is expected, not an error.
         kwargs["ignore_mismatched_sizes"] = True
+    if str(device) != "cpu" or quantization_config is not None:
+        kwargs["device_map"] = {"": str(device)}  # each shard straight onto the device
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     path = Path(name).expanduser()
     gguf_file = None
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise LoraCompressError(f"GGUF file {path} not found; pass --base-model with an existing .gguf file")
+        if quantization_config is not None:
+            raise LoraCompressError("--load-in-4bit/--load-in-8bit need a Hugging Face model folder, not a .gguf file; "
+                                    "drop the flag (the GGUF is dequantized) or pass the folder")
         gguf_file = path.name
         load_from: str = str(path.parent)
         kwargs["gguf_file"] = gguf_file
@@ -149,7 +162,8 @@ def load_base_model(
             tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
     resized = restore_modules_to_save(model, adapter, name)
     check_fit(model, adapter, base_name=f"base model {name!r}")
-    model.to(device)
+    if quantization_config is None:
+        model.to(device)  # a no-op after device_map; a quantized model refuses .to()
     return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file,
                      vocab_resized=resized)
 

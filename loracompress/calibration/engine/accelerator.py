@@ -55,3 +55,27 @@ def any_process(accelerator: Any, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model`` onto ``device`` unless it is there already (loaded there through ``device_map``).
+
+    A bitsandbytes-quantized model cannot be moved: it must have been loaded onto the device.
+    """
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if all(_same_device(d, device) for d in devices):
+        return
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise LoraCompressError(f"the quantized base model is on {sorted(map(str, devices))}, the run on {device}; "
+                                "pass the same --device for both (e.g. --device cuda)")
+    model.to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    b = torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)

@@ -37,6 +37,10 @@ class EngineConfig:
     precision: str = "fp32"
     cache_teacher: bool | None = None  # None: cache when the data is reused and the cache fits
     teacher_cache_mb: float = 1024.0
+    #: causal LMs: 0 the full distribution, k top-k + rest, None (auto) full while it fits the cache cap
+    teacher_top_k: int | None = None
+    #: recompute each transformer block in the backward pass instead of keeping its activations
+    gradient_checkpointing: bool = False
     checkpoint_every: int | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
@@ -60,6 +64,14 @@ class EngineConfig:
             raise LoraCompressError(f"--temperature must be positive (got {self.temperature})")
         if self.precision not in PRECISIONS:
             raise LoraCompressError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if not (self.teacher_cache_mb >= 0 and math.isfinite(self.teacher_cache_mb)):
+            raise LoraCompressError(
+                f"--teacher-cache-mb must be a number >= 0 (0: never cache; got {self.teacher_cache_mb})"
+            )
+        if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 0):
+            raise LoraCompressError(
+                f"--teacher-top-k must be an integer >= 0 (0: the full vocabulary; got {self.teacher_top_k})"
+            )
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise LoraCompressError(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:

@@ -48,13 +48,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracompress.calibration.engine.accelerator import any_process, make_accelerator, reducer
+from loracompress.calibration.engine.accelerator import any_process, make_accelerator, place_model, reducer
 from loracompress.calibration.engine.checkpoints import Checkpoints
 from loracompress.calibration.engine.config import EngineConfig
 from loracompress.calibration.engine.loss import distillation_loss
+from loracompress.calibration.engine.recompute import gradient_checkpointing
 from loracompress.calibration.engine.schedule import lr_factor
 from loracompress.calibration.engine.signals import _StopRequest
 from loracompress.calibration.engine.student import extract
+from loracompress.calibration.engine.teacher import TargetPlan, TopK, plan_targets, targets_nbytes
 from loracompress.calibration.methods.base import CalibContext, Method
 from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
@@ -88,6 +90,8 @@ class EngineResult:
     resumed_from: int | None = None
     #: per step of this run: the student's forward, backward, optimizer step and hooks (not the teacher)
     step_seconds: list[float] = field(default_factory=list)
+    #: full distribution or top-k (+ k, vocab), cached or not, the cache's cap
+    teacher_targets: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         tail = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
@@ -99,6 +103,7 @@ class EngineResult:
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "teacher_cache_mb": self.teacher_cache_mb,
+            "teacher_targets": self.teacher_targets,
             "student_seconds_per_step": round(self.student_seconds_per_step, 5),
             "teacher_seconds_per_step": round(self.teacher_seconds_per_step, 5),
             "resumed_from": self.resumed_from,
@@ -160,7 +165,8 @@ class Engine:
         fp = {**(fingerprint or {}), "total_steps": total, "num_processes": world, "seed": cfg.seed,
               "lr": cfg.lr, "warmup": cfg.warmup, "schedule": cfg.schedule, "kd_weight": cfg.kd_weight,
               "task_weight": cfg.task_weight, "temperature": cfg.temperature, "precision": cfg.precision,
-              "target_params": int(target_params), "method": method.describe()}
+              "target_params": int(target_params), "method": method.describe(),
+              "teacher_top_k": cfg.teacher_top_k, "teacher_cache_mb": cfg.teacher_cache_mb}
         fp = json.loads(json.dumps(fp, default=str))
 
         for p in model.parameters():
@@ -173,7 +179,7 @@ class Engine:
                 for p in (layer.A, layer.B):
                     if p.numel() == 0:
                         p.requires_grad_(False)  # an empty factor takes no part (and DDP needs every trainable one used)
-            model.to(accelerator.device)
+            place_model(model, accelerator.device)
             params = [p for layer in layers.values() for p in (layer.A, layer.B) if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             depth, num_layers = module_depths(list(layers))
@@ -196,7 +202,7 @@ class Engine:
                 log.info("starting afresh; an earlier checkpoint in %s is replaced (pass --resume to continue it)", ckpt.root)
                 ckpt.clear()
             loop = _Loop(cfg, accelerator, model, prepared, layers, opt, params, method, local, task, total, warmup)
-            with _StopRequest() as stop:
+            with _StopRequest() as stop, gradient_checkpointing(model, cfg.gradient_checkpointing):
                 for step in range(start, total):
                     losses.append(loop.step(step))
                     if progress is not None and accelerator.is_main_process:
@@ -222,6 +228,7 @@ class Engine:
                 device=str(accelerator.device),
                 num_processes=world,
                 teacher_cache_mb=loop.cache_mb(),
+                teacher_targets=loop.targets_info(),
                 student_seconds_per_step=loop.student_time / max(1, loop.steps_run),
                 teacher_seconds_per_step=loop.teacher_time / max(1, loop.teacher_runs),
                 resumed_from=start or None,
@@ -243,8 +250,9 @@ class _Loop:
         self.layers, self.opt, self.params, self.method = layers, optimizer, params, method
         self.batches, self.task, self.total, self.warmup = batches, task, total, warmup
         reused = total > len(batches)
-        self.cache: dict[int, torch.Tensor] | None = {} if (cfg.cache_teacher or (cfg.cache_teacher is None and reused)) else None
+        self.cache: dict[int, torch.Tensor | TopK] | None = {} if (cfg.cache_teacher or (cfg.cache_teacher is None and reused)) else None
         self._order: tuple[int, list[int]] | None = None
+        self.plan: TargetPlan | None = None  # decided at the first teacher forward
         self.restarts = sorted({int(r) for r in method.schedule_restarts() if 0 < int(r) < total})
         self.t0 = time.perf_counter()
         self.student_time = self.teacher_time = 0.0
@@ -268,32 +276,40 @@ class _Loop:
             self._order = (epoch, torch.randperm(n, generator=g).tolist())
         return self._order[1][step % n]
 
-    def teacher_logits(self, idx: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def teacher_targets(self, idx: int, inputs: Mapping[str, Any]) -> torch.Tensor | TopK:
+        """The teacher's logits (or top-k targets, see :mod:`.teacher`) for batch ``idx``, cached when they fit."""
         if self.cache is not None and idx in self.cache:
             return self.cache[idx]
         t = time.perf_counter()
         with use_mode(self.layers, "teacher"), torch.no_grad(), self.acc.autocast():
-            logits = self.model(**inputs).logits.detach().float()
+            logits = self.model(**inputs).logits.detach()
+            if self.plan is None:
+                self.plan = plan_targets(self.task, self.cfg.teacher_top_k, logits, len(self.batches),
+                                         self.cfg.teacher_cache_mb)
+            targets = self.plan.make(logits, self.cfg.temperature)
+            del logits  # top-k: the full distribution is gone before the student's forward
         self.teacher_time += time.perf_counter() - t
         self.teacher_runs += 1
         if self.cache is not None:
-            per_batch_mb = logits.numel() * logits.element_size() / 2**20
-            if not self.cache and per_batch_mb * len(self.batches) > self.cfg.teacher_cache_mb:
-                log.info("teacher logits would take %.0f MB; computing them every step instead of caching",
-                         per_batch_mb * len(self.batches))
+            total_mb = targets_nbytes(targets) / 2**20 * len(self.batches)
+            if not self.cache and total_mb > self.cfg.teacher_cache_mb:
+                log.info("teacher targets would take %.0f MB (--teacher-cache-mb %g); computing them every step "
+                         "instead of caching", total_mb, self.cfg.teacher_cache_mb)
                 self.cache = None
             else:
-                self.cache[idx] = logits
-        return logits
+                self.cache[idx] = targets
+        return targets
 
     def step(self, step: int) -> float:
         cfg, acc = self.cfg, self.acc
         idx = self.batch_index(step)
         raw = self.batches[idx]
-        batch = model_inputs(raw, acc.device)
+        batch: dict[str, Any] = model_inputs(raw, acc.device)
+        if self.task == "lm":
+            batch["use_cache"] = False  # a KV cache would hold every block's keys/values for nothing
         labels = raw["labels"].to(acc.device) if "labels" in raw else None
         self.method.before_forward(step)
-        t_logits = self.teacher_logits(idx, batch)
+        t_logits = self.teacher_targets(idx, batch)
         t = time.perf_counter()
         out = self.prepared(**batch)
         loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
@@ -327,4 +343,9 @@ class _Loop:
     def cache_mb(self) -> float | None:
         if self.cache is None:
             return None
-        return round(sum(t.numel() * t.element_size() for t in self.cache.values()) / 2**20, 3)
+        return round(sum(targets_nbytes(t) for t in self.cache.values()) / 2**20, 3)
+
+    def targets_info(self) -> dict[str, Any]:
+        """What the report records of the teacher's targets."""
+        info: dict[str, Any] = self.plan.describe() if self.plan is not None else {}
+        return {**info, "cached": self.cache is not None, "cache_cap_mb": self.cfg.teacher_cache_mb}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loracompress.calibration.engine.teacher import TopK, topk_kl
 from loracompress.runtime.data import IGNORE_INDEX
 
 
 def distillation_loss(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | TopK,
     labels: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     task: str,
@@ -26,8 +27,11 @@ def distillation_loss(
     predicts token ``i+1`` and counts wherever that token's label is not -100 (padding and the
     prompt of prompt/completion pairs are left out, as in :mod:`loracompress.pipelines.evaluate`), or
     wherever it is a real token when there are no labels. Everything is computed in float32.
+    A causal LM's teacher may come as :class:`~loracompress.calibration.engine.teacher.TopK` targets:
+    the KL is then taken over the teacher's top-k tokens and the rest (:func:`topk_kl`).
     """
-    s, t = student.float(), teacher.float()
+    s = student.float()
+    t = teacher if isinstance(teacher, TopK) else teacher.float()
     parts: dict[str, float] = {}
     total = s.new_zeros(())
     if task == "lm":
@@ -42,7 +46,7 @@ def distillation_loss(
         if s_v.shape[0] == 0:
             return total + 0.0 * s.sum(), parts  # nothing counted in this batch
         if kd_weight > 0:
-            kd = _kl(s_v, t_v, temperature)
+            kd = topk_kl(s_v, t_v, temperature) if isinstance(t_v, TopK) else _kl(s_v, t_v, temperature)
             total = total + kd_weight * kd
             parts["kd"] = float(kd.detach())
         if labels is not None and task_weight > 0:

@@ -1,0 +1,122 @@
+"""Where and how the frozen base model is held during calibration: its storage dtype, its device,
+and an optional bitsandbytes quantization (QLoRA bases).
+
+Only the base is affected: the LoRA factors (student and teacher) and the optimizer state are
+always float32 (see :class:`loracompress.runtime.layers.LoraLayer`). Everything here is decided
+and checked before any weight is read, so a bad flag costs nothing.
+
+Default storage dtype (``--base-dtype auto``): bf16 on a CUDA GPU that supports it, else fp32.
+On the CPU, fp32: on the 2-core test machine a bf16-stored base made calibration steps slower
+(no bf16 matrix units) and moved the result further from the fp32 one than fp32 reruns differ
+(docs/calibration.md has the measurement); ``--base-dtype bf16`` halves the base's memory and is
+the setting for large bases on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loracompress.errors import LoraCompressError
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+@dataclass(frozen=True)
+class BasePlacement:
+    """The base model's storage dtype, its device and its quantization (``None``, ``"4bit"``, ``"8bit"``)."""
+
+    dtype: torch.dtype
+    device: str
+    quantize: str | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in BASE_DTYPES.items() if v == self.dtype)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`loracompress.runtime.model.load_base_model`."""
+        return {"dtype": self.dtype, "device": self.device,
+                "quantization_config": quantization_config(self) if self.quantize else None}
+
+    def describe(self) -> dict[str, Any]:
+        """What the compression report records."""
+        info: dict[str, Any] = {"base_dtype": self.dtype_name, "base_device": self.device}
+        if self.quantize:
+            info["base_quantization"] = f"bitsandbytes {self.quantize}"
+            info["merge_note"] = (f"calibrated against the {self.quantize} base: a merge of this adapter goes into "
+                                  "the dequantized base weights")
+        return info
+
+
+def cuda_bf16_supported() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def target_device(device: str) -> str:
+    """The device the base is loaded onto for ``--device`` (auto, cpu, cuda, cuda:N).
+
+    Under ``accelerate launch`` / ``torchrun`` on GPUs each process takes the GPU of its local rank.
+    The flag's syntax and CUDA's presence are checked by the accelerator; here only the place counts.
+    """
+    dev = device.lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
+        raise LoraCompressError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraCompressError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    if ":" in dev:
+        return dev
+    local_rank = os.environ.get("LOCAL_RANK")  # set by accelerate launch and torchrun
+    return f"cuda:{int(local_rank)}" if local_rank and local_rank.isdigit() else "cuda"
+
+
+def resolve_placement(base_dtype: str | None, device: str, load_in_4bit: bool = False,
+                      load_in_8bit: bool = False) -> BasePlacement:
+    """Check the flags and decide; every error names the flag and the fix."""
+    name = (base_dtype or "auto").lower()
+    if name not in (*BASE_DTYPES, "auto"):
+        raise LoraCompressError(f"unknown --base-dtype {base_dtype!r}; use auto, bf16, fp16 or fp32")
+    if load_in_4bit and load_in_8bit:
+        raise LoraCompressError("give --load-in-4bit or --load-in-8bit, not both")
+    quantize = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+    place = target_device(device)
+    on_gpu = place.startswith("cuda")
+    if name == "auto":
+        name = "bf16" if on_gpu and cuda_bf16_supported() else "fp32"
+    if name == "fp16" and not on_gpu:
+        raise LoraCompressError("--base-dtype fp16 needs a GPU (fp16 on the CPU is slow and overflows); use bf16 or fp32")
+    if name == "bf16" and on_gpu and not cuda_bf16_supported():
+        raise LoraCompressError("--base-dtype bf16: this GPU has no bf16 support; use fp16 or fp32")
+    if quantize:
+        check_bitsandbytes(f"--load-in-{quantize}", on_gpu)
+        if name == "fp32":  # the non-quantized parts (norms, embeddings, head) and the compute dtype
+            name = "bf16" if cuda_bf16_supported() else "fp16"
+    return BasePlacement(dtype=BASE_DTYPES[name], device=place, quantize=quantize)
+
+
+def check_bitsandbytes(flag: str, on_gpu: bool) -> None:
+    """Refuse quantized loading where it cannot work: no bitsandbytes, or no CUDA GPU."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoraCompressError(f"{flag} needs bitsandbytes: pip install 'loracompress[qlora]' (on a CUDA machine)")
+    if not on_gpu:
+        raise LoraCompressError(f"{flag} needs a CUDA GPU (bitsandbytes); drop it or run with --device cuda on a GPU")
+
+
+def quantization_config(placement: BasePlacement) -> Any:
+    """The ``BitsAndBytesConfig`` for a quantized placement (NF4 with double quantization, as QLoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    if placement.quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=placement.dtype)
+    if placement.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"not a quantized placement: {placement}")
