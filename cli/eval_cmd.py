@@ -13,6 +13,8 @@ from rich.table import Table
 
 from loracompress.pipelines.evaluate import EvalOptions, evaluate_paths
 
+_D = EvalOptions(data="")  # the defaults, declared once in the library
+
 
 def eval_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder to evaluate (e.g. the compressed one)."),
@@ -23,9 +25,9 @@ def eval_cmd(
     label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use a seeded random subset of this many samples."),
     seq_len: int = SEQ_LEN,
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the --max-samples subset."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL."),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Samples per forward pass."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed of the --max-samples subset."),
+    temperature: float = typer.Option(_D.temperature, "--temperature", help="Softmax temperature of the measured KL (1: the models' own distributions)."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

@@ -37,6 +37,7 @@ def export_cmd(
     tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
+    engine: str = typer.Option("auto", "--engine", help="ONNX: genai (onnxruntime-genai, generating with KV cache; the default for causal LMs) or ort (one forward pass)."),
     cpu: bool = typer.Option(False, "--cpu", help="ONNX: verify on the CPU provider even when a GPU is available."),
     rank: int | None = typer.Option(None, "--rank", help="uniform: the rank every module is padded to (default: the largest)."),
     force: bool = FORCE,
@@ -61,8 +62,11 @@ def export_cmd(
         return
     options = OnnxOptions(base_model=base_model, mode=mode, dtype=dtype or "fp32", tolerance=tolerance,
                           adapter_only=adapter_only, graph=str(graph) if graph else None, force=force,
-                          trust_remote_code=trust_remote_code, prefer_gpu=not cpu, allow_nonfinite=allow_nonfinite)
+                          trust_remote_code=trust_remote_code, prefer_gpu=not cpu, allow_nonfinite=allow_nonfinite, engine=engine)
     report = export_onnx(adapters, out, options)
+    if report.get("engine") == "onnxruntime-genai":
+        _print_genai(report, out, as_json)
+        return
     if as_json:
         print_json(report)
         return
@@ -71,6 +75,21 @@ def export_cmd(
     for check in report["checks"]:
         console.print(f"  {check['name']}: max abs difference vs PyTorch {check['max_abs_diff']:.3g} "
                       f"(tolerance {check['tolerance']:.3g})")
+    for name, size in report["file_bytes"].items():
+        console.print(f"  {name}: {human_bytes(size)}")
+    console.print(f"wrote {out} (and {REPORT_NAME})")
+
+
+def _print_genai(report: dict[str, Any], out: Path, as_json: bool) -> None:
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"exported {report['mode']} ONNX ({report['dtype']}) for onnxruntime-genai; greedy generation verified "
+                  f"against PEFT on {report['verified_on']}")
+    for check in report["checks"]:
+        ties = f", {len(check['near_ties'])} near-tie divergence(s)" if check["near_ties"] else ""
+        console.print(f"  {check['name']}: tokens identical {check['tokens_identical']}{ties}; first-step logits "
+                      f"max abs difference {check['first_step_max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g})")
     for name, size in report["file_bytes"].items():
         console.print(f"  {name}: {human_bytes(size)}")
     console.print(f"wrote {out} (and {REPORT_NAME})")

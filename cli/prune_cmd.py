@@ -35,6 +35,9 @@ from loracompress.pipelines.prune import (
     resolve_method,
 )
 
+#: every default comes from the library's options (and the engine's config behind them): declared once
+_D = PruneOptions()
+
 
 #: its help lists the registered methods, so it is filled in when the command line is built
 #: (:func:`refresh_help`): a method registered by a plugin or a test shows up too
@@ -54,7 +57,7 @@ def prune_cmd(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-compressed)."),
     method: str | None = METHOD,
     select: str | None = typer.Option(None, "--select", help="Per-module cap: energy:0.95, fro:0.9 or ratio:10."),
-    min_rank: int = typer.Option(0, "--min-rank", help="Keep at least this rank in every module."),
+    min_rank: int = typer.Option(_D.min_rank, "--min-rank", help="Keep at least this rank in every module."),
     max_rank: int | None = typer.Option(None, "--max-rank", help="Keep at most this rank in any module."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
     force: bool = FORCE,
@@ -63,22 +66,22 @@ def prune_cmd(
     base_model: str | None = BASE_MODEL,
     data: str | None = typer.Option(None, "--data", help="Calibration data: jsonl, csv/tsv, txt, parquet or a datasets folder."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for before/after quality (default: a split of --data)."),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Fraction of --data held out when no --eval-data."),
+    eval_fraction: float = typer.Option(_D.eval_fraction, "--eval-fraction", help="Fraction of --data held out when no --eval-data."),
     text_field: str | None = TEXT_FIELD,
     label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use at most this many samples."),
     seq_len: int = SEQ_LEN,
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per step."),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Samples per step."),
     steps: int | None = typer.Option(None, "--steps", help="Calibration steps."),
     epochs: float | None = typer.Option(None, "--epochs", help="Calibration epochs (instead of --steps)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
-    warmup: float = typer.Option(0.1, "--warmup", help="Warm-up fraction of the steps."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes out)."),
-    kd_weight: float = typer.Option(1.0, "--kd-weight", help="Weight of distillation from the original adapter."),
-    task_weight: float = typer.Option(1.0, "--task-weight", help="Weight of the task loss when labels exist."),
-    temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature."),
+    lr: float = typer.Option(_D.lr, "--lr", help="Learning rate."),
+    warmup: float = typer.Option(_D.warmup, "--warmup", help="Warm-up fraction of the steps."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Random seed (same seed, same bytes out)."),
+    kd_weight: float = typer.Option(_D.kd_weight, "--kd-weight", help="Weight of distillation from the original adapter."),
+    task_weight: float = typer.Option(_D.task_weight, "--task-weight", help="Weight of the task loss when labels exist."),
+    temperature: float = typer.Option(_D.temperature, "--temperature", help="Distillation temperature."),
     device: str = DEVICE,
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision on GPU)."),
+    precision: str = typer.Option(_D.precision, "--precision", help="fp32, bf16 or fp16 (mixed precision on GPU)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     base_dtype: str = BASE_DTYPE,
     load_in_4bit: bool = LOAD_IN_4BIT,
@@ -89,7 +92,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),
-    keep_best: bool = typer.Option(True, "--keep-best/--no-keep-best", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
+    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""

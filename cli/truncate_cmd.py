@@ -19,6 +19,7 @@ from loracompress_cli.options import (
 from rich.table import Table
 
 from loracompress.errors import LoraCompressError
+from loracompress.pipelines.inputs import DataOptions
 from loracompress.pipelines.truncate import TruncateOptions, truncate
 
 
@@ -36,7 +37,7 @@ def truncate_cmd(
     label_field: str | None = LABEL_FIELD,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Evaluate on at most this many samples."),
     seq_len: int = SEQ_LEN,
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
+    batch_size: int = typer.Option(DataOptions.batch_size, "--batch-size", help="Samples per forward pass."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),

@@ -21,11 +21,14 @@ from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.export.targets import REPORT_NAME, TARGETS, export_target  # one record name for every export
 
-__all__ = ["MODES", "OnnxOptions", "REPORT_NAME", "TARGETS", "export_onnx", "export_target"]
+__all__ = ["ENGINES", "MODES", "OnnxOptions", "REPORT_NAME", "TARGETS", "export_onnx", "export_target"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("merged", "adapters")
+#: ``--engine``: genai (onnxruntime-genai: a generating decoder with KV cache, the default for causal
+#: LMs) or ort (one forward pass, plain onnxruntime: encoders, classifiers, scoring).
+ENGINES = ("auto", "genai", "ort")
 ONNX_DTYPES = ("fp32", "fp16")
 
 
@@ -43,6 +46,17 @@ class OnnxOptions:
     trust_remote_code: bool = False
     prefer_gpu: bool = True
     allow_nonfinite: bool = False
+    engine: str = "auto"
+
+
+def uses_genai(options: OnnxOptions, task_type: str | None) -> bool:
+    """Causal LMs go to onnxruntime-genai unless ``--engine ort``; everything else stays on onnxruntime."""
+    if options.engine not in ENGINES:
+        raise LoraCompressError(f"unknown --engine {options.engine!r}: use genai or ort")
+    causal = str(task_type or "").upper() == "CAUSAL_LM"
+    if options.engine == "genai" and not causal:
+        raise LoraCompressError("--engine genai exports causal LMs (task_type CAUSAL_LM); this adapter is not one: use --engine ort")
+    return options.engine == "genai" or (options.engine == "auto" and causal)
 
 
 def _validate(sources: Sequence[str | Path], options: OnnxOptions) -> torch.dtype:
@@ -80,6 +94,8 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
 
     t0 = time.perf_counter()
     dtype = _validate(sources, options)
+    if sources and uses_genai(options, load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite).config.get("task_type")):
+        return _export_genai(sources, output, options)
     import_onnxruntime()
     inputs = [*sources, options.base_model, options.graph]
     out = check_output_path(output, force=options.force, inputs=inputs)
@@ -116,6 +132,16 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _export_genai(sources: Sequence[str | Path], output: str | Path, options: OnnxOptions) -> dict[str, Any]:
+    from loracompress.export.genai import GenaiOptions, export_genai
+
+    if options.adapter_only or options.graph:
+        raise LoraCompressError("--adapter-only is not supported with --engine genai yet; export all adapters together")
+    return export_genai(sources, output, GenaiOptions(
+        base_model=options.base_model, mode=options.mode, dtype=options.dtype, tolerance=options.tolerance,
+        force=options.force, trust_remote_code=options.trust_remote_code, allow_nonfinite=options.allow_nonfinite))
 
 
 def _write_model_files(base: Any, directory: Path) -> None:

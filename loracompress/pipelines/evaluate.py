@@ -30,6 +30,7 @@ from torch import nn
 
 from loracompress.core.adapter import Adapter, load_adapter
 from loracompress.errors import LoraCompressError
+from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.runtime.data import IGNORE_INDEX, model_inputs, task_of
 from loracompress.runtime.layers import attach, detach, use_mode
 
@@ -216,28 +217,20 @@ def compare_adapters(
         detach(model)
 
 
-@dataclass
-class EvalOptions:
-    """What ``loracompress eval`` can be told."""
+@dataclass(kw_only=True)
+class EvalOptions(ModelOptions, DataOptions):
+    """What ``loracompress eval`` can be told: the shared model and data options, and what to compare."""
 
     data: str
-    base_model: str | None = None
     reference: str | None = None
-    text_field: str | None = None
-    label_field: str | None = None
-    max_samples: int | None = None
-    seq_len: int = 128
-    batch_size: int = 16
-    seed: int = 0
+    #: of the measured KL: 1 compares the models' own distributions (prune's --temperature is a
+    #: training setting, the distillation's, and defaults to the engine's 2)
     temperature: float = 1.0
-    device: str = "auto"
-    trust_remote_code: bool = False
 
 
 def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate the adapter at ``adapter_path`` against ``options.reference`` (an adapter folder),
     or against the base model alone when there is no reference, on ``options.data``."""
-    from loracompress.pipelines.inputs import load_base, read_batches
 
     if options.temperature <= 0:
         raise LoraCompressError(f"--temperature must be positive (got {options.temperature})")

@@ -7,14 +7,15 @@
 
 The options objects of those commands (:class:`~loracompress.pipelines.prune.PruneOptions`,
 :class:`~loracompress.pipelines.truncate.TruncateOptions`, :class:`~loracompress.pipelines.evaluate.EvalOptions`)
-share the fields read here; :class:`ModelSource` and :class:`DataSource` name them.
+are composed of :class:`ModelOptions` and :class:`DataOptions`, so each of those fields and its default is
+declared once, here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,33 +38,43 @@ if TYPE_CHECKING:  # runtime.model imports transformers: loaded on first use, no
 Batch = dict[str, torch.Tensor]
 
 
-class ModelSource(Protocol):
-    """The options that say which base model to load, and where."""
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which base model to load, and where: shared by every command that needs the base model."""
 
-    base_model: str | None
-    device: str
-    trust_remote_code: bool
-
-
-class DataSource(Protocol):
-    """The options that say how to read and batch the data."""
-
-    text_field: str | None
-    label_field: str | None
-    max_samples: int | None
-    seed: int
-    seq_len: int
-    batch_size: int
+    base_model: str | None = None  # a folder, a cached hub id or a .gguf file; None: the adapter's record
+    device: str = "auto"
+    trust_remote_code: bool = False
 
 
-class CalibrationSource(DataSource, Protocol):
-    """The data options of a calibration (or activation-aware) run: the data and its held-out part."""
+@dataclass(kw_only=True)
+class DataOptions:
+    """How to read and batch data: shared by every command that reads data."""
 
-    method: str | None
-    data: str | None
-    eval_data: str | None
-    evaluate: bool
-    eval_fraction: float
+    text_field: str | None = None  # None: detected
+    label_field: str | None = None  # None: detected
+    max_samples: int | None = None
+    seed: int = 0  # of the --max-samples subset, the held-out split and the shuffling
+    seq_len: int = 128
+    batch_size: int = 16
+
+
+#: the names the pipelines' signatures use for what they read of an options object
+ModelSource = ModelOptions
+DataSource = DataOptions
+
+
+@dataclass(kw_only=True)
+class CalibrationDataOptions(DataOptions):
+    """The data of a calibration (or activation-aware) run and its held-out part."""
+
+    data: str | None = None
+    eval_data: str | None = None  # None: hold out eval_fraction of data
+    eval_fraction: float = 0.1
+    evaluate: bool = True  # score the result on the held-out part
+
+
+CalibrationSource = CalibrationDataOptions
 
 
 def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True,
@@ -117,7 +128,7 @@ class CalibrationData:
 def load_data(base: BaseModel, options: CalibrationSource) -> CalibrationData:
     """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
     if not options.data:
-        raise LoraCompressError(f"method {options.method!r} calibrates on data: pass --data FILE (jsonl, csv, txt, ...)")
+        raise LoraCompressError("calibration needs data: pass --data FILE (jsonl, csv, txt, ...)")
     task = task_of(base)
     prepare_model(base)  # idempotent; callers that loaded the model themselves may not have
     examples = read_data(base, options.data, options)

@@ -11,20 +11,28 @@ from typing import Any
 
 import torch
 
+from loracompress.calibration.engine.config import EngineConfig
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
 from loracompress.cuts.svd import Selector, SvdResult, compress_svd
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
+from loracompress.pipelines.inputs import CalibrationDataOptions, ModelOptions, load_base, load_data
 from loracompress.pipelines.results import write_result
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PruneOptions:
-    """Everything ``prune`` can be told. Calibration fields are used when ``data`` is given."""
+_ENGINE = EngineConfig  # the engine's defaults are the one declaration of the training settings
+
+
+@dataclass(kw_only=True)
+class PruneOptions(ModelOptions, CalibrationDataOptions):
+    """Everything ``prune`` can be told: the model and data options it shares with the other commands
+    (:mod:`loracompress.pipelines.inputs`), the cut, and the training settings, whose defaults are the
+    engine's (:class:`~loracompress.calibration.engine.EngineConfig`). Calibration fields are used when
+    ``data`` is given."""
 
     budget: str | None = None
     #: None: ``svd`` without data, :data:`DEFAULT_CALIBRATION` with ``data`` and a budget (see :func:`resolve_method`)
@@ -35,29 +43,17 @@ class PruneOptions:
     dtype: str | None = None
     force: bool = False
     allow_nonfinite: bool = False
-    # --- with data: activation-aware cut, calibration, evaluation
-    base_model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    text_field: str | None = None
-    label_field: str | None = None
-    max_samples: int | None = None
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-3
-    warmup: float = 0.1
-    seed: int = 0
-    kd_weight: float = 1.0
-    task_weight: float = 1.0
-    temperature: float = 2.0
-    device: str = "auto"
-    precision: str = "fp32"
-    trust_remote_code: bool = False
-    checkpoint_every: int | None = None
-    resume: bool = False
+    # --- calibration (training settings: the engine's defaults)
+    steps: int | None = _ENGINE.steps
+    epochs: float | None = _ENGINE.epochs
+    lr: float = _ENGINE.lr
+    warmup: float = _ENGINE.warmup
+    kd_weight: float = _ENGINE.kd_weight
+    task_weight: float = _ENGINE.task_weight
+    temperature: float = _ENGINE.temperature
+    precision: str = _ENGINE.precision
+    checkpoint_every: int | None = _ENGINE.checkpoint_every
+    resume: bool = _ENGINE.resume
     # --- how the base is held (runtime/placement.py) and calibration memory (docs/calibration.md)
     base_dtype: str | None = None  # None/"auto": bf16 on a GPU that supports it, else fp32
     load_in_4bit: bool = False
@@ -65,7 +61,6 @@ class PruneOptions:
     gradient_checkpointing: bool = False
     teacher_cache_mb: float | None = None  # None: the engine's default (1024)
     teacher_top_k: int | None = None  # None: auto; 0: full vocabulary
-    evaluate: bool = True
     #: calibration: write the training-free SVD cut instead when it has the lower held-out KL
     keep_best: bool = True
     method_settings: dict[str, Any] = field(default_factory=dict)
@@ -199,7 +194,6 @@ def _activation_aware(
     """``--method svd`` with ``--data``: the activation-aware cut; its settings and held-out quality."""
     from loracompress.cuts.activation import DEFAULT_DAMPING, activation_aware_svd
     from loracompress.pipelines.evaluate import compare_adapters
-    from loracompress.pipelines.inputs import load_base, load_data
     from loracompress.runtime.placement import resolve_placement
 
     if budget is None and select is None:

@@ -33,6 +33,7 @@ from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.cuts.nested import Cut, truncate_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import CARD_NAME, compression_report, report_json
+from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.pipelines.results import write_result
 
 log = logging.getLogger(__name__)
@@ -41,25 +42,16 @@ log = logging.getLogger(__name__)
 SUMMARY_NAME = "truncate_report.json"
 
 
-@dataclass
-class TruncateOptions:
-    """What ``truncate`` can be told. ``budgets``: one or more budget texts (``0.25``, ``1.2M``, ...)."""
+@dataclass(kw_only=True)
+class TruncateOptions(ModelOptions, DataOptions):
+    """What ``truncate`` can be told. ``budgets``: one or more budget texts (``0.25``, ``1.2M``, ...);
+    the model and data options (shared with the other commands) are used when ``eval_data`` is given."""
 
     budgets: list[str]
     force: bool = False
     dtype: str | None = None
     allow_nonfinite: bool = False
-    # quality at each cut, measured when eval_data is given
-    eval_data: str | None = None
-    base_model: str | None = None
-    text_field: str | None = None
-    label_field: str | None = None
-    max_samples: int | None = None
-    seed: int = 0  # of the --max-samples subset
-    seq_len: int = 128
-    batch_size: int = 16
-    device: str = "auto"
-    trust_remote_code: bool = False
+    eval_data: str | None = None  # quality at each cut, measured when given
 
 
 def folder_name(budget_text: str) -> str:
@@ -125,7 +117,6 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
 def _measure(original: Adapter, cuts: list[Cut], options: TruncateOptions) -> list[dict[str, Any]]:
     """Each cut against ``original`` on the held-out data: one model load, one tokenisation."""
     from loracompress.pipelines.evaluate import compare_adapters
-    from loracompress.pipelines.inputs import load_base, read_batches
     from loracompress.runtime.data import task_of
 
     base = load_base(original, options)

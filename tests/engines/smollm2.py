@@ -89,10 +89,12 @@ class EngineCase:
     base_tokens: list[list[int]] = field(default_factory=list)
     peft_logprobs: list[torch.Tensor] = field(default_factory=list)
     """Per prompt, ``[MAX_TOKENS, vocab]`` log-probabilities PEFT gives each generated position."""
+    base_logprobs: list[torch.Tensor] = field(default_factory=list)
+    """The same for the base model alone, on its own greedy continuation (``base_tokens``)."""
 
-    def forced(self) -> list[list[int]]:
-        """Prompt + PEFT's greedy continuation, for teacher-forced comparisons."""
-        return [p + t for p, t in zip(self.prompt_ids, self.peft_tokens)]
+    def forced(self, base: bool = False) -> list[list[int]]:
+        """Prompt + PEFT's (or the base model's) greedy continuation, for teacher-forced comparisons."""
+        return [p + t for p, t in zip(self.prompt_ids, self.base_tokens if base else self.peft_tokens)]
 
 
 def random_lora(model: torch.nn.Module, seed: int = 0, size: float = 0.02) -> None:
@@ -144,10 +146,18 @@ def build_case(root: Path, budget: str = "0.3", seed: int = 0) -> EngineCase:
     case = EngineCase(base_gguf=sample.gguf_path(), base_dir=base_dir, original=root / "original",
                       compressed=root / "compressed", ranks=ranks, prompt_ids=prompt_ids)
     case.base_tokens = greedy(model, prompt_ids)
+    case.base_logprobs = forced_logprobs(model, prompt_ids, case.forced(base=True))
     reference = PeftModel.from_pretrained(model, str(case.compressed)).eval()
     case.peft_tokens = greedy(reference, prompt_ids)
-    with torch.no_grad():
-        for ids, seq in zip(prompt_ids, case.forced()):
-            logits = reference(input_ids=torch.tensor([seq])).logits[0, len(ids) - 1 : len(seq) - 1]
-            case.peft_logprobs.append(torch.log_softmax(logits.double(), dim=-1))
+    case.peft_logprobs = forced_logprobs(reference, prompt_ids, case.forced())
     return case
+
+
+def forced_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Per sequence, the ``[len - prompt, vocab]`` log-probabilities after each position of the continuation."""
+    out = []
+    with torch.no_grad():
+        for ids, seq in zip(prompt_ids, sequences):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, len(ids) - 1 : len(seq) - 1]
+            out.append(torch.log_softmax(logits.double(), dim=-1))
+    return out

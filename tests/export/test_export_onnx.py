@@ -1,7 +1,8 @@
 """``loracompress export --format onnx``: onnxruntime (CPU) against stock PEFT in PyTorch.
 
 Merged and adapters modes on tiny BERT (default suite) and tiny Llama (``-m slow``: each
-export of the 3-layer Llama takes 20-30 s of CPU). The adapters are compressed by ``prune`` so
+export of the 3-layer Llama takes 20-30 s of CPU; ``--engine ort``, the single-forward graph; the
+generating onnxruntime-genai export is tested in test_export_genai.py). The adapters are compressed by ``prune`` so
 their modules have different ranks, and two of them are served from one graph.
 """
 
@@ -261,7 +262,7 @@ def llama(tmp_path_factory):
 def test_llama_merged_matches_peft(llama):
     root, base, base_dir, adapters = llama
     out = root / "onnx-merged"
-    assert main(["export", str(adapters[0]), "-f", "onnx", "--base-model", str(base_dir), "-o", str(out)]) == 0
+    assert main(["export", str(adapters[0]), "-f", "onnx", "--engine", "ort", "--base-model", str(base_dir), "-o", str(out)]) == 0
     assert json.loads((out / "export_report.json").read_text())["max_abs_diff"] <= TOL
     sess = session(out / "model.onnx")
     for batch, seq, pad in ((3, 12, 1), (1, 30, None)):
@@ -273,7 +274,7 @@ def test_llama_merged_matches_peft(llama):
 def test_llama_two_compressed_adapters_share_one_graph(llama):
     root, base, base_dir, adapters = llama
     out = root / "onnx-adapters"
-    assert main(["export", *map(str, adapters), "-f", "onnx", "--mode", "adapters",
+    assert main(["export", *map(str, adapters), "-f", "onnx", "--engine", "ort", "--mode", "adapters",
                  "--base-model", str(base_dir), "-o", str(out)]) == 0
     check_adapters_graph(out, base, adapters, "llama")
     check_rank_dims(out, adapters)

@@ -1,0 +1,304 @@
+"""``export --format onnx`` for causal LMs: a folder that onnxruntime-genai generates from as is.
+
+Path in, path out: adapters and their base model in; out a folder with ``model.onnx`` (+ data),
+a decoder with a KV cache built by onnxruntime-genai's own model builder, ``genai_config.json``,
+the tokenizer and ``export_report.json``. Modes:
+
+* ``merged``: the adapter folded into the base weights; a plain base graph.
+* ``adapters``: one base graph whose LoRA factors are inputs with one rank dimension per module,
+  and one ``.onnx_adapter`` per adapter (names match the graph), so rank-heterogeneous adapters,
+  and no adapter at all, run on that graph through ``og.Adapters``.
+
+Nothing is written unless greedy generation under onnxruntime-genai gives PEFT's tokens and the
+first step's logits are within the tolerance (:mod:`loracompress.export.genai_verify`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracompress.core.adapter import KEY_PREFIX, Adapter, load_adapter
+from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.errors import LoraCompressError
+from loracompress.export.genai_graph import (
+    CONFIG_NAME,
+    GRAPH_NAME,
+    GenaiGraphSpec,
+    adapter_arrays,
+    import_genai,
+    make_lora_inputs,
+    provider_options,
+    run_builder,
+)
+from loracompress.export.genai_verify import (
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_PROMPTS,
+    DEFAULT_TOLERANCE,
+    GenerationCheck,
+    Reference,
+    compare,
+    encode_prompts,
+    open_model,
+    peft_greedy,
+    require_passed,
+)
+from loracompress.export.targets import REPORT_NAME
+
+__all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+@dataclass
+class GenaiOptions:
+    """What ``export --engine genai`` can be told."""
+
+    base_model: str | None = None
+    mode: str = "merged"
+    dtype: str = "fp32"
+    tolerance: float | None = None
+    force: bool = False
+    trust_remote_code: bool = False
+    allow_nonfinite: bool = False
+    prompts: Sequence[str] = DEFAULT_PROMPTS
+    new_tokens: int = DEFAULT_NEW_TOKENS
+
+
+def _validate(sources: Sequence[str | Path], options: GenaiOptions) -> None:
+    if options.mode not in ("merged", "adapters"):
+        raise LoraCompressError(f"unknown --mode {options.mode!r}: use merged or adapters")
+    if options.dtype not in DEFAULT_TOLERANCE:
+        raise LoraCompressError(f"--engine genai supports --dtype fp32 or fp16, not {options.dtype}")
+    if not sources:
+        raise LoraCompressError("pass at least one adapter folder")
+    if options.mode == "merged" and len(sources) > 1:
+        raise LoraCompressError("--mode merged takes one adapter; to serve several adapters of one base use --mode adapters")
+    if options.new_tokens < 1 or not options.prompts:
+        raise LoraCompressError("verification needs at least one prompt and one new token")
+
+
+def _check_adapter(adapter: Adapter) -> None:
+    if adapter.extra_tensors:
+        name = next(iter(adapter.extra_tensors)).removeprefix(KEY_PREFIX)
+        raise LoraCompressError(
+            f"the adapter saves whole modules ({name}, modules_to_save), which --engine genai cannot carry; "
+            "merge it (loracompress merge) and build the merged folder with python -m onnxruntime_genai.models.builder"
+        )
+    if adapter.fan_in_fan_out:
+        raise LoraCompressError("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported by onnxruntime-genai's builder; use --engine ort")
+    if not any(m.rank > 0 for m in adapter.modules.values()):
+        raise LoraCompressError(f"{adapter.source}: no LoRA module of rank > 0; there is nothing to export")
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model sharing ``model``'s tensors: a GGUF-loaded model refuses ``save_pretrained``.
+
+    Built on the meta device and filled with ``assign=True``, so no second copy of the weights.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain
+
+
+def _save_hf(base: Any, model: torch.nn.Module, directory: Path) -> None:
+    """The Hugging Face folder the builder reads: config, weights (float32), tokenizer."""
+    plain = _plain_copy(model) if getattr(model, "is_quantized", False) or hasattr(model.config, "quantization_config") else model
+    plain.save_pretrained(str(directory))
+    base.tokenizer.save_pretrained(str(directory))
+
+
+def _union_adapter(adapters: Sequence[Adapter], model: torch.nn.Module, directory: Path) -> list[str]:
+    """A rank-1 PEFT adapter on every module any adapter has: the builder then makes each one a LoRA path.
+
+    Its values never ship (the factors become inputs with rank-0 defaults); they only need to exist.
+    """
+    from safetensors.torch import save_file
+
+    paths = [p for p, _ in model.named_modules() if any(a.modules.get(p) is not None and a.modules[p].rank > 0 for a in adapters)]
+    tensors = {}
+    for path in paths:
+        m = next(a.modules[path] for a in adapters if path in a.modules)
+        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = torch.zeros(1, m.in_features)
+        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = torch.zeros(m.out_features, 1)
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "bias": "none",
+              "target_modules": paths, "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False}
+    (directory / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return paths
+
+
+def _references(model: torch.nn.Module, sources: Sequence[Path], prompts: list[list[int]], new_tokens: int,
+                with_base: bool) -> tuple[list[list[Reference]], list[Reference] | None]:
+    """Stock PEFT's greedy references for each adapter (and the base alone); ``model`` is left unwrapped."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(sources[0]), adapter_name="a0").eval()
+    for i, src in enumerate(sources[1:], start=1):
+        peft.load_adapter(str(src), adapter_name=f"a{i}")
+    refs = []
+    for i in range(len(sources)):
+        peft.set_adapter(f"a{i}")
+        refs.append(peft_greedy(peft, prompts, new_tokens, eos=set()))
+    base_refs = None
+    if with_base:
+        with peft.disable_adapter():
+            base_refs = peft_greedy(peft, prompts, new_tokens, eos=set())
+    peft.unload()  # the base modules back in place, unmerged
+    return refs, base_refs
+
+
+def _stop_at(refs: list[Reference], eos: set[int]) -> list[Reference]:
+    """References cut after the first end-of-sequence id, as onnxruntime-genai stops there."""
+    out = []
+    for ref in refs:
+        end = next((k + 1 for k, t in enumerate(ref.tokens) if t in eos), len(ref.tokens))
+        out.append(Reference(tokens=ref.tokens[:end], first_logits=ref.first_logits, margins=ref.margins[:end]))
+    return out
+
+
+def _eos_ids(folder: Path) -> set[int]:
+    eos = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model"].get("eos_token_id", [])
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def write_genai_adapter(adapter: Adapter, spec: GenaiGraphSpec, path: Path, adapter_version: int = 1) -> int:
+    """Write ``adapter`` as an ``.onnx_adapter`` for the graph ``spec``; returns its parameter count."""
+    from loracompress.export.onnx_adapters import write_onnx_adapter
+
+    arrays = adapter_arrays(adapter, spec)
+    write_onnx_adapter(arrays, path, model_version=spec.version, adapter_version=adapter_version)
+    return int(sum(a.size for a in arrays.values()))
+
+
+def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions) -> dict[str, Any]:
+    """Build, verify and write the onnxruntime-genai folder; returns the report (also ``export_report.json``).
+
+    Raises:
+        LoraCompressError: bad input, a builder failure, or generation that does not match PEFT.
+    """
+    from loracompress.export.onnx_adapters import adapter_file_names
+    from loracompress.runtime.layers import check_fit, merge_into
+    from loracompress.runtime.model import load_base_model
+
+    t0 = time.perf_counter()
+    _validate(sources, options)
+    og = import_genai()
+    paths = [Path(s) for s in sources]
+    inputs = [*paths, options.base_model]  # --force never replaces an input
+    out = check_output_path(output, force=options.force, inputs=inputs)
+    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
+    for adapter in adapters:
+        _check_adapter(adapter)
+    base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    if not base.is_causal_lm:
+        raise LoraCompressError("--engine genai exports decoder-only causal LMs; use --engine ort for this model")
+    for adapter in adapters[1:]:
+        check_fit(base.model, adapter, base_name=f"base model {base.source!r}")
+    tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[options.dtype]
+    prompts = encode_prompts(base.tokenizer, options.prompts)
+    adapters_mode = options.mode == "adapters"
+    refs, base_refs = _references(base.model, paths, prompts, options.new_tokens, with_base=adapters_mode)
+
+    with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp, \
+            tempfile.TemporaryDirectory(prefix=".genai-work-", dir=str(tmp.parent)) as work_name:
+        work = Path(work_name)
+        if not adapters_mode:
+            merge_into(base.model, adapters[0])
+        _save_hf(base, base.model, work / "hf")
+        union = _union_adapter(adapters, base.model, work / "union") if adapters_mode else None
+        command = run_builder(work / "hf", tmp if not adapters_mode else work / "build", options.dtype, work,
+                              adapter_dir=work / "union" if adapters_mode else None)
+        files: list[str] = []
+        adapter_files: list[dict[str, Any]] = []
+        spec = None
+        if adapters_mode:
+            spec = make_lora_inputs(work / "build", tmp, union or [], options.dtype)
+            for item in (work / "build").iterdir():
+                if not item.name.startswith(GRAPH_NAME):
+                    shutil.copy2(item, tmp / item.name)
+            for i, (adapter, name) in enumerate(zip(adapters, adapter_file_names(adapters))):
+                count = write_genai_adapter(adapter, spec, tmp / name, adapter_version=i + 1)
+                adapter_files.append({"file": name, "source": str(adapter.source), "parameters": count,
+                                      "ranks": {p: m.rank for p, m in adapter.modules.items() if m.rank > 0}})
+        eos = _eos_ids(tmp)
+        checks = _verify(og, tmp, prompts, [_stop_at(r, eos) for r in refs],
+                         _stop_at(base_refs, eos) if base_refs is not None else None,
+                         [a["file"] for a in adapter_files], options.new_tokens, tolerance)
+        require_passed(checks)
+        files = sorted(p.name for p in tmp.iterdir())
+        report = {
+            "format": "onnx",
+            "engine": "onnxruntime-genai",
+            "mode": options.mode,
+            "dtype": options.dtype,
+            "sources": [str(s) for s in sources],
+            "output": str(out),
+            "base_model": base.source,
+            "providers_in_config": provider_options(tmp) or ["cpu"],
+            "verified_on": "cpu",
+            "tolerance": tolerance,
+            "prompts": list(options.prompts),
+            "new_tokens": options.new_tokens,
+            "first_step_max_abs_diff": max(c.first_step_max_abs_diff for c in checks),
+            "tokens_identical": f"{sum(c.identical for c in checks)}/{sum(c.prompts for c in checks)}",
+            "checks": [c.to_json() for c in checks],
+            "lora_inputs": ({p: {"A": m.a, "B": m.b, "rank_dim": f"r_{p}"} for p, m in spec.modules.items()} if spec else {}),
+            "graph_version": spec.version if spec else None,
+            "adapters": adapter_files,
+            "builder_command": " ".join(command[1:]),
+            "files": files,
+            "file_bytes": {name: (tmp / name).stat().st_size for name in files},
+            "versions": _versions(og),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _verify(og: Any, folder: Path, prompts: list[list[int]], refs: list[list[Reference]], base_refs: list[Reference] | None,
+            adapter_files: list[str], new_tokens: int, tolerance: float) -> list[GenerationCheck]:
+    """Generate under onnxruntime-genai (CPU) and compare with the references, one check per adapter."""
+    model = open_model(folder, cpu=True)
+    if not adapter_files:  # merged
+        return [compare("merged graph", model, prompts, refs[0], new_tokens, tolerance)]
+    loaded = og.Adapters(model)
+    for name in adapter_files:
+        loaded.load(str(folder / name), name)
+    checks = [compare(name, model, prompts, ref, new_tokens, tolerance, loaded, name) for name, ref in zip(adapter_files, refs)]
+    if base_refs is not None:
+        checks.append(compare("base only (no adapter active)", model, prompts, base_refs, new_tokens, tolerance))
+    return checks
+
+
+def _versions(og: Any) -> dict[str, str]:
+    import onnxruntime
+    import transformers
+
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:  # pragma: no cover - the references need it
+        peft_version = "missing"
+    return {"onnxruntime-genai": og.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft_version}
+
