@@ -34,7 +34,7 @@ from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
-from loracompress.pipelines.inputs import CalibrationData, load_base, load_data
+from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
 
     ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`.
     """
-    from loracompress.pipelines.prune import input_paths
     from loracompress.pipelines.results import write_result
     from loracompress.runtime.placement import resolve_placement
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,6 +75,12 @@ class CalibrationDataOptions(DataOptions):
 
 
 CalibrationSource = CalibrationDataOptions
+
+
+def input_paths(source: str | Path, options: Any) -> list[str | Path | None]:
+    """Every path a prune (or truncate) run reads: its output may overlap none of them."""
+    return [source, getattr(options, "base_model", None), getattr(options, "data", None),
+            getattr(options, "eval_data", None)]
 
 
 def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True,

@@ -18,7 +18,13 @@ from loracompress.core.outputs import check_output_path
 from loracompress.cuts.svd import Selector, SvdResult, compress_svd
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
-from loracompress.pipelines.inputs import CalibrationDataOptions, ModelOptions, load_base, load_data
+from loracompress.pipelines.inputs import (
+    CalibrationDataOptions,
+    ModelOptions,
+    input_paths,
+    load_base,
+    load_data,
+)
 from loracompress.pipelines.results import write_result
 
 log = logging.getLogger(__name__)
@@ -80,12 +86,6 @@ def resolve_method(options: PruneOptions) -> str:
         return options.method
     svd_only = options.select or options.min_rank or options.max_rank is not None or options.budget is None
     return DEFAULT_CALIBRATION if options.data and not svd_only else "svd"
-
-
-def input_paths(source: str | Path, options: Any) -> list[str | Path | None]:
-    """Every path a prune (or truncate) run reads: its output may overlap none of them."""
-    return [source, getattr(options, "base_model", None), getattr(options, "data", None),
-            getattr(options, "eval_data", None)]
 
 
 def default_output(source: str | Path) -> Path:
