@@ -19,7 +19,7 @@ FORMATS = ("onnx", *TARGETS, "gguf")
 
 def _format(fmt: str | None, target: str | None) -> str:
     if fmt and target and fmt != target:
-        raise LoraCompressError(f"--format {fmt} and --target {target} disagree; pass one of them")
+        raise LoraCompressError(f"--format {fmt} and --target {target} disagree; pass --format alone")
     chosen = (fmt or target or "peft").lower()
     if chosen not in FORMATS:
         raise LoraCompressError(f"unknown format {chosen!r}: use one of {', '.join(FORMATS)}")
@@ -29,8 +29,8 @@ def _format(fmt: str | None, target: str | None) -> str:
 def export_cmd(
     adapters: list[Path] = typer.Argument(..., help="PEFT adapter folder(s); several only with --mode adapters."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-FORMAT)."),
-    fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm, uniform or gguf."),
-    target: str | None = typer.Option(None, "--target", help="Same as --format for adapter targets: peft, vllm, uniform, gguf (llama.cpp / Ollama)."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="onnx, peft (default), vllm, uniform or gguf (llama.cpp / Ollama)."),
+    target: str | None = typer.Option(None, "--target", hidden=True, help="The same as --format (kept for old scripts)."),
     base_model: str | None = BASE_MODEL,
     mode: str = typer.Option("merged", "--mode", help="ONNX: merged (one graph, adapter folded in) or adapters (multi-LoRA)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or fp16 for GPU serving; targets: output dtype."),
@@ -38,7 +38,8 @@ def export_cmd(
     adapter_only: bool = typer.Option(False, "--adapter-only", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
     engine: str = typer.Option("auto", "--engine", help="ONNX: genai (onnxruntime-genai, generating with KV cache; the default for causal LMs) or ort (one forward pass)."),
-    cpu: bool = typer.Option(False, "--cpu", help="ONNX: verify on the CPU provider even when a GPU is available."),
+    device: str = typer.Option("auto", "--device", help="ONNX: where onnxruntime verifies: auto (a GPU provider when there is one) or cpu."),
+    cpu: bool = typer.Option(False, "--cpu", hidden=True, help="The same as --device cpu (kept for old scripts)."),
     rank: int | None = typer.Option(None, "--rank", help="uniform: the rank every module is padded to (default: the largest)."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -47,6 +48,9 @@ def export_cmd(
 ) -> None:
     """Export ADAPTER as ONNX (verified with onnxruntime) or as a peft / vllm / uniform adapter."""
     chosen = _format(fmt, target)
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise LoraCompressError(f"unknown --device {device!r}; use auto, cpu or cuda")
+    prefer_gpu = device != "cpu" and not cpu
     out = output or adapters[0].resolve().parent / f"{adapters[0].resolve().name}-{chosen}"
     if chosen != "onnx" and len(adapters) != 1:
         raise LoraCompressError(f"--format {chosen} takes one adapter folder")
@@ -62,7 +66,7 @@ def export_cmd(
         return
     options = OnnxOptions(base_model=base_model, mode=mode, dtype=dtype or "fp32", tolerance=tolerance,
                           adapter_only=adapter_only, graph=str(graph) if graph else None, force=force,
-                          trust_remote_code=trust_remote_code, prefer_gpu=not cpu, allow_nonfinite=allow_nonfinite, engine=engine)
+                          trust_remote_code=trust_remote_code, prefer_gpu=prefer_gpu, allow_nonfinite=allow_nonfinite, engine=engine)
     report = export_onnx(adapters, out, options)
     if report.get("engine") == "onnxruntime-genai":
         _print_genai(report, out, as_json)

@@ -138,3 +138,10 @@ def test_vllm_leaves_out_peft_copies_of_embedding_layers(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "modules_to_save (model.norm)" in err and "lm_head" not in err
     assert not (tmp_path / "vb").exists()
+
+
+def test_export_takes_device_like_every_other_command(compressed, capsys):
+    root, small, _ = compressed
+    assert main(["export", str(small), "--format", "onnx", "--device", "tpu", "-o", str(root / "y")]) == 2
+    assert "unknown --device 'tpu'" in capsys.readouterr().err
+    assert not (root / "y").exists()
