@@ -52,8 +52,8 @@ COMMAND_MODULES = [
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks and debug logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="Only warnings and errors."),
 ) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
@@ -76,9 +76,21 @@ def _refresh_help() -> None:
             refresh()
 
 
+def hoist_debug(args: list[str]) -> list[str]:
+    """``--debug`` anywhere before ``--`` means the root option: ``prune X --debug`` = ``--debug prune X``.
+
+    click reads a group's options only before the subcommand; the flag is moved there so that it
+    works wherever a user puts it (no subcommand has a ``--debug`` of its own).
+    """
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = hoist_debug(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("LORACOMPRESS_DEBUG") == "1"
     try:
         _refresh_help()

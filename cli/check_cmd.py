@@ -147,8 +147,8 @@ def check(
     config: Path | None = typer.Option(None, "--config", help="loracompress.toml or pyproject.toml (default: found from here upward)."),
     baseline: Path | None = typer.Option(None, "--baseline", help="Sizes from `loracompress report --json`; growth beyond --tolerance fails."),
     tolerance: str | None = typer.Option(None, "--tolerance", help="Growth allowed against the baseline, e.g. 2% (default 0%)."),
-    update_baseline: bool = typer.Option(False, "--update-baseline", help="Rewrite the baseline with these sizes; growth is shown but accepted."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", metavar="", help="Rewrite the baseline with these sizes; growth is shown but accepted."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON."),
 ) -> None:
     """Check adapters against size, rank and quality limits and a baseline; exit 1 on any breach."""
     cwd = Path.cwd()

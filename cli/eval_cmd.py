@@ -30,7 +30,7 @@ def eval_cmd(
     temperature: float = typer.Option(_D.temperature, "--temperature", help="Softmax temperature of the measured KL (1: the models' own distributions)."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
 ) -> None:
     """Compare ADAPTER with --reference (or with the base model alone): KL, top-1 agreement, accuracy or perplexity."""
     options = EvalOptions(data=data, base_model=base_model, reference=str(reference) if reference else None,

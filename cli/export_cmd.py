@@ -35,16 +35,16 @@ def export_cmd(
     mode: str = typer.Option("merged", "--mode", help="ONNX: merged (one graph, adapter folded in) or adapters (multi-LoRA)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or fp16 for GPU serving; targets: output dtype."),
     tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
-    adapter_only: bool = typer.Option(False, "--adapter-only", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", metavar="", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
     engine: str = typer.Option("auto", "--engine", help="ONNX: genai (onnxruntime-genai, generating with KV cache; the default for causal LMs) or ort (one forward pass)."),
     device: str = typer.Option("auto", "--device", help="ONNX: where onnxruntime verifies: auto (a GPU provider when there is one) or cpu."),
-    cpu: bool = typer.Option(False, "--cpu", hidden=True, help="The same as --device cpu (kept for old scripts)."),
+    cpu: bool = typer.Option(False, "--cpu", metavar="", hidden=True, help="The same as --device cpu (kept for old scripts)."),
     rank: int | None = typer.Option(None, "--rank", help="uniform: the rank every module is padded to (default: the largest)."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     allow_nonfinite: bool = ALLOW_NONFINITE,
-    as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the export report as JSON."),
 ) -> None:
     """Export ADAPTER as ONNX (verified with onnxruntime) or as a peft / vllm / uniform adapter."""
     chosen = _format(fmt, target)

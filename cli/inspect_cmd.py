@@ -15,7 +15,7 @@ from loracompress.gate.records import adapter_stats
 
 def inspect(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
     allow_nonfinite: bool = ALLOW_NONFINITE,
 ) -> None:
     """Per-module shape, rank, parameters, bytes, scale and effective rank at 90%/99% energy."""

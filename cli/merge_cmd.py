@@ -25,7 +25,7 @@ def merge_cmd(
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     allow_nonfinite: bool = ALLOW_NONFINITE,
-    as_json: bool = typer.Option(False, "--json", help="Print the merge report as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the merge report as JSON."),
 ) -> None:
     """Merge ADAPTER into its base model (streaming, shard by shard, fp32 arithmetic), check it, save it."""
     options = MergeOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
@@ -37,8 +37,8 @@ def merge_cmd(
         return
     shards = len(report["shards"])
     how = "streamed shard by shard" if report["streamed"] else "in memory"
-    console.print(f"merged {report['modules_merged']} LoRA modules into {report['base_model']} "
-                  f"({how}; {report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, "
+    console.print(f"merged {report['modules_merged']} LoRA modules into a new copy of the base model "
+                  f"{report['base_model']} ({how}; {report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, "
                   f"{human_bytes(report['bytes'])})")
     if report["vocab_resized"]:
         old, new = report["vocab_resized"]
@@ -56,7 +56,7 @@ def merge_cmd(
         if report["dtype"] != "fp32" and report["max_abs_diff_output_dtype"] is not None:
             line += f", {report['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
         console.print(line + f"; tolerance {report['tolerance']:.3g}")
-    console.print(f"wrote {output} (and {MERGE_REPORT})")
+    console.print(f"wrote the merged model to {output} (and {MERGE_REPORT}); the base model was not changed")
 
 
 def register(app: typer.Typer) -> None:

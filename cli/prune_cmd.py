@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ def prune_cmd(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
     force: bool = FORCE,
     allow_nonfinite: bool = ALLOW_NONFINITE,
-    as_json: bool = typer.Option(False, "--json", help="Print the compression report as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the compression report as JSON."),
     base_model: str | None = BASE_MODEL,
     data: str | None = typer.Option(None, "--data", help="Calibration data: jsonl, csv/tsv, txt, parquet or a datasets folder."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for before/after quality (default: a split of --data)."),
@@ -86,13 +86,13 @@ def prune_cmd(
     base_dtype: str = BASE_DTYPE,
     load_in_4bit: bool = LOAD_IN_4BIT,
     load_in_8bit: bool = LOAD_IN_8BIT,
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Calibration: recompute each transformer block in the backward pass (less activation memory, about one more forward per step)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", metavar="", help="Calibration: recompute each transformer block in the backward pass (less activation memory, about one more forward per step)."),
     teacher_cache_mb: float | None = typer.Option(None, "--teacher-cache-mb", help="Calibration: cap of the teacher-target cache in MB (default 1024; 0: recompute every step)."),
     teacher_top_k: int | None = typer.Option(None, "--teacher-top-k", help="Causal LMs: distil over the teacher's top-k tokens plus the rest (0: the full vocabulary; default: full while it fits --teacher-cache-mb, else 64)."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration from its checkpoint."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after quality measurement."),
-    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted calibration from its checkpoint."),
+    no_eval: bool = typer.Option(False, "--no-eval", metavar="", help="Skip the before/after quality measurement."),
+    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", metavar="", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""
@@ -110,8 +110,9 @@ def prune_cmd(
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks
     if not main:
         logging.getLogger().setLevel(logging.WARNING)
-    with _progress_bar(enabled=main and resolve_method(options) != "svd") as progress:
-        report = prune(adapter, output, options, progress=progress)
+    with _progress_bars(enabled=main and resolve_method(options) != "svd") as bars:
+        report = prune(adapter, output, options, progress=bars.step if bars else None,
+                       phase=bars.phase if bars else None)
     if not main:
         return
     if as_json:
@@ -149,24 +150,41 @@ def _method_settings(items: list[str]) -> dict[str, Any]:
     return settings
 
 
+class _Bars:
+    """Rich bars on stderr: one for the calibration steps (loss, ETA), then one for each phase after it
+    (the held-out evaluation), so the screen never sits at "5/5 ETA 0:00" while work goes on."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.steps = bar.add_task("calibrating", total=None, loss="-", eta="-")
+        self.phases: dict[str, Any] = {}
+
+    def step(self, step: int, total: int, loss: float, eta: float) -> None:
+        minutes, seconds = divmod(int(eta), 60)
+        self.bar.update(self.steps, completed=step, total=total, loss=f"loss {loss:.4f}",
+                        eta=f"ETA {minutes}:{seconds:02d}")
+
+    def phase(self, name: str, done: int, total: int) -> None:
+        if name not in self.phases:
+            self.bar.update(self.steps, visible=False)  # training is over: its bar would only look stuck
+            for task in self.phases.values():
+                self.bar.update(task, visible=False)
+            self.phases[name] = self.bar.add_task(name, total=total or None, loss="", eta="")
+        self.bar.update(self.phases[name], completed=done, total=total or None)
+
+
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, float, float], None] | None]:
-    """A rich progress bar on stderr (step, loss, ETA) fed by the engine's progress callback."""
+def _progress_bars(enabled: bool) -> Iterator[_Bars | None]:
+    """The progress callbacks prune's pipeline calls (the library itself never prints)."""
     if not enabled:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))
     with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("calibrate", total=None, loss="-", eta="-")
-
-        def update(step: int, total: int, loss: float, eta: float) -> None:
-            minutes, seconds = divmod(int(eta), 60)
-            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}", eta=f"{minutes}:{seconds:02d}")
-
-        yield update
+        yield _Bars(bar)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,7 @@ from loracompress.gate.measure import report_sizes
 
 def report(
     paths: list[str] = typer.Argument(None, help="Adapter folders or globs (default: every entry of the check config)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a baseline file for `loracompress check --baseline`."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print a baseline file for `loracompress check --baseline`."),
     config: Path | None = typer.Option(None, "--config", help="loracompress.toml or pyproject.toml (default: found from here upward)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG of every module's rank before/after (needs matplotlib)."),
 ) -> None:

@@ -40,7 +40,7 @@ def truncate_cmd(
     batch_size: int = typer.Option(DataOptions.batch_size, "--batch-size", help="Samples per forward pass."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
-    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the reports as JSON."),
 ) -> None:
     """Cut ADAPTER to --budget (or to each of --budgets) by keeping leading components; no data or training.
 

@@ -1,26 +1,49 @@
 """loracompress: make trained LoRA adapters smaller under a parameter budget, then ship them.
 
-The library is importable without the CLI dependencies (typer, rich)::
+The library is importable without the CLI dependencies (typer, rich). The bundled sample, cut to a
+quarter of its parameters training-free (paths relative to the repository root)::
 
-    from loracompress import load_adapter, Budget, compress_svd
-    adapter = load_adapter("ckpt/")
-    small, report = compress_svd(adapter, Budget.parse("0.25"))
-    save_adapter(small, "small/")
+    >>> import tempfile
+    >>> from loracompress import Budget, compress_svd, load_adapter, save_adapter
+    >>> adapter = load_adapter("samples/minilm-rt/adapter")
+    >>> result = compress_svd(adapter, Budget.parse("0.25"))
+    >>> result.adapter.num_params <= adapter.num_params // 4
+    True
+    >>> round(result.total_retained_energy, 2) > 0.5
+    True
+    >>> small = save_adapter(result.adapter, tempfile.mkdtemp() + "/small")
+    >>> sorted(p.name for p in small.iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+
+The one-call pipeline behind ``loracompress prune`` writes the report and card beside it::
+
+    >>> from loracompress import PruneOptions, prune
+    >>> report = prune("samples/minilm-rt/adapter", tempfile.mkdtemp() + "/small", PruneOptions(budget="0.25"))
+    >>> report["params_after"] == result.adapter.num_params
+    True
 """
+
+__version__ = "0.1.0"  # first: modules imported below read it (the report records it)
 
 from loracompress.core.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from loracompress.core.budget import Budget, allocate
-from loracompress.cuts.svd import compress_svd
-from loracompress.errors import LoraCompressError
+from loracompress.cuts.svd import SvdResult, compress_svd
+from loracompress.errors import CheckFailed, LoraCompressError
+from loracompress.pipelines.prune import PruneOptions, prune
 
+#: The public API: reading and writing adapters, budgets, the training-free cut, the prune pipeline,
+#: and the two errors the CLI maps to exit codes. Everything else is importable from its module.
 __all__ = [
     "Adapter",
     "Budget",
+    "CheckFailed",
     "LoraCompressError",
     "LoraModule",
+    "PruneOptions",
+    "SvdResult",
     "allocate",
     "compress_svd",
     "load_adapter",
+    "prune",
     "save_adapter",
 ]
-__version__ = "0.1.0"

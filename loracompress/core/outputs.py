@@ -19,7 +19,6 @@ from pathlib import Path
 
 from loracompress.errors import LoraCompressError
 
-
 #: The record file each loracompress command writes into its output folder (prune: compression_report.json;
 #: truncate with several budgets: truncate_report.json; merge; export). ``--force`` replaces only a folder
 #: holding one of these, or an empty folder: never a folder the tool did not make.

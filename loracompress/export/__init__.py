@@ -19,7 +19,11 @@ import torch
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.export.targets import REPORT_NAME, TARGETS, export_target  # one record name for every export
+from loracompress.export.targets import (  # one record name for every export
+    REPORT_NAME,
+    TARGETS,
+    export_target,
+)
 
 __all__ = ["ENGINES", "MODES", "OnnxOptions", "REPORT_NAME", "TARGETS", "export_onnx", "export_target"]
 

@@ -50,6 +50,10 @@ def baseline_text(entries: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside ``path`` and rename over it, so a reader never sees half a file."""
+    if not path.parent.is_dir():  # else the open below says ENOENT, which reads like a permission problem
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise LoraCompressError(f"cannot write {path}: the folder {path.parent} {what}; create the folder or pass "
+                                "a --baseline path in an existing one")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as fh:

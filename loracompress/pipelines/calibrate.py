@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,64 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
-def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn | None = None) -> dict[str, Any]:
+#: ``phase(name, done, total)``: the work after the last calibration step (held-out evaluation, the
+#: ``--keep-best`` comparison), counted in batches, so a caller can show it as its own bar.
+PhaseFn = Callable[[str, int, int], None]
+#: the name :func:`calibrate` reports that work under
+EVALUATING = "evaluating on the held-out data"
+
+
+class _Phase:
+    """Counts the batches of every pass after training (one per held-out comparison, one over the
+    calibration batches for the activation-aware cut) and reports them to ``phase`` as one phase."""
+
+    def __init__(self, phase: PhaseFn | None, total: int) -> None:
+        self.phase, self.total, self.done = phase, total, 0
+        if phase is not None and total:
+            phase(EVALUATING, 0, total)
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.phase is not None:
+            self.phase(EVALUATING, min(self.done, self.total), self.total)
+
+    def counted(self, batches: Sequence[dict[str, torch.Tensor]]) -> Sequence[dict[str, torch.Tensor]]:
+        """``batches`` for a consumer that iterates them once, ticking as each one is done."""
+        return _Counted(batches, self.tick)
+
+
+class _Counted(Sequence):  # type: ignore[type-arg]
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], tick: Callable[[], None]) -> None:
+        self.batches, self.tick = batches, tick
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204
+        return self.batches[i]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.batches:
+            yield batch
+            self.tick()
+
+
+def _evaluation_passes(options: Any, data: CalibrationData) -> int:
+    """Batches the evaluation after training will run: what :func:`_quality` and :func:`_keep_best` do."""
+    if not options.evaluate or not data.held_out:
+        return 0
+    if not options.keep_best or options.method == "dylora":
+        return len(data.held_out)
+    return 3 * len(data.held_out) + len(data.train)
+
+
+def calibrate(
+    source: str | Path, out: Path, options: Any, progress: ProgressFn | None = None, phase: PhaseFn | None = None
+) -> dict[str, Any]:
     """Compress the adapter at ``source`` into ``out`` with ``options.method``; returns the report.
 
-    ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`.
+    ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`. ``progress`` is called after
+    each calibration step, ``phase`` through the evaluation that follows (see :data:`PhaseFn`).
     """
     from loracompress.pipelines.results import write_result
     from loracompress.runtime.placement import resolve_placement
@@ -86,8 +141,9 @@ def calibrate(source: str | Path, out: Path, options: Any, progress: ProgressFn 
                    **placement.describe()}
     result = Engine(config).run(base.model, adapter, student, method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
-    quality = _quality(base, adapter, result.adapter, data, options)
-    chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options)
+    after = _Phase(phase, _evaluation_passes(options, data))
+    quality = _quality(base, adapter, result.adapter, data, options, after)
+    chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options, after)
     report = compression_report(
         source=str(source),
         output=str(out),
@@ -118,13 +174,15 @@ def memory_settings(options: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: Any) -> dict[str, Any]:
+def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: Any,
+             after: _Phase | None = None) -> dict[str, Any]:
     """Original vs compressed on the held-out batches (the keys ``compare_adapters`` returns)."""
     if not options.evaluate or not data.held_out:
         return {}
     from loracompress.pipelines.evaluate import compare_adapters
 
-    return compare_adapters(base, original, compressed, data.held_out, data.task)
+    return compare_adapters(base, original, compressed, data.held_out, data.task,
+                            on_batch=after.tick if after is not None else None)
 
 
 #: ``settings.keep_best.kept`` when the activation-aware cut (``--method svd --data``) was written
@@ -133,7 +191,7 @@ AWARE = "svd-aware"
 
 def _keep_best(
     base: Any, original: Adapter, calibrated: Adapter, target: int, quality: dict[str, Any], data: CalibrationData,
-    options: Any,
+    options: Any, after: _Phase | None = None,
 ) -> tuple[Adapter, dict[str, Any], dict[str, Any]]:
     """The calibrated adapter, or a training-free cut of the same budget (the plain SVD cut, or the
     activation-aware one on the calibration data) when that is closer to the original on the held-out
@@ -152,10 +210,12 @@ def _keep_best(
     from loracompress.cuts.svd import compress_svd
     from loracompress.pipelines.evaluate import compare_adapters
 
+    after = after or _Phase(None, 0)
     exact = Budget("params", target, str(target))
     cuts = {"svd": compress_svd(original, exact).adapter,
-            AWARE: activation_aware_svd(base, original, data.train, exact).adapter}
-    scored = {name: (cut, compare_adapters(base, original, cut, data.held_out, data.task)) for name, cut in cuts.items()}
+            AWARE: activation_aware_svd(base, original, after.counted(data.train), exact).adapter}
+    scored = {name: (cut, compare_adapters(base, original, cut, data.held_out, data.task, on_batch=after.tick))
+              for name, cut in cuts.items()}
     info = {"calibrated_kl": quality["kl"], "svd_cut_kl": scored["svd"][1]["kl"],
             "aware_cut_kl": scored[AWARE][1]["kl"], "kept": options.method}
     name = min(scored, key=lambda n: (scored[n][1]["kl"], n != "svd"))  # a tie goes to the plain cut

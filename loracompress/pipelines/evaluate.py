@@ -19,7 +19,7 @@ Metrics, all means over the held-out data:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,7 @@ def evaluate(
     reference: str = "teacher",
     candidate: str = "student",
     cache: ReferenceCache | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Compare the ``reference`` and ``candidate`` modes of ``model`` on ``batches``.
 
@@ -116,6 +117,7 @@ def evaluate(
         temperature: softens both distributions for ``kl`` (agreement and metrics use T=1).
         reference / candidate: layer modes (``teacher``, ``student``, ``base``).
         cache: reuse reference results across calls on the same batches.
+        on_batch: called after each batch (progress reporting; the library never prints).
 
     Returns:
         ``{"task", "samples", "kl", "agreement", "accuracy"|"perplexity": {"before", "after", ...}}``
@@ -148,6 +150,8 @@ def evaluate(
                     logits, target = _positions(batch, _logits(model, batch), task)
                 n = int(logits.shape[0])
                 if n == 0:
+                    if on_batch is not None:
+                        on_batch()
                     continue
                 counted += n
                 logq = F.log_softmax(logits / temperature, dim=-1)
@@ -161,6 +165,8 @@ def evaluate(
                 elif labelled:
                     cand_correct += int((top1 == target).sum())
                     ref_correct += ref.correct
+                if on_batch is not None:
+                    on_batch()
     finally:
         model.train(was_training)
     result: dict[str, Any] = {
@@ -202,6 +208,7 @@ def compare_adapters(
     task: str,
     *,
     temperature: float = 1.0,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Attach ``compressed`` (student) and ``original`` (teacher) to ``base.model``, evaluate, detach.
 
@@ -212,7 +219,7 @@ def compare_adapters(
     attach(model, compressed, teacher=original)
     try:
         return evaluate(model, batches, task, temperature=temperature,
-                        reference="teacher" if original is not None else "base")
+                        reference="teacher" if original is not None else "base", on_batch=on_batch)
     finally:
         detach(model)
 

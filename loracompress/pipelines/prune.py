@@ -94,11 +94,13 @@ def default_output(source: str | Path) -> Path:
 
 
 def prune(
-    source: str | Path, output: str | Path | None, options: PruneOptions, progress: Any | None = None
+    source: str | Path, output: str | Path | None, options: PruneOptions, progress: Any | None = None,
+    phase: Any | None = None,
 ) -> dict[str, Any]:
     """Compress the adapter at ``source`` into ``output``; returns the compression report.
 
-    ``progress(step, total, loss, eta_seconds)`` is called after each calibration step.
+    ``progress(step, total, loss, eta_seconds)`` is called after each calibration step, then
+    ``phase(name, done, total)`` through the held-out evaluation that follows it (batches done).
 
     Everything that can be checked is checked before work starts, so a bad output path or a
     bad budget never costs a long run.
@@ -107,6 +109,10 @@ def prune(
     options = replace(options, method=resolve_method(options))
     out = Path(output) if output is not None else default_output(source)
     check_output_path(out, force=options.force, inputs=input_paths(source, options))
+    if options.data and options.evaluate and not options.eval_data:  # before any model or data is loaded
+        from loracompress.runtime.data.split import check_eval_fraction
+
+        check_eval_fraction(options.eval_fraction)
     budget = Budget.parse(options.budget) if options.budget is not None else None
     select = Selector.parse(options.select) if options.select else None
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
@@ -119,7 +125,7 @@ def prune(
             )
         from loracompress.pipelines.calibrate import calibrate
 
-        return calibrate(source, out, options, progress=progress)
+        return calibrate(source, out, options, progress=progress, phase=phase)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     settings: dict[str, Any] = {"allocation": "global sigma^2/(in+out)"}

@@ -8,10 +8,18 @@ from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Example, Examples
 
 
+def check_eval_fraction(fraction: float) -> None:
+    """The share of ``--data`` held out: above 0 and below 1 (0 would hold out nothing, 1 everything)."""
+    if not 0.0 < fraction < 1.0:
+        raise LoraCompressError(
+            f"--eval-fraction must be above 0 and below 1 (got {fraction:g}); to skip the held-out evaluation "
+            "pass --no-eval, or give held-out data with --eval-data"
+        )
+
+
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Split into (calibration, held-out) with a seeded shuffle; both keep the file order."""
-    if not 0.0 < fraction < 1.0:
-        raise LoraCompressError(f"--eval-fraction must be between 0 and 1 (got {fraction})")
+    check_eval_fraction(fraction)
     n = len(examples)
     k = max(1, round(n * fraction))
     if n < 2 or k >= n:
