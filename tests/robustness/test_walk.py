@@ -121,12 +121,13 @@ def test_export_never_overwrites_its_base_model_or_graph(tmp_path: Path, capsys:
     pytest.importorskip("onnxruntime")
     base = save_tiny_base("llama", tmp_path / "base")
     src = write_adapter(tmp_path / "adapter")
-    _refused(capsys, tmp_path, ["export", src, "--format", "onnx", "--base-model", base, "-o", base, "--force"],
+    _refused(capsys, tmp_path, ["export", src, "--format", "onnx", "--engine", "ort", "--base-model", base, "-o", base,
+                                "--force"],
              "overlaps the input", str(base))
     graph = tmp_path / "graph"
     graph.mkdir()
     (graph / "export_report.json").write_text("{}")
-    _refused(capsys, tmp_path, ["export", src, "--format", "onnx", "--mode", "adapters", "--adapter-only", "--graph",
+    _refused(capsys, tmp_path, ["export", src, "--format", "onnx", "--engine", "ort", "--mode", "adapters", "--adapter-only", "--graph",
                                 graph, "--base-model", base, "-o", graph, "--force"], "overlaps the input", str(graph))
 
 
