@@ -324,3 +324,46 @@ def test_report_records_the_base_placement(llama_files, tmp_path):
     saved = json.loads((tmp_path / "o" / "compression_report.json").read_text())
     assert saved["settings"]["base"] == report["settings"]["base"] == {"base_dtype": "bf16", "base_device": "cpu"}
     assert saved["settings"]["engine"]["gradient_checkpointing"] is True
+
+
+# --------------------------------------------------------------------------- several processes: FSDP
+
+
+def test_fsdp_is_refused_in_one_line_until_the_factors_stay_out_of_the_sharding():
+    from types import SimpleNamespace
+
+    from loracompress.calibration.engine.accelerator import check_sharding
+
+    fsdp = SimpleNamespace(num_processes=2, distributed_type="DistributedType.FSDP", is_main_process=True)
+    with pytest.raises(LoraCompressError, match="--multi_gpu"):
+        check_sharding(fsdp)
+    check_sharding(SimpleNamespace(num_processes=2, distributed_type="DistributedType.MULTI_CPU", is_main_process=True))
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp_on_two_cpu_processes_runs_ddp_and_says_so(llama_files, tmp_path):
+    """accelerate 1.15 enables FSDP only for GPU-like processes: ``--use_fsdp`` on CPUs gives DDP, the same
+    result as ``--multi_gpu``, and the run says so (docs/calibration.md)."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "loracompress", "prune", str(llama_files["adapter"]), "--method", "lorpa", "--budget", "0.25",
+              "--base-model", str(llama_files["base"]), "--data", str(llama_files["data"]), "--steps", "6",
+              "--batch-size", "8", "--seq-len", "32", "--device", "cpu", "--no-eval"]
+    fsdp_flags = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                  "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    runs = {}
+    for name, flags in (("fsdp", fsdp_flags), ("ddp", ["--multi_gpu"])):
+        done = subprocess.run([*accelerate, *flags, *common, "-o", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (json.loads((tmp_path / name / "compression_report.json").read_text()), done.stderr)
+    assert runs["fsdp"][0]["settings"]["run"]["parallel"] == runs["ddp"][0]["settings"]["run"]["parallel"] == "ddp"
+    assert "FSDP on GPUs only" in runs["fsdp"][1]
+    a, b = load_adapter(tmp_path / "fsdp"), load_adapter(tmp_path / "ddp")
+    for path, m in b.modules.items():
+        torch.testing.assert_close(a.modules[path].delta(), m.delta())

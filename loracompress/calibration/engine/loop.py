@@ -48,7 +48,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracompress.calibration.engine.accelerator import any_process, make_accelerator, place_model, reducer
+from loracompress.calibration.engine.accelerator import (
+    any_process,
+    make_accelerator,
+    parallel_kind,
+    place_model,
+    reducer,
+)
 from loracompress.calibration.engine.checkpoints import Checkpoints
 from loracompress.calibration.engine.config import EngineConfig
 from loracompress.calibration.engine.loss import distillation_loss
@@ -90,6 +96,8 @@ class EngineResult:
     resumed_from: int | None = None
     #: per step of this run: the student's forward, backward, optimizer step and hooks (not the teacher)
     step_seconds: list[float] = field(default_factory=list)
+    #: how several processes share the work: "none", "ddp" or "fsdp"
+    parallel: str = "none"
     #: full distribution or top-k (+ k, vocab), cached or not, the cache's cap
     teacher_targets: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +108,7 @@ class EngineResult:
             "seconds": round(self.seconds, 3),
             "device": self.device,
             "num_processes": self.num_processes,
+            "parallel": self.parallel,
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "teacher_cache_mb": self.teacher_cache_mb,
@@ -227,6 +236,7 @@ class Engine:
                 losses=losses,
                 device=str(accelerator.device),
                 num_processes=world,
+                parallel=parallel_kind(accelerator),
                 teacher_cache_mb=loop.cache_mb(),
                 teacher_targets=loop.targets_info(),
                 student_seconds_per_step=loop.student_time / max(1, loop.steps_run),
