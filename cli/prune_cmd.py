@@ -80,6 +80,8 @@ def prune_cmd(
     kd_weight: float = typer.Option(_D.kd_weight, "--kd-weight", help="Weight of distillation from the original adapter."),
     task_weight: float = typer.Option(_D.task_weight, "--task-weight", help="Weight of the task loss when labels exist."),
     temperature: float = typer.Option(_D.temperature, "--temperature", help="Distillation temperature."),
+    hidden_weight: float | None = typer.Option(None, "--hidden-weight", help="Weight of block-output distillation (every block's output, student vs original). Default: automatic, on for classification data without labels."),
+    pseudo_labels: bool | None = typer.Option(None, "--pseudo-labels/--no-pseudo-labels", metavar="", help="Classification without labels: train on the original's top-1 class as the label. Default: automatic."),
     device: str = DEVICE,
     precision: str = typer.Option(_D.precision, "--precision", help="fp32, bf16 or fp16 (mixed precision on GPU)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -92,7 +94,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", metavar="", help="Skip the before/after quality measurement."),
-    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", metavar="", help="Calibration: write a training-free cut (plain or activation-aware SVD) instead when it is closer to the original on the held-out data."),
+    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", metavar="", help="Calibration: score the result, the plain SVD cut and the activation-aware cut on the held-out data (classifiers: top-1 agreement with the original, then KL; LMs: KL) and write the best, so never one worse than the cut. Holds out at least 200 samples (or a quarter of --data)."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""
@@ -101,7 +103,8 @@ def prune_cmd(
                            eval_data=eval_data, eval_fraction=eval_fraction, text_field=text_field,
                            label_field=label_field, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size,
                            steps=steps, epochs=epochs, lr=lr, warmup=warmup, seed=seed, kd_weight=kd_weight,
-                           task_weight=task_weight, temperature=temperature, device=device, precision=precision,
+                           task_weight=task_weight, temperature=temperature, hidden_weight=hidden_weight,
+                           pseudo_labels=pseudo_labels, device=device, precision=precision,
                            trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every, resume=resume,
                            base_dtype=base_dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                            gradient_checkpointing=gradient_checkpointing, teacher_cache_mb=teacher_cache_mb,
@@ -133,7 +136,24 @@ def prune_cmd(
     for name, value in (report.get("quality") or {}).items():
         if isinstance(value, dict) and "before" in value:
             console.print(f"  {name}: {value['before']:.4g} → {value['after']:.4g}")
+    if kept.get("candidates"):
+        console.print(f"  keep-best: {_keep_best_line(kept)}")
     console.print(f"wrote {out}")
+
+
+def _keep_best_line(kept: dict[str, Any]) -> str:
+    """``increlora won on 200 held-out samples (agreement, then KL): agreement 0.93 (svd cut 0.84, +0.09), ...``"""
+    win, cands = kept["kept"], kept["candidates"]
+    w, svd = cands[win], cands["svd"]
+    parts = [f"{win} won on {kept['held_out_samples']} held-out samples ({kept['measure'].replace('kl', 'KL')})"]
+    if kept["measure"].startswith("agreement"):
+        parts.append(f"agreement {w['agreement']:.4f} (svd cut {svd['agreement']:.4f}, "
+                     f"{w['agreement'] - svd['agreement']:+.4f})")
+    parts.append(f"KL {w['kl']:.4g} (svd cut {svd['kl']:.4g})")
+    runner = kept["runner_up"]
+    if runner != "svd":
+        parts.append(f"runner-up {runner}: agreement {cands[runner]['agreement']:.4f}, KL {cands[runner]['kl']:.4g}")
+    return "; ".join(parts)
 
 
 def _method_settings(items: list[str]) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from loracompress.pipelines.truncate import TruncateOptions, truncate
 
 def truncate_cmd(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder (DyLoRA-ordered, from prune --method dylora)."),
-    budget: str | None = typer.Option(None, "--budget", "-b", help="One budget: 0.25, 25%, 1.2M, 4MB or rank=2."),
-    budgets: str | None = typer.Option(None, "--budgets", help="Several budgets, comma-separated: 0.5,0.25,0.125 (one sub-folder each)."),
+    budget: str | None = typer.Option(None, "--budget", "-b", help="One budget: 0.25, 25%, 1.2M, 4MB or rank=2. A fraction is of the ORIGINAL adapter when ADAPTER records it (every loracompress output does: a DyLoRA output trained at 0.25 cuts to 1/32 of the original at 0.03125), else of ADAPTER; counts and sizes are absolute."),
+    budgets: str | None = typer.Option(None, "--budgets", help="Several budgets, comma-separated: 0.5,0.25,0.125 (one sub-folder each), fractions as for --budget."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-truncated)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype fp32/fp16/bf16 (default: the input's)."),
     force: bool = FORCE,
@@ -75,6 +75,13 @@ def truncate_cmd(
             row.append("" if v is None else f"{v:.4g}")
         table.add_row(*row)
     console.print(table)
+    ref = reports[0]["settings"].get("budget_reference") or {}
+    if ref.get("of") == "original":
+        console.print(f"fractions are of the original adapter ({human(ref['params'])} parameters, recorded in "
+                      f"{adapter}); ratio is of {adapter} ({human(reports[0]['params_before'])})")
+    else:
+        console.print(f"fractions are of {adapter} ({human(reports[0]['params_before'])} parameters; it records no "
+                      "original)")
     console.print(f"wrote {out}")
 
 

@@ -51,6 +51,9 @@ def base_param_name(key: str) -> str:
     return bare
 #: safetensors metadata key recording how an adapter's rank components are ordered.
 ORDER_KEY = "loracompress.order"
+#: safetensors metadata key recording the LoRA parameter count of the adapter a compressed one came from
+#: (the first one of a chain: prune, then truncate, keeps the very original's); fractions refer to it
+ORIGINAL_PARAMS_KEY = "loracompress.original_params"
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -168,6 +171,16 @@ class Adapter:
         """Bytes of the LoRA factors at ``dtype`` (default: the adapter's own)."""
         itemsize = torch.empty(0, dtype=dtype or self.dtype).element_size()
         return self.num_params * itemsize
+
+    @property
+    def original_params(self) -> int | None:
+        """LoRA parameters of the original this adapter was compressed from, when its metadata records them."""
+        raw = self.metadata.get(ORIGINAL_PARAMS_KEY)
+        try:
+            n = int(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return n if n is not None and n > 0 else None
 
     def replace(self, modules: dict[str, LoraModule], **changes: Any) -> Adapter:
         """A new adapter with other modules (and optionally other fields); this one is untouched."""

@@ -72,13 +72,24 @@ class Budget:
             return cls("params", n, raw)
         raise LoraCompressError(f"cannot parse budget {raw!r}; {_HELP}")
 
-    def resolve(self, costs: Sequence[int], ranks: Sequence[int], itemsize: int) -> int:
+    def resolve(self, costs: Sequence[int], ranks: Sequence[int], itemsize: int,
+                reference: int | None = None) -> int:
         """The budget as a parameter count for modules of the given per-rank ``costs`` and ``ranks``.
 
-        Raises when the budget is not smaller than what the adapter already has, or rounds to zero.
+        A fraction is of ``reference`` parameters when given (the original adapter a compressed one came
+        from), else of the adapter's own. Raises when the budget is more than the adapter has, or
+        rounds to zero.
         """
         total = int(sum(c * r for c, r in zip(costs, ranks)))
-        if self.kind == "fraction":
+        if self.kind == "fraction" and reference is not None:
+            target = math.floor(self.value * reference)
+            if target > total:
+                raise LoraCompressError(
+                    f"budget {self.text!r} of the original adapter ({_fmt(reference)} parameters) is "
+                    f"{_fmt(target)} parameters, more than this adapter has ({_fmt(total)}); give a fraction of "
+                    f"at most {total / reference:.4g}"
+                )
+        elif self.kind == "fraction":
             target = math.floor(self.value * total)
         elif self.kind == "params":
             target = int(self.value)

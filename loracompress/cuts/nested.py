@@ -69,15 +69,22 @@ def dylora_values(adapter: Adapter) -> dict[str, np.ndarray]:
 
 def truncate_adapter(adapter: Adapter, budget: Budget, itemsize: int | None = None,
                      dtype: torch.dtype | None = None) -> Cut:
-    """Cut ``adapter`` to ``budget``: leading components if DyLoRA-ordered, else the SVD cut."""
+    """Cut ``adapter`` to ``budget``: leading components if DyLoRA-ordered, else the SVD cut.
+
+    A fractional budget is of the original adapter when ``adapter`` records its parameter count
+    (:attr:`~loracompress.core.adapter.Adapter.original_params`, written by every compressing command),
+    else of ``adapter`` itself: a DyLoRA output trained at 1/4 cuts to 1/32 *of the original* at
+    ``0.03125``.
+    """
     itemsize = itemsize or torch.empty(0, dtype=adapter.dtype).element_size()
     costs = {p: m.cost for p, m in adapter.modules.items()}
-    target = budget.resolve(list(costs.values()), [m.rank for m in adapter.modules.values()], itemsize)
+    target = budget.resolve(list(costs.values()), [m.rank for m in adapter.modules.values()], itemsize,
+                            reference=adapter.original_params)
     if not is_dylora(adapter):
         order = adapter.metadata.get(ORDER_KEY, "none recorded")
         log.warning("the adapter is not DyLoRA-ordered (%s = %s): cutting it in SVD order instead, the "
                     "training-free svd cut", ORDER_KEY, order)
-        result = compress_svd(adapter, budget, itemsize=itemsize, dtype=dtype)
+        result = compress_svd(adapter, Budget("params", target, budget.text), itemsize=itemsize, dtype=dtype)
         return Cut(result.adapter, result.ranks_after, target, "svd", result.retained_energy,
                    result.total_retained_energy)
     values = dylora_values(adapter)

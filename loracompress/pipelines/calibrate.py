@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ from loracompress.gate.records import compression_report
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
 
 log = logging.getLogger(__name__)
+
+
+#: The loss for classification calibration data without labels, chosen automatically (``hidden_weight``
+#: and ``pseudo_labels`` left at None): see benchmarks/results/labelfree_sweep.md for the measurements.
+LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False}
+
+
+def loss_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
+    """``hidden_weight`` and ``pseudo_labels`` for this run: what the options say, and where they say
+    nothing (None), :data:`LABEL_FREE` for unlabelled classification data, else off."""
+    auto = LABEL_FREE if not data.labelled else {"hidden_weight": 0.0, "pseudo_labels": False}
+    return {k: (getattr(options, k) if getattr(options, k, None) is not None else v) for k, v in auto.items()}
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -132,8 +145,9 @@ def calibrate(
     target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
     base = load_base(adapter, options, placement=placement)  # straight to the device, in the base dtype
     data = load_data(base, options)
-    log.info("calibrating with %s on %d samples (%d batches), %d held out", options.method, data.samples,
-             len(data.train), data.held_out_samples)
+    config = replace(config, **loss_settings(options, data))
+    log.info("calibrating with %s on %d %s samples (%d batches), %d held out", options.method, data.samples,
+             "labelled" if data.labelled else "unlabelled", len(data.train), data.held_out_samples)
 
     student = svd_student(adapter)
     fingerprint = {"source": str(Path(source).resolve()), "data": str(options.data), "samples": data.samples,
@@ -189,17 +203,29 @@ def _quality(base: Any, original: Adapter, compressed: Adapter, data: Calibratio
 AWARE = "svd-aware"
 
 
+def selection_key(quality: dict[str, Any], task: str) -> tuple[float, ...]:
+    """What ``--keep-best`` maximises on the held-out data: for a classifier, top-1 agreement with the
+    original first, then (negated) KL; for a language model, the negated KL."""
+    if task == "cls":
+        return (float(quality["agreement"]), -float(quality["kl"]))
+    return (-float(quality["kl"]),)
+
+
 def _keep_best(
     base: Any, original: Adapter, calibrated: Adapter, target: int, quality: dict[str, Any], data: CalibrationData,
     options: Any, after: _Phase | None = None,
 ) -> tuple[Adapter, dict[str, Any], dict[str, Any]]:
-    """The calibrated adapter, or a training-free cut of the same budget (the plain SVD cut, or the
-    activation-aware one on the calibration data) when that is closer to the original on the held-out
-    data (lower KL); returns (adapter, its held-out quality, what was compared).
+    """A guarantee: never write a result that is worse on the held-out data than the training-free cut.
 
-    Calibration starts from the plain cut and can only lose to it by moving away from it, which happens
-    at generous budgets where the cut is already nearly exact; there the activation-aware cut is often
-    closer still (benchmarks/results/quality.md). The check costs one pass over the calibration batches
+    Every candidate of the same budget is scored on the same held-out batches by the measure that matches
+    the task (:func:`selection_key`): the calibrated adapter, the plain SVD cut and the activation-aware
+    cut on the calibration batches. The best is written; a tie goes to the calibrated result, then to the
+    plain cut. Returns (adapter, its held-out quality, what was compared: each candidate's agreement and
+    KL, the winner, and its margin over the plain cut and over the runner-up).
+
+    Calibration starts from the plain cut and can end below it (too few steps, pruning that goes wrong,
+    a loss that pulls away from the original); at generous budgets the activation-aware cut is often the
+    closest of all (benchmarks/results/quality.md). The check costs one pass over the calibration batches
     (the input statistics) and two over the held-out ones.
     """
     if not options.keep_best or not quality or not math.isfinite(quality.get("kl", math.nan)):
@@ -214,19 +240,38 @@ def _keep_best(
     exact = Budget("params", target, str(target))
     cuts = {"svd": compress_svd(original, exact).adapter,
             AWARE: activation_aware_svd(base, original, after.counted(data.train), exact).adapter}
-    scored = {name: (cut, compare_adapters(base, original, cut, data.held_out, data.task, on_batch=after.tick))
-              for name, cut in cuts.items()}
-    info = {"calibrated_kl": quality["kl"], "svd_cut_kl": scored["svd"][1]["kl"],
-            "aware_cut_kl": scored[AWARE][1]["kl"], "kept": options.method}
-    name = min(scored, key=lambda n: (scored[n][1]["kl"], n != "svd"))  # a tie goes to the plain cut
-    cut, cut_quality = scored[name]
-    if cut_quality["kl"] < quality["kl"]:
+    scored: dict[str, tuple[Adapter, dict[str, Any]]] = {options.method: (calibrated, quality)}
+    scored.update({name: (cut, compare_adapters(base, original, cut, data.held_out, data.task,
+                                                    on_batch=after.tick))
+                   for name, cut in cuts.items()})
+    preference = {options.method: 0, "svd": 1, AWARE: 2}  # ties: calibrated, then the plain cut
+    ranked = sorted(scored, key=lambda n: (tuple(-v for v in selection_key(scored[n][1], data.task)), preference[n]))
+    name, runner_up = ranked[0], ranked[1]
+    chosen, chosen_quality = scored[name]
+
+    def margin(over: str) -> dict[str, float]:
+        a, b = scored[name][1], scored[over][1]
+        return {"agreement": float(a["agreement"]) - float(b["agreement"]), "kl": float(b["kl"]) - float(a["kl"])}
+
+    info: dict[str, Any] = {
+        "measure": "agreement, then kl" if data.task == "cls" else "kl",
+        "held_out_samples": data.held_out_samples,
+        "candidates": {n: {"agreement": float(q["agreement"]), "kl": float(q["kl"])} for n, (_, q) in scored.items()},
+        "kept": name,
+        "runner_up": runner_up,
+        "margin_over_runner_up": margin(runner_up),
+        "margin_over_svd_cut": margin("svd") if name != "svd" else {"agreement": 0.0, "kl": 0.0},
+        # the KLs under the names earlier reports used
+        "calibrated_kl": float(quality["kl"]), "svd_cut_kl": float(scored["svd"][1]["kl"]),
+        "aware_cut_kl": float(scored[AWARE][1]["kl"]),
+    }
+    if name != options.method:
+        q = scored[options.method][1]
         log.warning("the training-free %s cut is closer to the original on the held-out data than the %s result "
-                    "(KL %.4g vs %.4g): writing the cut (--no-keep-best writes the %s result)", name,
-                    options.method, cut_quality["kl"], quality["kl"], options.method)
-        info["kept"] = name
-        return cut, cut_quality, info
-    return calibrated, quality, info
+                    "(agreement %.4f vs %.4f, KL %.4g vs %.4g): writing the cut (--no-keep-best writes the %s "
+                    "result)", name, options.method, chosen_quality["agreement"], q["agreement"],
+                    chosen_quality["kl"], q["kl"], options.method)
+    return chosen, chosen_quality, info
 
 
 def _is_main_process() -> bool:

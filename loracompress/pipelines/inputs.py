@@ -130,6 +130,26 @@ class CalibrationData:
     samples: int
     held_out_samples: int
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the task loss has labels to use: language modelling always does, classification when
+        every calibration batch carries them."""
+        return self.task == "lm" or all("labels" in b for b in self.train)
+
+
+#: ``--keep-best`` compares candidates on at least this many held-out samples (at most a quarter of the data):
+#: at 100, one sample is a whole point of agreement, too coarse to decide between a cut and a calibration.
+MIN_HELD_OUT = 200
+
+
+def held_out_fraction(options: CalibrationSource, n: int) -> float:
+    """The share of ``n`` samples held out: ``--eval-fraction``, raised for ``--keep-best`` to hold out
+    :data:`MIN_HELD_OUT` samples (or a quarter of the data when that is fewer)."""
+    fraction = float(options.eval_fraction)
+    if getattr(options, "keep_best", False) and options.method not in (None, "svd", "dylora") and n > 0:
+        fraction = max(fraction, min(MIN_HELD_OUT, n // 4) / n)
+    return fraction
+
 
 def load_data(base: BaseModel, options: CalibrationSource) -> CalibrationData:
     """Read, split and batch the calibration (and held-out) data for ``base`` (labels checked against its head)."""
@@ -141,7 +161,7 @@ def load_data(base: BaseModel, options: CalibrationSource) -> CalibrationData:
     if options.eval_data:
         held = read_data(base, options.eval_data, options)
     elif options.evaluate:
-        examples, held = split_eval(examples, options.eval_fraction, options.seed)
+        examples, held = split_eval(examples, held_out_fraction(options, len(examples)), options.seed)
     else:
         held = []
     train = batches(base, examples, options, shuffle=True)

@@ -57,6 +57,10 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
     kd_weight: float = _ENGINE.kd_weight
     task_weight: float = _ENGINE.task_weight
     temperature: float = _ENGINE.temperature
+    #: block-output distillation weight; None: automatic (on for unlabelled classification data, see calibrate.py)
+    hidden_weight: float | None = None
+    #: the teacher's top-1 class as the label of unlabelled classification data; None: automatic
+    pseudo_labels: bool | None = None
     precision: str = _ENGINE.precision
     checkpoint_every: int | None = _ENGINE.checkpoint_every
     resume: bool = _ENGINE.resume

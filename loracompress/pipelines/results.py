@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loracompress.core.adapter import Adapter, save_adapter
+from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, Adapter, save_adapter
 from loracompress.gate.records import CARD_NAME, REPORT_NAME, card, report_json
 
 
@@ -16,7 +16,15 @@ def write_result(
     adapter: Adapter, out: Path, report: dict[str, Any], dtype: torch.dtype, force: bool,
     inputs: Sequence[str | Path | None] = (),
 ) -> None:
-    """The adapter, its report and its card, atomically; ``inputs``: every other path the run read."""
+    """The adapter, its report and its card, atomically; ``inputs``: every other path the run read.
+
+    The adapter's metadata records the original's LoRA parameter count (``loracompress.original_params``):
+    kept when the input already carried one (a cut of a compressed adapter), else the input's own count.
+    ``truncate`` reads it so that ``--budget 0.03125`` means 1/32 of the original, not of the input.
+    """
+    if adapter.original_params is None and report.get("params_before"):
+        adapter = adapter.replace(adapter.modules, metadata={**adapter.metadata,
+                                                             ORIGINAL_PARAMS_KEY: str(int(report["params_before"]))})
     save_adapter(
         adapter,
         out,

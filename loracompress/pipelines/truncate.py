@@ -92,6 +92,10 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         }
         if cut.notes:
             settings["notes"] = cut.notes
+        original = adapter.original_params
+        settings["budget_reference"] = (  # what a fractional budget is a fraction of
+            {"of": "original", "params": original, "fraction_of_original": cut.adapter.num_params / original}
+            if original is not None else {"of": "input", "params": adapter.num_params})
         if options.eval_data:
             settings.update(eval_data=str(options.eval_data), base_model=options.base_model)
         reports.append(compression_report(

@@ -9,7 +9,7 @@ from loracompress.calibration.engine.config import (
     config_dict,
 )
 from loracompress.calibration.engine.loop import Engine, EngineResult, Interrupted, ProgressFn, module_depths
-from loracompress.calibration.engine.loss import distillation_loss
+from loracompress.calibration.engine.loss import distillation_loss, hidden_state_loss
 from loracompress.calibration.engine.schedule import lr_factor
 from loracompress.calibration.engine.student import svd_student
 
@@ -23,6 +23,7 @@ __all__ = [
     "ProgressFn",
     "config_dict",
     "distillation_loss",
+    "hidden_state_loss",
     "lr_factor",
     "module_depths",
     "remove_checkpoints",

@@ -32,6 +32,10 @@ class EngineConfig:
     kd_weight: float = 1.0
     task_weight: float = 1.0
     temperature: float = 2.0
+    #: weight of the block-output distillation (see :func:`.loss.hidden_state_loss`); 0: logits only
+    hidden_weight: float = 0.0
+    #: classification without labels: the teacher's top-1 class stands in as the task loss's label
+    pseudo_labels: bool = False
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -60,6 +64,8 @@ class EngineConfig:
             raise LoraCompressError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.kd_weight < 0 or self.task_weight < 0 or self.kd_weight + self.task_weight == 0:
             raise LoraCompressError("--kd-weight and --task-weight must be >= 0 and not both 0")
+        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
+            raise LoraCompressError(f"--hidden-weight must be a number >= 0 (got {self.hidden_weight})")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise LoraCompressError(f"--temperature must be positive (got {self.temperature})")
         if self.precision not in PRECISIONS:

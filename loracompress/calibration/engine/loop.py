@@ -57,7 +57,7 @@ from loracompress.calibration.engine.accelerator import (
 )
 from loracompress.calibration.engine.checkpoints import Checkpoints
 from loracompress.calibration.engine.config import EngineConfig
-from loracompress.calibration.engine.loss import distillation_loss
+from loracompress.calibration.engine.loss import distillation_loss, hidden_state_loss
 from loracompress.calibration.engine.recompute import gradient_checkpointing
 from loracompress.calibration.engine.schedule import lr_factor
 from loracompress.calibration.engine.signals import _StopRequest
@@ -176,6 +176,8 @@ class Engine:
               "task_weight": cfg.task_weight, "temperature": cfg.temperature, "precision": cfg.precision,
               "target_params": int(target_params), "method": method.describe(),
               "teacher_top_k": cfg.teacher_top_k, "teacher_cache_mb": cfg.teacher_cache_mb}
+        if cfg.hidden_weight or cfg.pseudo_labels:  # only then, so that older checkpoints still resume
+            fp.update(hidden_weight=cfg.hidden_weight, pseudo_labels=cfg.pseudo_labels)
         fp = json.loads(json.dumps(fp, default=str))
 
         for p in model.parameters():
@@ -268,6 +270,7 @@ class _Loop:
         self.student_time = self.teacher_time = 0.0
         self.step_seconds: list[float] = []
         self.steps_run = self.teacher_runs = 0
+        self._hidden_scales: list[float] | None = None
 
     def lr_factor(self, step: int) -> float:
         """Warm-up then decay, restarted at each of the method's ``schedule_restarts()`` steps."""
@@ -310,6 +313,37 @@ class _Loop:
                 self.cache[idx] = targets
         return targets
 
+    def teacher_hidden(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Teacher logits and block outputs, computed every step (a cache of every block's output would
+        be ``blocks × tokens × hidden`` floats per batch)."""
+        t = time.perf_counter()
+        with use_mode(self.layers, "teacher"), torch.no_grad(), self.acc.autocast():
+            out = self.model(**inputs, output_hidden_states=True)
+        self.teacher_time += time.perf_counter() - t
+        self.teacher_runs += 1
+        return out.logits.detach().float(), tuple(h.detach() for h in out.hidden_states)
+
+    def hidden_scales(self) -> list[float]:
+        """Per block, the teacher's mean ``‖h_teacher − h_base‖²`` per real token over the first few
+        batches: how much the original adapter moves that block's output (measured once)."""
+        if self._hidden_scales is None:
+            sums: list[float] = []
+            count = 0.0
+            with torch.no_grad(), self.acc.autocast():
+                for raw in self.batches[:4]:
+                    inputs = model_inputs(raw, self.acc.device)
+                    with use_mode(self.layers, "teacher"):
+                        ht = self.model(**inputs, output_hidden_states=True).hidden_states[1:]
+                    with use_mode(self.layers, "base"):
+                        hb = self.model(**inputs, output_hidden_states=True).hidden_states[1:]
+                    m = inputs.get("attention_mask")
+                    m = torch.ones(ht[0].shape[:2], device=ht[0].device) if m is None else m.float()
+                    count += float(m.sum())
+                    d = [float(((a.float() - b.float()).pow(2).sum(-1) * m).sum()) for a, b in zip(ht, hb)]
+                    sums = d if not sums else [x + y for x, y in zip(sums, d)]
+            self._hidden_scales = [x / max(count, 1.0) for x in sums]
+        return self._hidden_scales
+
     def step(self, step: int) -> float:
         cfg, acc = self.cfg, self.acc
         idx = self.batch_index(step)
@@ -319,11 +353,22 @@ class _Loop:
             batch["use_cache"] = False  # a KV cache would hold every block's keys/values for nothing
         labels = raw["labels"].to(acc.device) if "labels" in raw else None
         self.method.before_forward(step)
-        t_logits = self.teacher_targets(idx, batch)
+        hidden = cfg.hidden_weight > 0
+        t_hidden = None
+        if hidden:
+            t_logits, t_hidden = self.teacher_hidden(batch)
+        else:
+            t_logits = self.teacher_targets(idx, batch)
+        if (labels is None and cfg.pseudo_labels and self.task == "cls" and isinstance(t_logits, torch.Tensor)
+                and t_logits.shape[-1] > 1):
+            labels = t_logits.argmax(-1)
         t = time.perf_counter()
-        out = self.prepared(**batch)
+        out = self.prepared(**batch, output_hidden_states=True) if hidden else self.prepared(**batch)
         loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
                                     temperature=cfg.temperature, kd_weight=cfg.kd_weight, task_weight=cfg.task_weight)
+        if hidden:
+            loss = loss + cfg.hidden_weight * hidden_state_loss(out.hidden_states, t_hidden,
+                                                                batch.get("attention_mask"), self.hidden_scales())
         if not loss.requires_grad:
             if self.task == "cls":
                 raise LoraCompressError("nothing to train on: the data has no labels and --kd-weight is 0; raise --kd-weight")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +82,27 @@ def _kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_state_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], attention_mask: torch.Tensor | None,
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """Mean over blocks of ``‖h_s − h_t‖² / scale`` per real token: every block's output, student
+    against teacher (``output_hidden_states``, the embeddings left out: LoRA does not change them).
+
+    A dense, label-free signal: a classifier's few logits say little about *how* the student went
+    wrong, each block's ``[tokens, hidden]`` output says a lot. ``scales[l]`` is the teacher's own
+    mean ``‖h_t − h_base‖²`` per token at block ``l`` (:meth:`.loop._Loop.hidden_scales`), so 1 means
+    "as far from the teacher as the bare base model is", whatever the model's hidden size.
+    """
+    total = student[-1].new_zeros((), dtype=torch.float32)
+    for s, t, c in zip(student[1:], teacher[1:], scales):
+        d = (s.float() - t.float()).pow(2).sum(-1)  # [B, L]
+        if attention_mask is not None:
+            m = attention_mask.to(d.dtype)
+            d = (d * m).sum() / m.sum().clamp_min(1.0)
+        else:
+            d = d.mean()
+        total = total + d / max(c, 1e-12)
+    return total / max(1, len(scales))

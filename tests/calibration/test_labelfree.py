@@ -1,0 +1,80 @@
+"""Calibration on classification data without labels: block-output distillation and pseudo-labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loracompress.calibration.engine import EngineConfig, hidden_state_loss
+from loracompress.errors import LoraCompressError
+from loracompress.pipelines.calibrate import LABEL_FREE, loss_settings
+from loracompress.pipelines.prune import prune
+from tests.calibration.test_engine import calib_files, options
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("labelfree")
+    files = calib_files(root, "bert")
+    plain = root / "unlabelled.jsonl"
+    with open(files["data"], encoding="utf-8") as src, open(plain, "w", encoding="utf-8") as dst:
+        for line in src:
+            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    return {**files, "data": plain}
+
+
+def test_hidden_state_loss_is_zero_at_the_teacher_and_one_at_the_base():
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    teacher = [b + 0.1 * torch.randn(2, 5, 8, generator=g) for b in base]
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0  # padding does not count
+    scales = []
+    for t, b in zip(teacher[1:], base[1:]):
+        d = (t - b).pow(2).sum(-1)
+        scales.append(float((d * mask).sum() / mask.sum()))
+    assert float(hidden_state_loss(teacher, teacher, mask, scales)) == 0.0
+    assert float(hidden_state_loss(base, teacher, mask, scales)) == pytest.approx(1.0, rel=1e-5)
+    far = [b.clone() for b in base]
+    far[2][1, 4] += 1e3  # a padded position: ignored
+    assert float(hidden_state_loss(far, teacher, mask, scales)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_without_labels_the_teacher_top1_can_stand_in_for_them(unlabelled, tmp_path):
+    with pytest.raises(LoraCompressError, match="no labels"):
+        prune(unlabelled["adapter"], tmp_path / "a", options(unlabelled, "increlora", steps=3, kd_weight=0.0,
+                                                             pseudo_labels=False, hidden_weight=0.0))
+    report = prune(unlabelled["adapter"], tmp_path / "b", options(unlabelled, "increlora", steps=3, kd_weight=0.0,
+                                                                  pseudo_labels=True, hidden_weight=0.0))
+    assert report["settings"]["engine"]["pseudo_labels"] is True
+    assert report["settings"]["run"]["final_loss"] > 0
+
+
+def test_block_output_distillation_trains_on_unlabelled_data(unlabelled, tmp_path):
+    report = prune(unlabelled["adapter"], tmp_path / "h", options(unlabelled, "increlora", steps=4, kd_weight=0.0,
+                                                                  hidden_weight=1.0, pseudo_labels=False))
+    run = report["settings"]["run"]
+    assert report["settings"]["engine"]["hidden_weight"] == 1.0
+    assert 0 < run["final_loss"] < run["first_loss"] * 10  # a finite loss that the run moved
+
+
+@pytest.mark.parametrize(("labelled", "given", "expected"), [
+    (True, {}, {"hidden_weight": 0.0, "pseudo_labels": False}),  # labels: the loss as before
+    (False, {}, LABEL_FREE),  # no labels: chosen automatically
+    (False, {"hidden_weight": 0.0}, {**LABEL_FREE, "hidden_weight": 0.0}),  # what the user says wins
+    (True, {"pseudo_labels": True}, {"hidden_weight": 0.0, "pseudo_labels": True}),
+])
+def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, given, expected):
+    opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, **given})
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), **({"labels": torch.zeros(1)} if labelled else {})}
+    data = SimpleNamespace(labelled=labelled, task="cls", train=[batch])
+    assert loss_settings(opts, data) == expected
+
+
+def test_a_negative_hidden_weight_is_a_user_error():
+    with pytest.raises(LoraCompressError, match="--hidden-weight"):
+        EngineConfig(hidden_weight=-1.0)
