@@ -64,6 +64,7 @@ log = logging.getLogger("quality")
 CALIBRATED = tuple(m for m in available() if m != "dylora")
 ALL_METHODS = ("svd", "svd-aware", *CALIBRATED, "dylora", "peft-convert", "uniform-svd", "scratch")
 BASELINES = ("peft-convert", "uniform-svd", "scratch")
+TASKS = ("minilm", "minilm-nolabels", "news20", "smollm2")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Task:
     metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
     seq_len: int
     batch_size: int
+    #: the calibration data's label field; "" calibrates label-free (the labels, if any, are ignored)
+    label_field: str | None = None
 
 
 def task_spec(name: str) -> Task:
@@ -85,11 +88,19 @@ def task_spec(name: str) -> Task:
         d = ROOT / "samples" / "minilm-rt"
         return Task(name, d / "adapter", str(base_model_path("minilm")), d / "data" / "calib.jsonl",
                     d / "data" / "test.jsonl", "accuracy", seq_len=64, batch_size=16)
+    if name == "minilm-nolabels":  # the bundled sample as a user with unlabelled text would calibrate it
+        d = ROOT / "samples" / "minilm-rt"
+        return Task(name, d / "adapter", str(base_model_path("minilm")), d / "data" / "calib.jsonl",
+                    d / "data" / "test.jsonl", "accuracy", seq_len=64, batch_size=16, label_field="")
+    if name == "news20":  # 20 labels; its calib.jsonl has no labels at all (samples/build_news20_sample.py)
+        d = ROOT / "samples" / "news20"
+        return Task(name, d / "adapter", str(base_model_path("minilm")), d / "data" / "calib.jsonl",
+                    d / "data" / "test.jsonl", "accuracy", seq_len=64, batch_size=16)
     if name == "smollm2":
         d = ROOT / "samples" / "smollm2-news"
         return Task(name, d / "adapter", str(base_model_path("smollm2")), d / "data" / "calib.jsonl",
                     d / "data" / "test.jsonl", "perplexity", seq_len=128, batch_size=8)
-    raise SystemExit(f"unknown task {name!r}: minilm or smollm2")
+    raise SystemExit(f"unknown task {name!r}: one of {', '.join(TASKS)}")
 
 
 # --------------------------------------------------------------------------- baselines
@@ -262,7 +273,8 @@ def run(args: argparse.Namespace) -> None:
     test, test_batches = read_batches(base, task.test, test_opts)
     score = Scorer(base, original, test_batches, kind, task.metric)
     common = dict(base_model=task.base, data=str(task.calib), seq_len=seq_len, batch_size=batch_size,
-                  max_samples=args.max_calib, seed=args.seed, device=args.device, evaluate=False)
+                  max_samples=args.max_calib, seed=args.seed, device=args.device, evaluate=False,
+                  label_field=task.label_field)
     calib_opts = dict(common, steps=args.steps, lr=args.lr, kd_weight=args.kd_weight, task_weight=args.task_weight)
     data = load_data(base, PruneOptions(method="prilora", **common))
     total = original.num_params
@@ -553,7 +565,7 @@ def render() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["minilm", "smollm2"])
+    p.add_argument("--task", choices=TASKS)
     p.add_argument("--budgets", default="0.25,0.125,0.0625,0.03125")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--steps", type=int, default=None, help="calibration steps (all calibrated methods and scratch)")
