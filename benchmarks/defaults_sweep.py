@@ -48,9 +48,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # label-free classification (--task news20 / minilm-nolabels, --name labelfree_sweep): KD is the only
     # loss unless one of these adds a signal; "logits only" is the engine's loss before they existed
     "logits only": {"hidden_weight": 0.0, "pseudo_labels": False},
-    "logits, T=1": {"hidden_weight": 0.0, "pseudo_labels": False, "temperature": 1.0},
-    "logits, lr=3e-3": {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 3e-3},
-    "logits, 6 epochs": {"hidden_weight": 0.0, "pseudo_labels": False, "epochs": 6.0},
+    "logits T=1": {"hidden_weight": 0.0, "pseudo_labels": False, "temperature": 1.0},
+    "logits lr=3e-3": {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 3e-3},
+    "logits 6 epochs": {"hidden_weight": 0.0, "pseudo_labels": False, "epochs": 6.0},
     "pseudo-labels": {"hidden_weight": 0.0, "pseudo_labels": True},
     "hidden=1": {"hidden_weight": 1.0, "pseudo_labels": False},
     "hidden=10": {"hidden_weight": 10.0, "pseudo_labels": False},

@@ -62,7 +62,9 @@ log = logging.getLogger("quality")
 #: every registered calibration method (one file each under loracompress/calibration/methods/); DyLoRA is
 #: run once at the largest budget and truncated to the others, so it has its own row kind
 CALIBRATED = tuple(m for m in available() if m != "dylora")
-ALL_METHODS = ("svd", "svd-aware", *CALIBRATED, "dylora", "peft-convert", "uniform-svd", "scratch")
+#: "default": ``prune --data --budget`` as a user runs it (no --method, held-out split, --keep-best on): the
+#: default method, the loss chosen for the data (label-free settings when it has no labels), the best candidate
+ALL_METHODS = ("svd", "svd-aware", *CALIBRATED, "dylora", "default", "peft-convert", "uniform-svd", "scratch")
 BASELINES = ("peft-convert", "uniform-svd", "scratch")
 TASKS = ("minilm", "minilm-nolabels", "news20", "smollm2")
 
@@ -316,7 +318,7 @@ def run(args: argparse.Namespace) -> None:
         row = {"method": method, "budget": budget, "params": params, "fraction": params / total,
                "metric": s["metric"], "kl": s["kl"], "agreement": s["agreement"], "seconds": round(seconds, 1),
                "test_samples": len(test), **extra}
-        if method in (*CALIBRATED, "dylora", "scratch"):  # rows of one file may come from runs with other steps
+        if method in (*CALIBRATED, "dylora", "scratch", "default"):  # rows of one file may come from runs with other steps
             row["steps"] = args.steps or "default"
         row["pct_of_original"] = 100 * (s["metric"] / ref["original"] if task.metric == "accuracy"
                                         else ref["original"] / s["metric"])
@@ -349,7 +351,7 @@ def run(args: argparse.Namespace) -> None:
             target = Budget.parse(budget).resolve(costs, ranks, 4)
             k = uniform_rank(original, target)
             for method in args.methods:
-                if method in (*CALIBRATED, "scratch") and budget not in args.train_budgets:
+                if method in (*CALIBRATED, "scratch", "default") and budget not in args.train_budgets:
                     continue
                 if args.skip_done and (method, budget) in done:
                     continue
@@ -363,6 +365,16 @@ def run(args: argparse.Namespace) -> None:
                     elif method in CALIBRATED:
                         a, sec = via_prune(method, budget, calib_opts)
                         record(method, budget, a, sec)
+                    elif method == "default":
+                        out = work / f"default-{budget}"
+                        t0 = time.perf_counter()
+                        rep = prune(task.adapter, out, PruneOptions(budget=budget, method=None, **{
+                            **calib_opts, "evaluate": True}))
+                        kept = rep["settings"].get("keep_best") or {}
+                        record(method, budget, load_adapter(out), time.perf_counter() - t0,
+                               calibrated=rep["settings"]["method"], kept=kept.get("kept"),
+                               keep_best=kept.get("candidates"), held_out_samples=kept.get("held_out_samples"),
+                               loss={k: rep["settings"]["engine"].get(k) for k in ("hidden_weight", "pseudo_labels")})
                     elif method == "dylora":
                         if dylora is None:  # trained once, at the largest budget; b_min covers the smallest
                             top = max(args.budgets, key=float)
@@ -426,7 +438,7 @@ def _versus_svd(st: dict[str, Any], rows: list[dict[str, Any]], budgets: list[st
     out = [f"Against the training-free `svd` cut of the same budget ({metric}: % of the original, then the "
            f"difference to the cut, positive = better; KL: the method's / the cut's):", "",
            "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
-    for m in (*CALIBRATED, "dylora", "svd-aware"):
+    for m in (*CALIBRATED, "dylora", "default", "svd-aware"):
         cells = []
         for b in budgets:
             r, ref = get(m, b), get("svd", b)
@@ -489,6 +501,7 @@ def render() -> None:
                     continue
                 extra = f" r={r['rank']}" if "rank" in r else ""
                 extra += f" on {r['modules']} modules" if "modules" in r else ""
+                extra += f" wrote {r['kept']}" if r.get("kept") else ""  # the default: what --keep-best chose
                 cells.append(f"{_fmt_metric(metric, r['metric'])} ({r['pct_of_original']:.1f}%) · "
                              f"{r['params']:,}p{extra} · {r['seconds']:.0f}s")
             sec.append(f"| {m} | " + " | ".join(cells) + " |")
