@@ -36,8 +36,78 @@ def rank_profile(name: str, report: dict[str, Any] | None, ranks: dict[str, int]
     return RankProfile(name, list(ranks), list(ranks.values()))
 
 
+@dataclass
+class ModuleSlot:
+    """One module's place on the x axis: its layer group and its type (the path after the layer index)."""
+
+    module: str
+    group: str
+    kind: str
+    index: int  # into the profile's lists
+
+
+def module_slots(modules: list[str]) -> list[ModuleSlot]:
+    """Modules grouped by layer (in layer order; modules outside any numbered layer last, as "other"),
+    each layer's modules in one type order (the order types first appear in), so layers line up."""
+    kinds: dict[str, int] = {}
+    rows = []
+    for i, path in enumerate(modules):
+        m = _LAYER.search(path)
+        layer, kind = (int(m[1]), path[m.end():]) if m else (None, ".".join(path.split(".")[-2:]))
+        kinds.setdefault(kind, len(kinds))
+        rows.append((layer, kind, i, path))
+    rows.sort(key=lambda r: (r[0] is None, r[0] if r[0] is not None else 0, kinds[r[1]], r[2]))
+    return [ModuleSlot(path, f"layer {layer}" if layer is not None else "other", kind, i)
+            for layer, kind, i, path in rows]
+
+
+def rank_figure(profiles: list[RankProfile]) -> Any:
+    """The figure: per adapter, one labelled pair of bars per module (rank before, rank after), modules
+    grouped by layer, the legend outside the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    widest = max(len(p.modules) for p in profiles)
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(max(8.0, 0.3 * widest + 3.0), 4.2 * len(profiles)),
+                             squeeze=False)
+    for ax, prof in zip(axes[:, 0], profiles):
+        slots = module_slots(prof.modules)
+        x = list(range(len(slots)))
+        after = [prof.after[s.index] for s in slots]
+        if prof.before is not None:
+            before = [prof.before[s.index] for s in slots]
+            ax.bar([i - 0.2 for i in x], before, width=0.4, color="0.75", label="rank before")
+            bars = ax.bar([i + 0.2 for i in x], after, width=0.4, color="tab:blue", label="rank after")
+        else:
+            bars = ax.bar(x, after, width=0.6, color="tab:blue", label="rank")
+        ax.bar_label(bars, fontsize=5, padding=1)
+        ax.set_xticks(x, [s.kind for s in slots], rotation=90, fontsize=6)
+        ax.set_xlim(-0.6, len(x) - 0.4)
+        top = max([*after, *(prof.before or [])], default=1)
+        ax.set_ylim(0, top * 1.18 + 0.5)
+        start = 0
+        for i in range(1, len(slots) + 1):  # a rule between layers, the layer's name above its modules
+            if i == len(slots) or slots[i].group != slots[start].group:
+                if i < len(slots):
+                    ax.axvline(i - 0.5, color="0.6", linewidth=0.6, zorder=0)
+                ax.text((start + i - 1) / 2, 1.0, slots[start].group, transform=ax.get_xaxis_transform(),
+                        ha="center", va="bottom", fontsize=7)
+                start = i
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("rank")
+        ax.set_xlabel("module type, grouped by layer", fontsize=8)
+        kept, total = sum(prof.after), sum(prof.before) if prof.before else None
+        ax.set_title(prof.name + (f"  (sum of ranks {kept} of {total})" if total else ""), fontsize=9, pad=14)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
 def plot_ranks(profiles: list[RankProfile], path: str | Path) -> Path:
-    """Write one panel per adapter: bars = ranks kept, step line = ranks before; layer boundaries marked."""
+    """Write :func:`rank_figure` as a PNG at ``path`` (atomically: never a half-written file)."""
     try:
         import matplotlib
     except ImportError:
@@ -50,29 +120,11 @@ def plot_ranks(profiles: list[RankProfile], path: str | Path) -> Path:
         raise LoraCompressError(f"--plot {out}: write a .png file name")
     if not out.parent.is_dir():
         raise LoraCompressError(f"--plot {out}: folder {out.parent} does not exist; create it first")
-    fig, axes = plt.subplots(len(profiles), 1, figsize=(10, 2.6 * len(profiles)), squeeze=False)
-    for ax, prof in zip(axes[:, 0], profiles):
-        x = list(range(len(prof.modules)))
-        ax.bar(x, prof.after, width=1.0, color="tab:blue", label="rank kept" if prof.before else "rank")
-        if prof.before is not None:
-            ax.step(x, prof.before, where="mid", color="0.4", linewidth=1, label="rank before")
-        layers = [int(m[1]) if (m := _LAYER.search(p)) else -1 for p in prof.modules]
-        starts = [i for i in range(1, len(layers)) if layers[i] != layers[i - 1]]
-        for i in starts:
-            ax.axvline(i - 0.5, color="0.85", linewidth=0.6, zorder=0)
-        ticks = [0, *starts]
-        ax.set_xticks(ticks, [str(layers[i]) if layers[i] >= 0 else "" for i in ticks], fontsize=7)
-        ax.set_xlim(-0.5, len(x) - 0.5)
-        ax.set_xlabel("module (model order; ticks: layer index)")
-        ax.set_ylabel("rank")
-        kept, total = sum(prof.after), sum(prof.before) if prof.before else None
-        ax.set_title(prof.name + (f"  (sum of ranks {kept} of {total})" if total else ""), fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    fig = rank_figure(profiles)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=130, format="png")
         os.replace(tmp, out)  # never a half-written PNG under the final name
     finally:
         plt.close(fig)
