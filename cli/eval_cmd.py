@@ -8,10 +8,19 @@ from typing import Any
 
 import typer
 from loracompress_cli.common import console, human, print_json
-from loracompress_cli.options import BASE_MODEL, DEVICE, LABEL_FIELD, SEQ_LEN, TEXT_FIELD, TRUST_REMOTE_CODE
+from loracompress_cli.options import (
+    BASE_MODEL,
+    DEVICE,
+    LABEL_FIELD,
+    LABEL_MAP,
+    SEQ_LEN,
+    TEXT_FIELD,
+    TRUST_REMOTE_CODE,
+)
 from rich.table import Table
 
 from loracompress.pipelines.evaluate import EvalOptions, evaluate_paths
+from loracompress.runtime.data.labels import parse_label_map
 
 _D = EvalOptions(data="")  # the defaults, declared once in the library
 
@@ -23,6 +32,7 @@ def eval_cmd(
     base_model: str | None = BASE_MODEL,
     text_field: str | None = TEXT_FIELD,
     label_field: str | None = LABEL_FIELD,
+    label_map: str | None = LABEL_MAP,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use a seeded random subset of this many samples."),
     seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Samples per forward pass."),
@@ -34,7 +44,9 @@ def eval_cmd(
 ) -> None:
     """Compare ADAPTER with --reference (or with the base model alone): KL, top-1 agreement, accuracy or perplexity."""
     options = EvalOptions(data=data, base_model=base_model, reference=str(reference) if reference else None,
-                          text_field=text_field, label_field=label_field, max_samples=max_samples, seq_len=seq_len,
+                          text_field=text_field, label_field=label_field,
+                          label_map=parse_label_map(label_map) if label_map is not None else None,
+                          max_samples=max_samples, seq_len=seq_len,
                           batch_size=batch_size, seed=seed, temperature=temperature, device=device,
                           trust_remote_code=trust_remote_code)
     result = evaluate_paths(adapter, options)

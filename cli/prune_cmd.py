@@ -19,6 +19,7 @@ from loracompress_cli.options import (
     DEVICE,
     FORCE,
     LABEL_FIELD,
+    LABEL_MAP,
     LOAD_IN_4BIT,
     LOAD_IN_8BIT,
     SEQ_LEN,
@@ -34,6 +35,7 @@ from loracompress.pipelines.prune import (
     prune,
     resolve_method,
 )
+from loracompress.runtime.data.labels import parse_label_map
 
 #: every default comes from the library's options (and the engine's config behind them): declared once
 _D = PruneOptions()
@@ -69,6 +71,7 @@ def prune_cmd(
     eval_fraction: float = typer.Option(_D.eval_fraction, "--eval-fraction", help="Fraction of --data held out when no --eval-data."),
     text_field: str | None = TEXT_FIELD,
     label_field: str | None = LABEL_FIELD,
+    label_map: str | None = LABEL_MAP,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use at most this many samples."),
     seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Samples per step."),
@@ -101,7 +104,8 @@ def prune_cmd(
     options = PruneOptions(budget=budget, method=method, select=select, min_rank=min_rank, max_rank=max_rank,
                            dtype=dtype, force=force, allow_nonfinite=allow_nonfinite, base_model=base_model, data=data,
                            eval_data=eval_data, eval_fraction=eval_fraction, text_field=text_field,
-                           label_field=label_field, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size,
+                           label_field=label_field, label_map=parse_label_map(label_map) if label_map is not None else None,
+                           max_samples=max_samples, seq_len=seq_len, batch_size=batch_size,
                            steps=steps, epochs=epochs, lr=lr, warmup=warmup, seed=seed, kd_weight=kd_weight,
                            task_weight=task_weight, temperature=temperature, hidden_weight=hidden_weight,
                            pseudo_labels=pseudo_labels, device=device, precision=precision,

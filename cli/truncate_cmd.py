@@ -12,6 +12,7 @@ from loracompress_cli.options import (
     DEVICE,
     FORCE,
     LABEL_FIELD,
+    LABEL_MAP,
     SEQ_LEN,
     TEXT_FIELD,
     TRUST_REMOTE_CODE,
@@ -21,6 +22,7 @@ from rich.table import Table
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import DataOptions
 from loracompress.pipelines.truncate import TruncateOptions, truncate
+from loracompress.runtime.data.labels import parse_label_map
 
 
 def truncate_cmd(
@@ -35,6 +37,7 @@ def truncate_cmd(
     base_model: str | None = BASE_MODEL,
     text_field: str | None = TEXT_FIELD,
     label_field: str | None = LABEL_FIELD,
+    label_map: str | None = LABEL_MAP,
     max_samples: int | None = typer.Option(None, "--max-samples", help="Evaluate on at most this many samples."),
     seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(DataOptions.batch_size, "--batch-size", help="Samples per forward pass."),
@@ -53,7 +56,8 @@ def truncate_cmd(
     out = output or adapter.resolve().parent / f"{adapter.resolve().name}-truncated"
     options = TruncateOptions(budgets=texts, force=force, dtype=dtype, allow_nonfinite=allow_nonfinite,
                               eval_data=eval_data, base_model=base_model, text_field=text_field,
-                              label_field=label_field, max_samples=max_samples, seq_len=seq_len,
+                              label_field=label_field,
+                           label_map=parse_label_map(label_map) if label_map is not None else None, max_samples=max_samples, seq_len=seq_len,
                               batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
     reports = truncate(adapter, out, options)
     if as_json:

@@ -37,6 +37,7 @@ from loracompress.core.outputs import check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import compression_report
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
+from loracompress.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def calibrate(
     if options.select or options.min_rank or options.max_rank is not None:
         raise LoraCompressError("--select, --min-rank and --max-rank apply to --method svd only; drop them")
     method = get_method(options.method, **options.method_settings)
+    resolve_device(options.device)  # refused here, before the model and data load, not at the engine's start
     ckpt = checkpoint_dir(out)
     config = EngineConfig(
         steps=options.steps, epochs=options.epochs, lr=options.lr, warmup=options.warmup, seed=options.seed,

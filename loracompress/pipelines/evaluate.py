@@ -32,6 +32,7 @@ from loracompress.core.adapter import Adapter, load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.runtime.data import IGNORE_INDEX, model_inputs, task_of
+from loracompress.runtime.device import resolve_device
 from loracompress.runtime.layers import attach, detach, use_mode
 
 
@@ -241,8 +242,11 @@ def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, 
 
     if options.temperature <= 0:
         raise LoraCompressError(f"--temperature must be positive (got {options.temperature})")
+    resolve_device(options.device)  # an unusable --device is refused before anything loads
     adapter = load_adapter(adapter_path)
     reference = load_adapter(options.reference) if options.reference else None
+    if reference is not None:
+        _check_same_model(adapter, reference, options.reference)
     notes = []
     if reference is not None and _heads_differ(adapter, reference):
         notes.append("the two adapters carry different modules_to_save tensors; the reference's are used for both")
@@ -264,6 +268,25 @@ def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, 
     if notes:
         result["notes"] = notes
     return result
+
+
+def _check_same_model(adapter: Adapter, reference: Adapter, where: str | Path) -> None:
+    """The evaluated adapter must be a cut of the reference: its modules are the reference's, at the same sizes.
+
+    (A compressed adapter may lack modules whose rank went to 0; the base model follows the reference.)
+    """
+    for path, m in adapter.modules.items():
+        ref = reference.modules.get(path)
+        if ref is None:
+            raise LoraCompressError(
+                f"module {path} of the adapter is not in the reference {where}: it is an adapter of another model; "
+                "pass the original adapter this one was compressed from as --reference"
+            )
+        if (m.out_features, m.in_features) != (ref.out_features, ref.in_features):
+            raise LoraCompressError(
+                f"module {path}: the adapter is {m.out_features}×{m.in_features} but the --reference {where} has "
+                f"{ref.out_features}×{ref.in_features}; pass the original adapter this one was compressed from"
+            )
 
 
 def _heads_differ(a: Adapter, b: Adapter) -> bool:

@@ -23,7 +23,9 @@ from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data import (
     Examples,
+    char_limit,
     make_batches,
+    position_limit,
     prepare_model,
     read_for_model,
     split_eval,
@@ -53,6 +55,8 @@ class DataOptions:
 
     text_field: str | None = None  # None: detected
     label_field: str | None = None  # None: detected
+    #: string label -> class index of the head (``--label-map fresh=1,rotten=0``); None: the head's own names
+    label_map: dict[str, int] | None = None
     max_samples: int | None = None
     seed: int = 0  # of the --max-samples subset, the held-out split and the shuffling
     seq_len: int = 128
@@ -103,15 +107,19 @@ def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True,
 
 
 def read_data(base: BaseModel, path: str | Path, options: DataSource) -> Examples:
-    """The samples at ``path`` for ``base`` (string labels in its order, labels checked against its head)."""
+    """The samples at ``path`` for ``base``: streamed, each text cut to what ``--seq-len`` tokens can cover,
+    string labels mapped by ``--label-map`` or the head's names, labels checked against its head."""
     return read_for_model(base, path, text_field=options.text_field, label_field=options.label_field,
-                          max_samples=options.max_samples, seed=options.seed)
+                          max_samples=options.max_samples, seed=options.seed, label_map=options.label_map,
+                          max_chars=char_limit(base.tokenizer, options.seq_len))
 
 
 def batches(base: BaseModel, examples: Examples | list, options: DataSource, *, shuffle: bool = False) -> list[Batch]:
-    """``examples`` tokenised and padded for ``base``'s task (shuffled with ``options.seed`` when asked)."""
+    """``examples`` tokenised and padded for ``base``'s task (shuffled with ``options.seed`` when asked);
+    a sample longer than the model's position limit within ``--seq-len`` is refused."""
     return make_batches(examples, base.tokenizer, task=task_of(base), seq_len=options.seq_len,
-                        batch_size=options.batch_size, shuffle=shuffle, seed=options.seed)
+                        batch_size=options.batch_size, shuffle=shuffle, seed=options.seed,
+                        max_positions=position_limit(base))
 
 
 def read_batches(base: BaseModel, path: str | Path, options: DataSource) -> tuple[Examples, list[Batch]]:

@@ -26,6 +26,7 @@ from loracompress.pipelines.inputs import (
     load_data,
 )
 from loracompress.pipelines.results import write_result
+from loracompress.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def prune(
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
         raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
     _check_method(options)
+    if options.data:
+        resolve_device(options.device)  # an unusable --device is refused before anything loads
     if options.method != "svd":
         if not options.data:
             raise LoraCompressError(

@@ -35,6 +35,7 @@ from loracompress.errors import LoraCompressError
 from loracompress.gate.records import CARD_NAME, compression_report, report_json
 from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.pipelines.results import write_result
+from loracompress.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         log.warning("--base-model is only used with --eval-data; no quality is measured")
     inputs = [source, options.base_model, options.eval_data]
     check_output_path(out, force=options.force, inputs=inputs)
+    if options.eval_data:
+        resolve_device(options.device)  # an unusable --device is refused before anything loads
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     itemsize = torch.empty(0, dtype=out_dtype).element_size()

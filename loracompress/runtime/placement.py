@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from loracompress.errors import LoraCompressError
+from loracompress.runtime.device import resolve_device
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = ("4bit", "8bit")
@@ -63,16 +63,10 @@ def target_device(device: str) -> str:
     """The device the base is loaded onto for ``--device`` (auto, cpu, cuda, cuda:N).
 
     Under ``accelerate launch`` / ``torchrun`` on GPUs each process takes the GPU of its local rank.
-    The flag's syntax and CUDA's presence are checked by the accelerator; here only the place counts.
+    The flag's syntax and CUDA's presence are checked by :func:`~loracompress.runtime.device.resolve_device`.
     """
-    dev = device.lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
-        raise LoraCompressError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
-    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraCompressError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    if ":" in dev:
+    dev = resolve_device(device)
+    if dev == "cpu" or ":" in dev:
         return dev
     local_rank = os.environ.get("LOCAL_RANK")  # set by accelerate launch and torchrun
     return f"cuda:{int(local_rank)}" if local_rank and local_rank.isdigit() else "cuda"

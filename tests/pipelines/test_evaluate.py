@@ -170,7 +170,9 @@ def write_data(path, n=24, labels=True, seed=3):
 def test_eval_cli_json_and_table(setups, tmp_path, capsys):
     root = setups["bert"][0]
     data = write_data(tmp_path / "test.jsonl")
-    args = ["eval", str(root / "small"), "--base-model", str(root / "base"), "--data", str(data)]
+    # the tiny head has no label names (LABEL_0..2): string labels need the map
+    args = ["eval", str(root / "small"), "--base-model", str(root / "base"), "--data", str(data),
+            "--label-map", "neg=0,neu=1,pos=2"]
     assert main([*args, "--reference", str(root / "adapter"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["reference"] == "teacher" and r["samples"] == 24

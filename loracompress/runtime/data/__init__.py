@@ -15,7 +15,10 @@ pairs (``prompt``+``completion``, ``prompt``+``response``, ``instruction``+``out
 detected for causal LMs: the loss is then taken on the completion tokens only. Sentence pairs
 (``sentence1``+``sentence2``, ``premise``+``hypothesis``, …) are detected for classifiers. The
 label field is detected among ``label``, ``labels``, ``target``, ``class``, ``y`` or given; string
-labels become class indices in sorted order (or in the model's own ``label2id`` order).
+labels take their class index from ``--label-map`` or the head's own ``id2label`` names, and are
+refused for a head without names (read without a model, they are numbered in sorted order).
+Line-based files are streamed and every text is cut to a character limit derived from
+``--seq-len`` before it is tokenised; anything but a regular file or a folder is refused.
 
 The package, one job per module:
 
@@ -29,11 +32,23 @@ The package, one job per module:
 * :mod:`.for_model`: the helpers that look at a loaded base model (its task, pad id, label names).
 """
 
-from loracompress.runtime.data.batching import IGNORE_INDEX, MODEL_KEYS, make_batches, model_inputs
+from loracompress.runtime.data.batching import (
+    IGNORE_INDEX,
+    MODEL_KEYS,
+    char_limit,
+    make_batches,
+    model_inputs,
+)
 from loracompress.runtime.data.examples import Example, Examples
 from loracompress.runtime.data.fields import COMPLETION_PAIRS, LABEL_FIELDS, SENTENCE_PAIRS, TEXT_FIELDS
-from loracompress.runtime.data.for_model import model_label2id, prepare_model, read_for_model, task_of
-from loracompress.runtime.data.labels import check_labels
+from loracompress.runtime.data.for_model import (
+    model_label2id,
+    position_limit,
+    prepare_model,
+    read_for_model,
+    task_of,
+)
+from loracompress.runtime.data.labels import LabelNames, check_labels, parse_label_map
 from loracompress.runtime.data.readers import TEXT_SUFFIXES
 from loracompress.runtime.data.reading import read_examples
 from loracompress.runtime.data.split import split_eval
@@ -48,10 +63,14 @@ __all__ = [
     "TEXT_SUFFIXES",
     "Example",
     "Examples",
+    "LabelNames",
+    "char_limit",
     "check_labels",
     "make_batches",
     "model_inputs",
     "model_label2id",
+    "parse_label_map",
+    "position_limit",
     "prepare_model",
     "read_examples",
     "read_for_model",

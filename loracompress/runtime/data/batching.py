@@ -19,6 +19,27 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) ign
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+#: characters a token covers at least in the character limit (``--seq-len`` × this): no common
+#: vocabulary has longer tokens, and a tokenizer's own longest entry raises it
+CHARS_PER_TOKEN = 32
+
+
+def char_limit(tokenizer: Any, seq_len: int) -> int:
+    """How many characters of a text can reach ``seq_len`` tokens: the rest is cut before tokenising.
+
+    ``seq_len`` tokens cover at most ``seq_len`` × (the longest vocabulary entry) characters, so the
+    cut never changes the tokens kept (except after runs of characters the tokenizer drops, such as
+    whitespace, longer than the limit). Without it a 100 MB line is tokenised whole to keep 128 tokens.
+    """
+    longest = CHARS_PER_TOKEN
+    try:
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        longest = max(longest, max((len(str(t)) for t in vocab), default=0))
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
+    return seq_len * min(longest, 1024)
+
+
 @dataclass
 class _Encoded:
     ids: list[int]
@@ -35,8 +56,13 @@ def make_batches(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    max_positions: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize and pad ``examples`` into batches (right padding, truncated to ``seq_len``).
+
+    Texts are cut to :func:`char_limit` characters first. ``max_positions`` (the model's position
+    limit, :func:`~loracompress.runtime.data.for_model.position_limit`): a sample longer than it
+    within ``seq_len`` is refused, naming the ``--seq-len`` that fits.
 
     ``task == "cls"``: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
     makes them), plus ``labels`` (LongTensor[B]) when every example has a label.
@@ -56,7 +82,16 @@ def make_batches(
         random.Random(seed).shuffle(order)
     pad_id = _pad_id(tokenizer)
     with_labels = task == "cls" and all(e.label is not None for e in examples)
-    encoded = [_encode(examples[i], tokenizer, task, seq_len) for i in order]
+    cut = char_limit(tokenizer, seq_len)
+    encoded = [_encode(examples[i], tokenizer, task, seq_len, cut) for i in order]
+    if max_positions is not None and seq_len > max_positions:
+        # Refused, not clamped: the run's records would say --seq-len N while the model saw fewer tokens.
+        long = next((k for k, e in enumerate(encoded) if len(e.ids) > max_positions), None)
+        if long is not None:
+            raise LoraCompressError(
+                f"sample {order[long]} has more tokens than the base model's {max_positions} positions and "
+                f"--seq-len {seq_len} keeps them; pass --seq-len {max_positions} or less"
+            )
     if task == "lm":
         empty = sum(1 for e in encoded if e.labels is not None and all(v == IGNORE_INDEX for v in e.labels[1:]))
         if empty:
@@ -97,19 +132,22 @@ def _pad_id(tokenizer: Any) -> int:
     return 0  # masked out everywhere it is used
 
 
-def _encode(e: Example, tokenizer: Any, task: str, seq_len: int) -> _Encoded:
+def _encode(e: Example, tokenizer: Any, task: str, seq_len: int, cut: int) -> _Encoded:
+    text = e.text[:cut]
+    pair = e.pair[:cut] if e.pair is not None else None
+    completion = e.completion[:cut] if e.completion is not None else None
     if task == "cls":
-        enc = tokenizer(e.text, e.pair, truncation=True, max_length=seq_len)
+        enc = tokenizer(text, pair, truncation=True, max_length=seq_len)
         ids = list(enc["input_ids"])
         types = enc.get("token_type_ids")
         return _Encoded(ids=ids, type_ids=list(types) if types is not None else None)
-    if e.completion is None:
-        ids = list(tokenizer(e.text, truncation=True, max_length=seq_len)["input_ids"])
+    if completion is None:
+        ids = list(tokenizer(text, truncation=True, max_length=seq_len)["input_ids"])
         return _Encoded(ids=ids, labels=list(ids))
     # The prompt's own tokenization gives where the completion starts; the joint one gives
     # the tokens (BPE may merge across the seam, so the boundary is the prompt's length).
-    full = list(tokenizer(e.text + e.completion, truncation=True, max_length=seq_len)["input_ids"])
-    n_prompt = len(tokenizer(e.text)["input_ids"])
+    full = list(tokenizer(text + completion, truncation=True, max_length=seq_len)["input_ids"])
+    n_prompt = len(tokenizer(text)["input_ids"])
     labels = [IGNORE_INDEX if k < n_prompt else t for k, t in enumerate(full)]
     return _Encoded(ids=full, labels=labels)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Example, Examples
-from loracompress.runtime.data.labels import class_indices
+from loracompress.runtime.data.labels import LabelNames, class_indices
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,26 @@ def _pair(fields: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[str,
     return None
 
 
+#: rows without the text field (another schema: ``sentence`` where the rest say ``text``) above this share
+#: are refused: dropping them would quietly evaluate or calibrate on part of the data
+MAX_MISSING_SHARE = 0.05
+
+
 def examples_from_records(
     records: list[dict[str, Any]],
     p: Path,
     *,
     text_field: str | None,
     label_field: str | None,
-    label2id: dict[str, int] | None,
+    label_names: LabelNames | None = None,
+    max_chars: int | None = None,
 ) -> Examples:
-    """Detect (or check) the fields of ``records`` and build one :class:`Example` per row with text."""
+    """Detect (or check) the fields of ``records`` and build one :class:`Example` per row with text.
+
+    Texts are cut to ``max_chars`` characters (see :func:`~loracompress.runtime.data.batching.char_limit`).
+    Rows that lack the text field are *missing*: skipped with a warning up to :data:`MAX_MISSING_SHARE`
+    of the rows, refused above it. Rows whose text is empty are skipped with a warning.
+    """
     fields: list[str] = []
     for r in records[:1000]:  # union of the first rows' keys, in order of appearance
         fields.extend(k for k in r if k not in fields)
@@ -86,17 +97,36 @@ def examples_from_records(
         if lab is not None and kind == "completion":
             lab = None  # prompt/completion data is for LMs: a "target"-like column is not a class
 
-    texts, skipped = [], 0
+    missing = [r for r in records if first not in r and (second is None or second not in r)]
+    share = len(missing) / len(records)
+    if share > MAX_MISSING_SHARE:
+        others: list[str] = []
+        for r in missing[:1000]:
+            others.extend(k for k in r if k not in others)
+        have = ", ".join(repr(k) for k in others[:5]) or "no fields"
+        raise LoraCompressError(
+            f"data {p}: {len(missing)} of {len(records)} rows ({_pct(share)}) have no {first!r} field (they have {have}); "
+            f"make every row use {first!r}, or pass --text-field for the field they share"
+        )
+    if missing:
+        log.warning("data %s: skipped %d of %d row(s) (%s) with no %r field", p, len(missing), len(records),
+                    _pct(share), first)
+
+    texts, empty = [], 0
     for i, r in enumerate(records):
+        if first not in r and (second is None or second not in r):
+            continue
         t, s = _text(r.get(first), p, first, i), _text(r.get(second), p, second, i) if second else None
         if not t and not s:
-            skipped += 1
+            empty += 1
             continue
+        if max_chars is not None:
+            t, s = t[:max_chars], s[:max_chars] if s is not None else None
         texts.append((i, t, s))
-    if skipped:
-        log.warning("data %s: skipped %d sample(s) with an empty %r", p, skipped, first)
+    if empty:
+        log.warning("data %s: skipped %d sample(s) with an empty %r", p, empty, first)
 
-    labels, names = class_indices([records[i].get(lab) for i, _, _ in texts], p, lab, label2id) if lab else (None, None)
+    labels, names = class_indices([records[i].get(lab) for i, _, _ in texts], p, lab, label_names) if lab else (None, None)
     out = Examples(label_names=names, info={"text_field": first, "label_field": lab if labels else None})
     if kind == "completion":
         out.info["completion_field"] = second
@@ -122,3 +152,8 @@ def _text(value: Any, p: Path, name: str | None, row: int) -> str:
     raise LoraCompressError(
         f"data {p}, sample {row}: field {name!r} holds a {type(value).__name__}, not text; pass --text-field with a text field"
     )
+
+
+def _pct(share: float) -> str:
+    """0.5 -> '50%', 0.025 -> '2.5%', 0.0667 -> '6.67%'."""
+    return f"{100 * share:.3g}%"

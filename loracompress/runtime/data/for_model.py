@@ -3,12 +3,13 @@ anything with ``.model``, ``.tokenizer`` and ``.task_type``): its task, its pad 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Examples
-from loracompress.runtime.data.labels import check_labels
+from loracompress.runtime.data.labels import LabelNames, check_labels
 from loracompress.runtime.data.reading import read_examples
 
 
@@ -22,11 +23,25 @@ def prepare_model(base_model: Any) -> None:
 
 
 def model_label2id(base_model: Any) -> dict[str, int] | None:
-    """The model's own label names (``config.label2id``), unless they are the generic ``LABEL_i``."""
-    mapping = getattr(getattr(base_model.model, "config", None), "label2id", None) or {}
-    if not mapping or all(str(k).startswith("LABEL_") for k in mapping):
+    """The head's own label names (``config.id2label`` as name -> index), unless they are the generic ``LABEL_i``."""
+    id2label = getattr(getattr(base_model.model, "config", None), "id2label", None) or {}
+    names = {str(v): int(k) for k, v in id2label.items()}
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
         return None
-    return {str(k): int(v) for k, v in mapping.items()}
+    return names
+
+
+def position_limit(base_model: Any) -> int | None:
+    """How many tokens the model can read at once: its position table (``max_position_embeddings``,
+    ``n_positions``), lowered by the tokenizer's ``model_max_length`` where that is smaller (RoBERTa's
+    table has 2 rows more than it can use). ``None`` when nothing says."""
+    config = getattr(base_model.model, "config", None)
+    limits = [v for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions"))
+              if isinstance(v, int) and v > 0]
+    tok_max = getattr(getattr(base_model, "tokenizer", None), "model_max_length", None)
+    if limits and isinstance(tok_max, int) and 0 < tok_max < min(limits):
+        limits.append(tok_max)
+    return min(limits) if limits else None
 
 
 def read_for_model(
@@ -37,13 +52,23 @@ def read_for_model(
     label_field: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    label_map: dict[str, int] | None = None,
+    max_chars: int | None = None,
 ) -> Examples:
-    """:func:`read_examples` for ``base_model``: string labels in the model's order, labels checked
-    against its head."""
+    """:func:`read_examples` for ``base_model``: labels checked against its head.
+
+    String labels take their class index from ``label_map`` (``--label-map``), else from the head's
+    own names; a classifier whose head has no names refuses them (see :mod:`.labels`).
+    """
+    is_cls = task_of(base_model) == "cls"
+    if label_map:
+        names = LabelNames(dict(label_map), origin="--label-map")
+    else:
+        names = LabelNames(model_label2id(base_model), required=is_cls)
     examples = read_examples(path, text_field=text_field, label_field=label_field, max_samples=max_samples,
-                             seed=seed, label2id=model_label2id(base_model))
+                             seed=seed, label_names=names, max_chars=max_chars)
     num_labels = int(getattr(getattr(base_model.model, "config", None), "num_labels", 0) or 0)
-    if task_of(base_model) == "cls" and num_labels:
+    if is_cls and num_labels:
         check_labels(examples, num_labels)
     return examples
 

@@ -2,25 +2,30 @@
 
 :func:`read_records` picks the reader by extension (sniffing JSON Lines when there is none) and
 returns the rows (dicts, or plain strings for text files) with the format's name.
+
+Line-based files (plain text, JSON Lines, CSV/TSV) are read as a stream, never as one string:
+a plain-text line longer than ``max_chars`` is cut while it is read, so a 100 MB one-line file
+costs ``max_chars`` characters, not its size. (A JSON record must be parsed whole; its texts are
+cut right after, before anything is tokenised.)
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from loracompress.errors import LoraCompressError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw"}
+_SKIP_CHUNK = 1 << 20  # characters read at a time while skipping the rest of an over-long line
 
 
-def read_records(p: Path) -> tuple[list[Any], str]:
-    """Rows as dicts (or plain strings for text files), and the format's name."""
+def read_records(p: Path, max_chars: int | None = None) -> tuple[list[Any], str]:
+    """Rows as dicts (or plain strings for text files, each at most ``max_chars`` long), and the format's name."""
     if p.is_dir():
         return _read_arrow_dir(p), "datasets"
     suffix = p.suffix.lower()
@@ -28,43 +33,87 @@ def read_records(p: Path) -> tuple[list[Any], str]:
         return _read_parquet(p), "parquet"
     if suffix == ".arrow":
         return _read_arrow_files([p]), "arrow"
-    text = _read_text(p)
-    if suffix in (".jsonl", ".ndjson"):
-        return _parse_jsonl(text, p), "jsonl"
-    if suffix == ".json":
-        return _parse_json(text, p), "json"
+    encoding = _sniff_encoding(p)
     if suffix in (".csv", ".tsv"):
-        return _parse_csv(text, p, "\t" if suffix == ".tsv" else ","), suffix[1:]
-    if suffix not in TEXT_SUFFIXES and text.lstrip().startswith("{"):
-        return _parse_jsonl(text, p), "jsonl"
-    return _parse_text(text), "text"
+        with open(p, encoding=encoding, newline="") as f:  # csv reads the line endings itself
+            return _parse_csv(f, p, "\t" if suffix == ".tsv" else ",", encoding), suffix[1:]
+    with open(p, encoding=encoding) as f:  # universal newlines: every line ends in "\n"
+        if suffix == ".json":
+            return _parse_json(_read_all(f, p, encoding), p), "json"
+        if suffix in (".jsonl", ".ndjson") or (suffix not in TEXT_SUFFIXES and _first_char(f, p, encoding) == "{"):
+            return _parse_jsonl(_decoded(_lines(f), p, encoding), p), "jsonl"
+        return _parse_text(_decoded(_lines(f, max_chars), p, encoding), max_chars), "text"
 
 
 # ----------------------------------------------------------------------------- text formats
 
 
-def _read_text(p: Path) -> str:
-    raw = p.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Excel's "Unicode text")
-        try:
-            return raw.decode("utf-16")
-        except UnicodeDecodeError:
-            raise LoraCompressError(f"data {p} starts like UTF-16 but does not decode; re-save it as UTF-8") from None
-    if b"\x00" in raw[:8192]:
+def _sniff_encoding(p: Path) -> str:
+    """UTF-16 when the file starts with its byte-order mark, else UTF-8 (a UTF-8 BOM is dropped); binary refused."""
+    with open(p, "rb") as f:
+        head = f.read(8192)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Excel's "Unicode text")
+        return "utf-16"
+    if b"\x00" in head:
         raise LoraCompressError(
             f"data {p} is a binary file; pass JSONL, CSV/TSV, plain text, parquet or a datasets folder"
         )
+    return "utf-8-sig"
+
+
+def _decoded(lines: Iterator[str], p: Path, encoding: str) -> Iterator[str]:
+    """``lines``, with a decoding error turned into the one-line fix (the line it happened on)."""
+    n = 0
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LoraCompressError(
-            f"data {p} is not UTF-8 (byte {err.start}); re-save it as UTF-8"
-        ) from None
+        for n, line in enumerate(lines, 1):  # noqa: B007 - n names the line a decoding error is on
+            yield line
+    except UnicodeDecodeError:
+        raise _not_decodable(p, encoding, f" (line {n + 1})") from None
 
 
-def _parse_jsonl(text: str, p: Path) -> list[Any]:
+def _read_all(f: IO[str], p: Path, encoding: str) -> str:
+    try:
+        return f.read()
+    except UnicodeDecodeError:
+        raise _not_decodable(p, encoding) from None
+
+
+def _not_decodable(p: Path, encoding: str, where: str = "") -> LoraCompressError:
+    if encoding == "utf-16":
+        return LoraCompressError(f"data {p} starts like UTF-16 but does not decode; re-save it as UTF-8")
+    return LoraCompressError(f"data {p} is not UTF-8{where}; re-save it as UTF-8")
+
+
+def _lines(f: IO[str], max_chars: int | None = None) -> Iterator[str]:
+    """The lines of ``f`` without their endings; with ``max_chars``, each cut to that length as it is read."""
+    while True:
+        line = f.readline(max_chars) if max_chars else f.readline()
+        if not line:
+            return
+        if max_chars and len(line) >= max_chars and not line.endswith("\n"):
+            rest = line
+            while rest and not rest.endswith("\n"):  # drop the rest of this line, never holding it whole
+                rest = f.readline(_SKIP_CHUNK)
+        yield line.rstrip("\n")
+
+
+def _first_char(f: IO[str], p: Path, encoding: str) -> str:
+    """The first non-whitespace character of ``f`` (``""`` when there is none); ``f`` is rewound."""
+    first = ""
+    try:
+        for chunk in iter(lambda: f.read(8192), ""):
+            if chunk.strip():
+                first = chunk.lstrip()[0]
+                break
+    except UnicodeDecodeError:
+        raise _not_decodable(p, encoding) from None
+    f.seek(0)
+    return first
+
+
+def _parse_jsonl(lines: Iterator[str], p: Path) -> list[Any]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -79,7 +128,7 @@ def _parse_json(text: str, p: Path) -> list[Any]:
     try:
         doc = json.loads(text) if text.strip() else []
     except json.JSONDecodeError:
-        return _parse_jsonl(text, p)  # JSON Lines saved as .json
+        return _parse_jsonl(iter(text.splitlines()), p)  # JSON Lines saved as .json
     if isinstance(doc, dict):
         lists = [v for v in doc.values() if isinstance(v, list)]
         if len(lists) == len(doc) > 1 and len({len(v) for v in lists}) == 1:
@@ -103,9 +152,9 @@ def _as_record(row: Any, p: Path, where: str) -> dict[str, Any]:
     )
 
 
-def _parse_csv(text: str, p: Path, delimiter: str) -> list[Any]:
+def _parse_csv(f: IO[str], p: Path, delimiter: str, encoding: str) -> list[Any]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.DictReader(_decoded(f, p, encoding), delimiter=delimiter)
     try:
         rows = [dict(r) for r in reader]
     except csv.Error as err:
@@ -117,19 +166,29 @@ def _parse_csv(text: str, p: Path, delimiter: str) -> list[Any]:
     return rows
 
 
-def _parse_text(text: str) -> list[str]:
-    lines = text.strip().splitlines()  # blank lines only count between samples
-    if any(not line.strip() for line in lines):
-        # Blank lines separate paragraphs: one sample each, its lines joined.
-        paragraphs, cur = [], []
-        for line in lines + [""]:
-            if line.strip():
-                cur.append(line.rstrip())
-            elif cur:
-                paragraphs.append("\n".join(cur))
+def _parse_text(lines: Iterator[str], max_chars: int | None = None) -> list[str]:
+    """One sample per line; one per paragraph (its lines joined) when blank lines separate paragraphs.
+
+    Blank lines before the first and after the last text do not count. Each line is already cut to
+    ``max_chars`` as it is read; a joined paragraph is cut to it too.
+    """
+    paragraphs: list[list[str]] = []
+    cur: list[str] = []
+    for raw in lines:
+        line = raw.rstrip()
+        if not line.strip():
+            if cur:
+                paragraphs.append(cur)
                 cur = []
-        return paragraphs
-    return [line.rstrip() for line in lines if line.strip()]
+            continue
+        if not paragraphs and not cur:
+            line = line.lstrip()  # the file's leading whitespace is not part of the first sample
+        cur.append(line)
+    if cur:
+        paragraphs.append(cur)
+    if len(paragraphs) > 1:
+        return ["\n".join(par)[:max_chars] for par in paragraphs]
+    return paragraphs[0] if paragraphs else []
 
 
 # ----------------------------------------------------------------------------- columnar formats (pyarrow)

@@ -8,6 +8,7 @@ from pathlib import Path
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Example, Examples
 from loracompress.runtime.data.fields import examples_from_records
+from loracompress.runtime.data.labels import LabelNames
 from loracompress.runtime.data.readers import read_records
 
 
@@ -19,6 +20,8 @@ def read_examples(
     max_samples: int | None = None,
     seed: int = 0,
     label2id: dict[str, int] | None = None,
+    label_names: LabelNames | None = None,
+    max_chars: int | None = None,
 ) -> Examples:
     """Read the samples in ``path`` (a file or a ``save_to_disk`` folder).
 
@@ -30,23 +33,31 @@ def read_examples(
         seed: seed of that subset.
         label2id: how string labels map to indices (e.g. the model's ``config.label2id``);
             sorted order when ``None``.
+        label_names: the same with its origin, and whether string labels need it (wins over ``label2id``).
+        max_chars: cut every text to this many characters while reading (see
+            :func:`~loracompress.runtime.data.batching.char_limit`); ``None`` keeps them whole.
 
     Raises:
-        LoraCompressError: missing, empty, binary or non-UTF-8 data, no text field, bad labels.
+        LoraCompressError: missing, empty, binary or non-UTF-8 data, not a regular file (``/dev/zero``, a
+            pipe), no text field, too many rows without it, bad labels.
     """
     p = Path(path).expanduser()
     if max_samples is not None and max_samples < 1:
         raise LoraCompressError(f"--max-samples must be >= 1 (got {max_samples})")
     if not p.exists():
         raise LoraCompressError(f"data {p} not found; pass --data with an existing file or folder")
-    records, fmt = read_records(p)
+    if not p.is_dir() and not p.is_file():  # a device (/dev/zero), a pipe or a socket never ends or never seeks
+        raise LoraCompressError(f"data {p} is not a regular file; pass a data file or a datasets folder")
+    if label_names is None and label2id:
+        label_names = LabelNames(dict(label2id))
+    records, fmt = read_records(p, max_chars)
     if not records:
         raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
     if fmt == "text":
         examples = Examples((Example(text=t) for t in records), info={"format": fmt, "text_field": None})
     else:
         examples = examples_from_records(records, p, text_field=text_field, label_field=label_field,
-                                         label2id=label2id)
+                                         label_names=label_names, max_chars=max_chars)
         examples.info["format"] = fmt
     if not examples:
         raise LoraCompressError(f"data {p}: every sample has an empty text; pass a file with text in it")
