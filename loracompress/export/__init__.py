@@ -98,11 +98,13 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
 
     t0 = time.perf_counter()
     dtype = _validate(sources, options)
+    # The output is checked first, whichever engine: a path that --force may not replace is refused
+    # the same way whether or not the engine is installed.
+    inputs = [*sources, options.base_model, options.graph]
+    out = check_output_path(output, force=options.force, inputs=inputs)
     if sources and uses_genai(options, load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite).config.get("task_type")):
         return _export_genai(sources, output, options)
     import_onnxruntime()
-    inputs = [*sources, options.base_model, options.graph]
-    out = check_output_path(output, force=options.force, inputs=inputs)
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
