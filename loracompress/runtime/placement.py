@@ -6,10 +6,10 @@ always float32 (see :class:`loracompress.runtime.layers.LoraLayer`). Everything 
 and checked before any weight is read, so a bad flag costs nothing.
 
 Default storage dtype (``--base-dtype auto``): bf16 on a CUDA GPU that supports it, else fp32.
-On the CPU, fp32: on the 2-core test machine a bf16-stored base made calibration steps slower
-(no bf16 matrix units) and moved the result further from the fp32 one than fp32 reruns differ
-(docs/calibration.md has the measurement); ``--base-dtype bf16`` halves the base's memory and is
-the setting for large bases on the CPU.
+On the CPU, fp32 because it was faster: on the 2-core test machine (avx512_bf16, no AMX) a
+bf16-stored base made the student's step 1.7× slower (benchmarks/results/calibration_memory.md),
+and the result moved by about 1% (ΔW) to 3% (held-out KL on the tiny Llama of the tests) from the
+fp32 one. ``--base-dtype bf16`` halves the base's memory and is the setting for large bases on the CPU.
 """
 
 from __future__ import annotations
