@@ -111,7 +111,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         raise LoraCompressError(f"the adapters have different task types ({', '.join(sorted(tasks))}); one graph serves one task")
     if str(adapters[0].config.get("task_type") or "").upper() == "SEQ_2_SEQ_LM":
         raise LoraCompressError("ONNX export supports encoder-only and decoder-only models, not SEQ_2_SEQ_LM; use merge instead")
-    base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    from loracompress.export.memory import storage_dtype
+
+    # Held in its published 16-bit dtype when it has one (half of fp32); references still run in fp32.
+    held = storage_dtype(options.base_model, adapters[0], trust_remote_code=options.trust_remote_code)
+    base = load_base_model(options.base_model, adapters[0], dtype=held, trust_remote_code=options.trust_remote_code)
     prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
     name = "fp16" if dtype == torch.float16 else "fp32"
     if options.adapter_only:

@@ -29,8 +29,9 @@ from loracompress.runtime.model import BaseModel
 
 log = logging.getLogger(__name__)
 
-#: Models whose initializers exceed this are saved with external data (protobuf's hard limit is 2 GiB).
-EXTERNAL_DATA_BYTES = 1_800_000_000
+#: Models whose initializers exceed this are saved with external data: written tensor by tensor, where one
+#: protobuf file is serialized whole in memory (twice the weights at peak); protobuf's hard limit is 2 GiB.
+EXTERNAL_DATA_BYTES = 256 * 2**20
 ONNX_NAME = "model.onnx"
 
 
@@ -127,11 +128,14 @@ def export_onnx_program(
     example: Mapping[str, torch.Tensor],
     overrides: Mapping[str, torch.Tensor] | None = None,
     override_axes: Mapping[str, dict[int, str]] | None = None,
+    optimize: bool = True,
 ) -> Any:
     """Run the dynamo exporter; returns a ``torch.onnx.ONNXProgram``.
 
     ``example`` holds ``input_ids``/``attention_mask``; ``overrides`` the extra named inputs in
     ``module.override_names`` order, ``override_axes`` their dynamic axes (e.g. a LoRA rank).
+    ``optimize=False`` skips the exporter's graph optimizer, whose folded constants (transposed copies
+    of every weight) stay alive after the program is gone; onnxruntime optimizes the graph when it loads it.
     """
     overrides = dict(overrides or {})
     axes = dict(override_axes or {})
@@ -153,6 +157,7 @@ def export_onnx_program(
                 output_names=list(module.outputs),
                 dynamic_shapes=dynamic_shapes,
                 external_data=True,
+                optimize=optimize,
             )
     except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export this model"
         # The exporter's message is a long report; its one useful line is the summary of the cause.

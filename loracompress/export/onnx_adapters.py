@@ -37,6 +37,7 @@ from loracompress.export.graph import (
     model_metadata,
     save_program,
 )
+from loracompress.export.memory import fp32_compute, release
 from loracompress.export.probe import applied, model_outputs, saved_module_params
 from loracompress.export.verify import (
     Check,
@@ -253,11 +254,12 @@ def export_adapters(adapters: Sequence[Adapter], run: ExportRun, graph: Path | N
     through ``RunOptions``) against PyTorch base+adapter. ``run.base.model`` is changed in place.
     """
     model, probe, out_dir, dtype, tolerance = run.base.model, run.probe, run.out_dir, run.dtype, run.tolerance
-    reference_base = model_outputs(model, probe)
+    with fp32_compute(model):  # the reference in fp32 whatever dtype the base is held in
+        reference_base = model_outputs(model, probe)
     outputs = list(reference_base)
     references = []
     for adapter in adapters:
-        with applied(model, adapter):
+        with applied(model, adapter), fp32_compute(model):
             references.append(model_outputs(model, probe, outputs))
 
     files: list[str] = []
@@ -265,6 +267,7 @@ def export_adapters(adapters: Sequence[Adapter], run: ExportRun, graph: Path | N
         spec = graph_spec_for(model, adapters, dtype)
         program = build_graph(model, spec, outputs, run.example, dtype)
         files += [f.name for f in save_program(program, out_dir)]
+        del program
         graph_path = out_dir / ONNX_NAME
     else:
         graph_path, spec = read_graph_spec(graph)
@@ -284,6 +287,7 @@ def export_adapters(adapters: Sequence[Adapter], run: ExportRun, graph: Path | N
             "parameters": int(sum(v.size for v in params.values())),
         })
 
+    release(model)  # onnxruntime loads the graph next: never both copies at once
     session = open_session(graph_path, prefer_gpu=run.prefer_gpu)
     checks: list[Check] = []
     if graph is None:

@@ -14,27 +14,31 @@ from loracompress.export.graph import (
     model_metadata,
     save_program,
 )
+from loracompress.export.memory import fp32_compute, merge_cast, release
 from loracompress.export.probe import applied, model_outputs
 from loracompress.export.verify import compare, open_session, require_passed, run_session
-from loracompress.runtime.layers import merge_into
 
 log = logging.getLogger(__name__)
 
 
 def export_merged(adapter: Adapter, run: ExportRun) -> dict[str, Any]:
-    """Merge (fp32), cast, export to ``run.out_dir/model.onnx`` and verify against base+adapter.
+    """Merge (fp32, rounded once to the export dtype), export to ``run.out_dir/model.onnx`` and verify
+    against base+adapter computed in fp32.
 
-    ``run.base.model`` is changed in place (merged and cast).
+    ``run.base.model`` is changed in place: merged, cast, and its weights freed (moved to the meta
+    device) before onnxruntime loads the graph, so PyTorch and onnxruntime never hold the model at once.
     """
     model, probe, out_dir, dtype = run.base.model, run.probe, run.out_dir, run.dtype
-    with applied(model, adapter):
+    with applied(model, adapter), fp32_compute(model):
         reference = model_outputs(model, probe)
     outputs = list(reference)
-    merge_into(model, adapter)
-    model.to(dtype)
-    program = export_onnx_program(ServingModule(model, outputs), run.example)
+    merge_cast(model, adapter, dtype)
+    # Unoptimized: the optimizer's folded weight copies would outlive the program (a second model in memory).
+    program = export_onnx_program(ServingModule(model, outputs), run.example, optimize=False)
     model_metadata(program, {"loracompress.mode": "merged", "loracompress.dtype": dtype_name(dtype)})
     files = save_program(program, out_dir)
+    del program
+    release(model)
     session = open_session(out_dir / ONNX_NAME, prefer_gpu=run.prefer_gpu)
     got = run_session(session, probe, outputs)
     check = compare("merged", got, reference, probe["attention_mask"], run.tolerance)
