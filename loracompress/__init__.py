@@ -17,33 +17,31 @@ quarter of its parameters training-free (paths relative to the repository root):
 
 The one-call pipeline behind ``loracompress prune`` writes the report and card beside it::
 
-    >>> from loracompress import PruneOptions, prune
+    >>> from loracompress.pipelines.prune import PruneOptions, prune
     >>> report = prune("samples/minilm-rt/adapter", tempfile.mkdtemp() + "/small", PruneOptions(budget="0.25"))
     >>> report["params_after"] == result.adapter.num_params
     True
 """
 
-__version__ = "0.1.0"  # first: modules imported below read it (the report records it)
+__version__ = "0.1.0"  # before the imports: gate.records reads it, and may be imported first
 
 from loracompress.core.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from loracompress.core.budget import Budget, allocate
 from loracompress.cuts.svd import SvdResult, compress_svd
 from loracompress.errors import CheckFailed, LoraCompressError
-from loracompress.pipelines.prune import PruneOptions, prune
 
-#: The public API: reading and writing adapters, budgets, the training-free cut, the prune pipeline,
-#: and the two errors the CLI maps to exit codes. Everything else is importable from its module.
+#: The public API: reading and writing adapters, budgets, the training-free cut, and the two errors
+#: the CLI maps to exit codes. Everything else (the pipelines: ``loracompress.pipelines.prune`` ...) is
+#: imported from its module, so ``import loracompress`` stays light and free of import cycles.
 __all__ = [
     "Adapter",
     "Budget",
     "CheckFailed",
     "LoraCompressError",
     "LoraModule",
-    "PruneOptions",
     "SvdResult",
     "allocate",
     "compress_svd",
     "load_adapter",
-    "prune",
     "save_adapter",
 ]

@@ -172,7 +172,6 @@ def test_the_package_exports_a_curated_api() -> None:
     exec("from loracompress import *", namespace)  # noqa: S102
     exported = {k for k in namespace if not k.startswith("__")}
     assert exported == set(loracompress.__all__)
-    assert {"load_adapter", "save_adapter", "compress_svd", "SvdResult", "Budget", "prune", "PruneOptions",
-            "LoraCompressError"} <= exported
+    assert {"load_adapter", "save_adapter", "compress_svd", "SvdResult", "Budget", "LoraCompressError"} <= exported
     assert len(loracompress.__all__) == len(set(loracompress.__all__)) and loracompress.__all__ == sorted(
         loracompress.__all__, key=lambda n: (n[0].islower(), n))
