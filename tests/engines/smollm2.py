@@ -124,8 +124,8 @@ def greedy(model: torch.nn.Module, prompt_ids: list[list[int]], max_tokens: int 
     return out
 
 
-def build_case(root: Path, budget: str = "0.3", seed: int = 0) -> EngineCase:
-    """Build the compressed SmolLM2 adapter and its PEFT reference under ``root``."""
+def build_case(root: Path, budget: str = "0.3", seed: int = 0, reference: bool = True) -> EngineCase:
+    """Build the compressed SmolLM2 adapter and (unless ``reference=False``) its PEFT reference under ``root``."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from loracompress.core.adapter import load_adapter
@@ -145,6 +145,8 @@ def build_case(root: Path, budget: str = "0.3", seed: int = 0) -> EngineCase:
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     case = EngineCase(base_gguf=sample.gguf_path(), base_dir=base_dir, original=root / "original",
                       compressed=root / "compressed", ranks=ranks, prompt_ids=prompt_ids)
+    if not reference:
+        return case
     case.base_tokens = greedy(model, prompt_ids)
     case.base_logprobs = forced_logprobs(model, prompt_ids, case.forced(base=True))
     reference = PeftModel.from_pretrained(model, str(case.compressed)).eval()
