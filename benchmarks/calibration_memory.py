@@ -53,7 +53,9 @@ def build(root: Path, hidden: int, layers: int, inter: int, vocab: int, rank: in
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     base = root / "base"
     model.save_pretrained(str(base))
-    tiny_tokenizer("llama").save_pretrained(str(base))
+    tok = tiny_tokenizer("llama")
+    tok.model_max_length = cfg.max_position_embeddings  # the tests' tokenizer says 64
+    tok.save_pretrained(str(base))
     params = sum(p.numel() for p in model.parameters())
     peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_TARGETS,
                                             task_type="CAUSAL_LM"))
