@@ -96,11 +96,13 @@ def run(args: argparse.Namespace) -> None:
             test_score = score(load_adapter(Path(tmp) / name.replace(" ", "-")))
             row = {"config": name, "changes": CONFIGS[name], "steps": report["settings"]["run"]["steps"],
                    "held_agreement": q["agreement"], "test_agreement": test_score["agreement"],
-                   "held_metric": q[task.metric]["after"], "held_original": q[task.metric]["before"],
+                   # an unlabelled held-out split has no accuracy: agreement and KL only
+                   "held_metric": (q.get(task.metric) or {}).get("after"),
+                   "held_original": (q.get(task.metric) or {}).get("before"),
                    "held_kl": q["kl"], "test_metric": test_score["metric"], "test_original": test_score["original"],
                    "test_kl": test_score["kl"], "params": report["params_after"], "seconds": round(seconds, 1)}
-            log.info("%-10s held %s %.4f (orig %.4f) kl %.4f | test %.4f kl %.4f | %d steps %.0fs", name, task.metric,
-                     row["held_metric"], row["held_original"], row["held_kl"], row["test_metric"], row["test_kl"],
+            log.info("%-10s held agreement %.4f kl %.4f | test %s %.4f kl %.4f | %d steps %.0fs", name,
+                     row["held_agreement"], row["held_kl"], task.metric, row["test_metric"], row["test_kl"],
                      row["steps"], seconds)
             with _locked(OUT):
                 state = json.loads(OUT.read_text())
@@ -116,7 +118,7 @@ def render() -> None:
     higher = st["metric"] == "accuracy"
     order = {n: i for i, n in enumerate(CONFIGS)}
     rows = sorted(st["rows"], key=lambda r: order.get(r["config"], 99))
-    fmt = (lambda v: f"{v:.3f}") if higher else (lambda v: f"{v:.2f}")
+    fmt = (lambda v: "–" if v is None else f"{v:.3f}") if higher else (lambda v: "–" if v is None else f"{v:.2f}")
     ref_name = "defaults" if any(r["config"] == "defaults" for r in rows) else "logits only"
     ref = next((r for r in rows if r["config"] == ref_name), None)
     lines = [f"# Choosing the calibration defaults: {st['method']} at budget {st['budget']} on {st['task']}", "",
