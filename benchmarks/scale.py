@@ -3,8 +3,8 @@
 Synthetic Llama checkpoints (random init, bf16 on disk, sharded) at about 0.25B, 1.1B and 3B
 parameters, each with a LoRA r=64 on q, k, v, o, gate, up and down, are built once under
 ``benchmarks/.cache/`` (git-ignored). Every command then runs as its own subprocess, one at a time;
-its peak RSS comes from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child) and its wall time
-from the clock. A case whose projected peak does not fit the memory available now is skipped with a
+its peak RSS comes from ``/usr/bin/time`` (the kernel's ``ru_maxrss`` of that child) and its wall
+time from the clock. A case whose projected peak does not fit the memory available now is skipped with a
 note instead of run (the machine is shared). Results: ``benchmarks/results/scale.md`` (ratios to
 the bf16 file size), ``scale.png`` (log-log, one line per command) and ``scale.json`` (raw).
 
@@ -117,8 +117,9 @@ def argv_for(command: str, base: Path, lora: Path, data: Path, out: Path, flags:
     if command == "merge":
         return [*lc, "merge", str(lora), "--base-model", str(base), "-o", str(out), "--verify", "modules", "--force"]
     if command == "export":
-        return [*lc, "export", str(lora), "--base-model", str(base), "--format", "onnx", "--dtype", "fp16",
-                "-o", str(out), "--force"]
+        # --engine ort: the merged single-forward graph (genai's generating decoder is its own path).
+        return [*lc, "export", str(lora), "--base-model", str(base), "--format", "onnx", "--engine", "ort",
+                "--dtype", "fp16", "-o", str(out), "--force"]
     if command == "calibrate":
         extra = [f for f in ("--base-dtype", "--gradient-checkpointing") if f in flags]
         argv = [*lc, "prune", str(lora), "--budget", "0.5", "--base-model", str(base), "--data", str(data),
@@ -233,7 +234,7 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
              f"random init, bf16 on disk, sharded; LoRA r={RANK} on q, k, v, o, gate, up, down (fp32). CPU only, "
              f"{os.cpu_count()} cores, `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`, "
              f"{platform.machine()}, Python {platform.python_version()}. Peak RSS of each command's process "
-             "(`os.wait4`), one at a time; wall time on a machine shared with other work, so times are rough.", ""]
+             "(`/usr/bin/time`); wall time on a machine shared with other work, so times are rough.", ""]
     lines += ["## Peak RSS, and as a multiple of the bf16 checkpoint", "",
               "| base | params | bf16 file | shards | " + " | ".join(c for c in COMMANDS) + " |",
               "|---|---:|---:|---:|" + "---:|" * len(COMMANDS)]
