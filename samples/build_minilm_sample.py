@@ -223,12 +223,12 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
-def load_base(base_dir: Path) -> tuple[Any, Any]:
-    """Tokenizer and a 2-label ``AutoModelForSequenceClassification`` on the base."""
+def load_base(base_dir: Path, num_labels: int = 2) -> tuple[Any, Any]:
+    """Tokenizer and a ``num_labels``-way ``AutoModelForSequenceClassification`` on the base."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     return tokenizer, model
 
 
@@ -341,11 +341,11 @@ def train(
     return result
 
 
-def load_adapter_with_stock_peft(base_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
+def load_adapter_with_stock_peft(base_dir: Path, adapter_dir: Path, num_labels: int = 2) -> tuple[Any, Any]:
     """Reload the saved adapter exactly as a user would: ``PeftModel.from_pretrained``."""
     from peft import PeftModel
 
-    tokenizer, base = load_base(base_dir)
+    tokenizer, base = load_base(base_dir, num_labels)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return tokenizer, model

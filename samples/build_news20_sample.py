@@ -60,9 +60,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from base_model_path import BASE_MODELS, base_model_path  # noqa: E402
-from build_minilm_sample import (  # noqa: E402  (the shared training loop and evaluation)
+from build_minilm_sample import (  # noqa: E402  (the shared loading, training loop and evaluation)
     _quiet_transformers,
     evaluate,
+    load_adapter_with_stock_peft,
+    load_base,
     read_jsonl,
     set_determinism,
     train,
@@ -168,23 +170,6 @@ def write_jsonl(path: Path, posts: Iterable[Post], with_labels: bool = True) -> 
 
 
 # ------------------------------------------------------------------------- model
-
-
-def load_base(base_dir: Path, num_labels: int) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
-    return tokenizer, model
-
-
-def load_adapter_with_stock_peft(base_dir: Path, adapter_dir: Path, num_labels: int) -> tuple[Any, Any]:
-    from peft import PeftModel
-
-    tokenizer, base = load_base(base_dir, num_labels)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    model.eval()
-    return tokenizer, model
 
 
 def build(out: Path, cfg: Config) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from loracompress_cli.app import main
 from loracompress.core.adapter import LoraModule, load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import GenaiGraphSpec, LoraInput, adapter_arrays, match_modules, rank_dim
+from loracompress.export.genai_verify import genai_generate
 from tests.tiny import LLAMA_TARGETS, make_adapter, tiny_tokenizer
 
 HAVE_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
@@ -154,22 +155,6 @@ def peft_tokens(base: torch.nn.Module, adapter: Path | None, prompt: list[int], 
     return out[0, len(prompt):].tolist()
 
 
-def genai_tokens(model, prompt: list[int], n: int, adapters=None, name: str | None = None) -> list[int]:
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    if name:
-        gen.set_active_adapter(adapters, name)
-    gen.append_tokens(prompt)
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def adapters_export(tiny):
     """Through the CLI: a causal LM goes to onnxruntime-genai by default (its default prompts)."""
@@ -238,7 +223,7 @@ def test_two_ranked_adapters_and_no_adapter_generate_peft_tokens_on_one_graph(ti
         src = next((a for a in adapters if a.name == name), None)
         for text in PROMPTS:
             ids = tok(text)["input_ids"]
-            got = genai_tokens(model, ids, 20, loaded, name)
+            got = genai_generate(model, ids, 20, loaded, name)[0]
             assert got == peft_tokens(base, src, ids, 20, eos), (name, text)
             seen.setdefault(name, []).append(got)
     assert seen[adapters[0].name][:3] != seen[None] and seen[adapters[1].name] != seen[None]  # adapters matter
