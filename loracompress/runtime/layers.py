@@ -4,7 +4,8 @@
 ``scale · B @ (mask ⊙ (A @ x))``. It holds two sets of factors:
 
 - the **student** (``A``, ``B``: parameters, trainable during calibration), and
-- optionally the **teacher** (``A0``, ``B0``: frozen buffers, the original adapter),
+- optionally the **teacher** (``A0``, ``B0``: frozen buffers, the original adapter's own tensors
+  when their dtype and device already fit, never written),
 
 so distillation needs one copy of the base weights: :func:`use_mode` switches every layer of
 a model between ``"student"``, ``"teacher"`` and ``"base"``. ``mask`` is a per-rank-component
@@ -51,8 +52,10 @@ class LoraLayer(nn.Module):
         self.scale = float(module.scale)
         self.register_buffer("mask", torch.ones(module.rank, device=dev, dtype=dt))
         if teacher is not None:
-            self.register_buffer("A0", teacher.A.detach().to(dev, dt).clone())
-            self.register_buffer("B0", teacher.B.detach().to(dev, dt).clone())
+            # Frozen and never written: the teacher adapter's own tensors serve as they are when they
+            # already have the dtype and device (no second copy of the original adapter in memory).
+            self.register_buffer("A0", teacher.A.detach().to(dev, dt))
+            self.register_buffer("B0", teacher.B.detach().to(dev, dt))
             self.scale0 = float(teacher.scale)
         else:
             self.A0 = self.B0 = None

@@ -126,6 +126,33 @@ def test_default_base_dtype_is_fp32_on_the_cpu_and_bf16_on_a_gpu_that_has_it():
         assert resolve_placement(None, "cuda").dtype == torch.bfloat16
 
 
+# --------------------------------------------------------------------------- one copy of each factor set
+
+
+def test_teacher_factors_are_the_adapters_own_tensors_not_a_copy(tmp_path):
+    """An fp32 teacher on the CPU is used in place (read from the file, it stays file-backed): before,
+    every layer held a clone, a second copy of the whole original adapter for the run."""
+    src, base = make_adapter("llama", tmp_path / "a", r=8)
+    adapter = load_adapter(src)
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    layers = attach(model, svd_student(adapter), teacher=adapter, trainable=True)
+    for path, layer in layers.items():
+        m = adapter.modules[path]
+        assert layer.A0.data_ptr() == m.A.data_ptr() and layer.B0.data_ptr() == m.B.data_ptr(), path
+        assert layer.A.data_ptr() != m.A.data_ptr()  # the trained student is its own copy
+    before = {p: m.delta().clone() for p, m in adapter.modules.items()}
+    detach(model)
+    half = adapter.replace({p: type(m)(A=m.A.to(torch.bfloat16), B=m.B.to(torch.bfloat16), scale=m.scale)
+                            for p, m in adapter.modules.items()})
+    layer = next(iter(attach(model, svd_student(adapter), teacher=half).values()))
+    assert layer.A0.dtype == torch.float32  # another dtype: converted (a copy), as before
+    detach(model)
+    Engine(EngineConfig(steps=3, lr=5e-3, device="cpu")).run(model, adapter, svd_student(adapter), FixedCut(),
+                                                             int(adapter.num_params * 0.25), _lm_batches(), "lm")
+    for path, m in adapter.modules.items():  # a run leaves the teacher's tensors as they were
+        torch.testing.assert_close(m.delta(), before[path], rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- gradient checkpointing
 
 
