@@ -151,11 +151,12 @@ def calibrate(
     log.info("calibrating with %s on %d %s samples (%d batches), %d held out", options.method, data.samples,
              "labelled" if data.labelled else "unlabelled", len(data.train), data.held_out_samples)
 
-    student = svd_student(adapter)
     fingerprint = {"source": str(Path(source).resolve()), "data": str(options.data), "samples": data.samples,
                    "batches": len(data.train), "batch_size": options.batch_size, "seq_len": options.seq_len,
                    **placement.describe()}
-    result = Engine(config).run(base.model, adapter, student, method, target, data.train, data.task,
+    # The student is built in the call, not kept here: the engine copies it into its layers and then holds
+    # the only reference, so it is freed (one copy of the factors during training, not two).
+    result = Engine(config).run(base.model, adapter, svd_student(adapter), method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
     after = _Phase(phase, _evaluation_passes(options, data))
     quality = _quality(base, adapter, result.adapter, data, options, after)

@@ -153,6 +153,44 @@ def test_teacher_factors_are_the_adapters_own_tensors_not_a_copy(tmp_path):
         torch.testing.assert_close(m.delta(), before[path], rtol=0, atol=0)
 
 
+class _StudentFreed(FixedCut):
+    """Records, at setup and before each step, whether the student adapter passed in is still alive."""
+
+    def __init__(self, refs):
+        super().__init__()
+        self.refs, self.alive = refs, []
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.alive.append(any(r() is not None for r in self.refs))
+
+    def before_forward(self, step):
+        import gc
+
+        gc.collect()
+        self.alive.append(any(r() is not None for r in self.refs))
+
+
+def test_the_engine_does_not_keep_the_start_adapter_alive(tmp_path):
+    """The layers copy the student's factors; the start adapter passed in the call is freed, not kept as a
+    second copy of every factor for the whole run."""
+    import weakref
+
+    src, base = make_adapter("llama", tmp_path / "a", r=8)
+    adapter = load_adapter(src)
+    refs: list[weakref.ref] = []
+
+    def start():
+        student = svd_student(adapter)
+        refs.extend(weakref.ref(t) for m in student.modules.values() for t in (m.A, m.B))
+        return student
+
+    method = _StudentFreed(refs)
+    Engine(EngineConfig(steps=2, device="cpu")).run(copy.deepcopy(base), adapter, start(), method,
+                                                    int(adapter.num_params * 0.25), _lm_batches(), "lm")
+    assert refs and method.alive == [False, False, False]
+
+
 # --------------------------------------------------------------------------- gradient checkpointing
 
 

@@ -150,6 +150,9 @@ class Engine:
         """Calibrate ``student`` (the start, e.g. :func:`svd_student`) towards ``teacher`` on ``batches``.
 
         ``model`` is the base model (frozen here; its LoRA layers are removed again at the end).
+        ``student`` is copied into the layers and not referenced afterwards: pass it in the call
+        (``svd_student(adapter)``) rather than keeping it in a variable, and only one copy of it exists
+        during the run. ``teacher``'s factors are used as they are (no copy) when already float32.
         ``fingerprint`` identifies the run for checkpoints: resuming with other settings is refused.
         """
         cfg = self.config
@@ -184,6 +187,10 @@ class Engine:
             p.requires_grad_(False)
         model.eval()  # dropout off: the student learns the teacher's deterministic function
         layers = attach(model, student, teacher=teacher, trainable=True)
+        # The layers hold their own copy of the student's factors: drop this reference so that a student
+        # passed in by value (``svd_student(adapter)`` in the call) is freed instead of living on, a second
+        # copy of the factors, for the whole run.
+        del student
         prepared: nn.Module | None = None
         try:
             for layer in layers.values():
