@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from synthetic import LlamaShape, write_llama_checkpoint, write_lora  # noqa: E402
+from synthetic import LlamaShape, lora_parameters, write_llama_checkpoint, write_lora  # noqa: E402
 
 CACHE = HERE / ".cache" / "scale"
 RESULTS = HERE / "results"
@@ -48,6 +48,12 @@ COMMANDS = ("baseline", "prune", "merge", "export", "calibrate")
 #: the smaller sizes when they ran first; these are the issue's figures before the fixes).
 PRIOR_RATIO = {"baseline": 0.0, "prune": 0.5, "merge": 3.7, "export": 9.1, "calibrate": 5.4}
 SAFETY_BYTES = 3 * GiB  # left free for the other people on the machine
+#: What calibration holds per LoRA parameter, in float32 copies, with the default method (IncreLoRA):
+#: the teacher (the adapter's own tensors), the student, its gradient, AdamW's two moments and the
+#: method's two importance averages. Measured in-process on the 0.25B case (live tensors after a step).
+LORA_STATE_COPIES = {"teacher": 1, "student": 1, "gradient": 1, "AdamW moments": 2, "importance averages": 2}
+#: Everything from this line on in the results file is hand-written and kept when the table is rewritten.
+NOTES_MARKER = "<!-- scale.py keeps everything below this line when it rewrites the file -->"
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Run:
     rc: int | None
     argv: list[str]
     note: str = ""
+    #: OMP_NUM_THREADS the command ran with (None: rows written before it was recorded)
+    omp_threads: str | None = None
 
 
 # --------------------------------------------------------------------------- building the cases
@@ -183,7 +191,8 @@ def run_size(size: str, commands: list[str], flags: set[str], ratios: dict[str, 
         note = "" if rc == 0 else f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"[:300]
         print(f"{size} {command}: rc={rc} peak {peak / GiB:.2f} GiB ({peak / nbytes:.2f}x) in {seconds:.0f} s {note}",
               flush=True)
-        runs.append(Run(size, command, params, nbytes, peak, round(seconds, 1), rc, _shown(argv), note))
+        runs.append(Run(size, command, params, nbytes, peak, round(seconds, 1), rc, _shown(argv), note,
+                        os.environ.get("OMP_NUM_THREADS", "unset")))
         if rc == 0:
             ratios[command] = max(ratios.get(command, 0.0), peak / nbytes) if command != "merge" else peak / nbytes
         shutil.rmtree(out, ignore_errors=True)
@@ -193,10 +202,9 @@ def run_size(size: str, commands: list[str], flags: set[str], ratios: dict[str, 
 def _shown(argv: list[str]) -> list[str]:
     """The command as a user would type it, cache paths relative to the repository."""
     repo = str(HERE.parent) + "/"
-    shown = ["loracompress" if a == "loracompress" else a.replace(repo, "") for a in argv]
-    if shown[:3] == [sys.executable, "-m", "loracompress"]:
-        shown = ["loracompress", *shown[3:]]
-    return [("python" if a == sys.executable else a) for a in shown]
+    shown = [a.replace(repo, "") for a in argv]
+    shown = ["python" if i == 0 and (a == sys.executable or a.endswith("/python")) else a for i, a in enumerate(shown)]
+    return ["loracompress", *shown[3:]] if shown[:3] == ["python", "-m", "loracompress"] else shown
 
 
 # --------------------------------------------------------------------------- writing the results
@@ -232,7 +240,7 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
     lines = ["# Scale: peak memory and time against model size", "",
              "Written by `benchmarks/scale.py` (see its docstring for the command). Synthetic Llama checkpoints, "
              f"random init, bf16 on disk, sharded; LoRA r={RANK} on q, k, v, o, gate, up, down (fp32). CPU only, "
-             f"{os.cpu_count()} cores, `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`, "
+             f"{os.cpu_count()} cores, {_threads_text(runs)}, "
              f"{platform.machine()}, Python {platform.python_version()}. Peak RSS of each command's process "
              "(`/usr/bin/time`); wall time on a machine shared with other work, so times are rough.", ""]
     lines += ["## Peak RSS, and as a multiple of the bf16 checkpoint", "",
@@ -260,6 +268,7 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
     notes = [f"- {r.size} {r.command}: {r.note}" for r in runs if r.note]
     if notes:
         lines += ["", "Notes:", *notes]
+    lines += calibration_breakdown(runs)
     lines += ["", "## Extrapolation", "",
               "A straight line through the measured peaks of each command (peak = a + b · parameters, least "
               "squares), evaluated at Llama-2-7B (6.74B) and Llama-2-70B (69.0B) shapes; the machine is the "
@@ -281,12 +290,54 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
     for s in sizes[:1]:
         for c in COMMANDS:
             if (s, c) in by:
-                lines.append(f"- {c}: `{' '.join(by[(s, c)].argv)}`")
+                lines.append(f"- {c}: `{' '.join(_shown(by[(s, c)].argv))}`")
     cal = "with `--base-dtype bf16 --gradient-checkpointing`" if {"--base-dtype", "--gradient-checkpointing"} <= flags \
         else "without `--base-dtype`/`--gradient-checkpointing` (not offered by this `prune` yet)"
     lines += ["", f"Calibration ran {cal}."]
-    out_md.write_text("\n".join(lines) + "\n")
+    kept = out_md.read_text().split(NOTES_MARKER, 1)[1] if out_md.exists() and NOTES_MARKER in out_md.read_text() else "\n"
+    out_md.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + kept)
     _plot(runs, out_png)
+
+
+def _threads_text(runs: list[Run]) -> str:
+    """``OMP_NUM_THREADS=N``, or the value of each (size, command) when they differ."""
+    values = {(r.size, r.command): r.omp_threads or "unrecorded" for r in runs if r.peak_rss}
+    if len(set(values.values())) <= 1:
+        return f"`OMP_NUM_THREADS={next(iter(values.values()), os.environ.get('OMP_NUM_THREADS', 'unset'))}`"
+    groups: dict[str, list[str]] = {}
+    for (size, command), t in values.items():
+        groups.setdefault(t, []).append(f"{size} {command}")
+    return "`OMP_NUM_THREADS` " + "; ".join(f"{t} for {', '.join(g)}" for t, g in groups.items())
+
+
+def calibration_breakdown(runs: list[Run]) -> list[str]:
+    """Where each calibration peak goes: the interpreter floor (the baseline row), the bf16 base, the LoRA
+    state (:data:`LORA_STATE_COPIES` float32 copies of the adapter), and the remainder (activations,
+    including the vocabulary-sized loss tensors, and what the allocator holds freed)."""
+    by = {(r.size, r.command): r for r in runs}
+    rows = []
+    for size in SIZES:
+        cal, floor = by.get((size, "calibrate")), by.get((size, "baseline"))
+        if cal is None or floor is None or not cal.peak_rss or cal.rc != 0 or not floor.peak_rss:
+            continue
+        lora = lora_parameters(SIZES[size][0], RANK)
+        state = lora * 4 * sum(LORA_STATE_COPIES.values())
+        rest = cal.peak_rss - floor.peak_rss - cal.file_bytes - state
+        target = (cal.peak_rss - floor.peak_rss - state) / cal.file_bytes
+        rows.append(f"| {size} | {cal.peak_rss / GiB:.2f} GiB ({cal.peak_rss / cal.file_bytes:.2f}×) | "
+                    f"{floor.peak_rss / GiB:.2f} GiB | {cal.file_bytes / GiB:.2f} GiB | {lora / 1e6:.1f}M: "
+                    f"{state / GiB:.2f} GiB | {rest / GiB:.2f} GiB | {target:.2f}× |")
+    if not rows:
+        return []
+    copies = " + ".join(f"{n} {k}" for k, n in LORA_STATE_COPIES.items())
+    return ["", "## Calibration: where the peak goes", "",
+            f"LoRA state = LoRA parameters × 4 bytes × {sum(LORA_STATE_COPIES.values())} ({copies}). Remainder = "
+            "peak − floor − bf16 file − LoRA state: activations (here 2 × 32 tokens; the loss's vocabulary-sized "
+            "float32 tensors are 2 × 32 × vocab × 4 bytes each) and memory the allocator keeps after freeing it. "
+            "The last column is the target's measure: (peak − floor − LoRA state) / bf16 file, i.e. the base "
+            "plus activations as a multiple of the file.", "",
+            "| base | peak (× file) | floor | bf16 file | LoRA params: state | remainder | (peak − floor − LoRA) / file |",
+            "|---|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def _plot(runs: list[Run], out_png: Path) -> None:

@@ -104,6 +104,12 @@ def write_llama_checkpoint(folder: Path, shape: LlamaShape, shard_bytes: int, dt
     return names
 
 
+def lora_parameters(shape: LlamaShape, r: int, targets: tuple[str, ...] = LLAMA_TARGETS) -> int:
+    """The LoRA parameter count :func:`write_lora` gives: ``r · (in + out)`` for every targeted weight."""
+    return sum(r * sum(s) for name, s in _shapes(shape).items()
+               if name.endswith(".weight") and name[: -len(".weight")].rsplit(".", 1)[-1] in targets)
+
+
 def write_lora(folder: Path, base: Path, shape: LlamaShape, r: int, targets: tuple[str, ...] = LLAMA_TARGETS,
                dtype: torch.dtype = torch.float32, seed: int = 1) -> Path:
     """A PEFT LoRA adapter folder (rank ``r`` on ``targets`` of every layer) with random non-zero factors."""
