@@ -158,6 +158,10 @@ def calibrate(
     # the only reference, so it is freed (one copy of the factors during training, not two).
     result = Engine(config).run(base.model, adapter, svd_student(adapter), method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
+    described = method.describe()
+    # The method's context holds the run's layers, optimizer (AdamW moments) and gradients, and the method its
+    # own state (importance averages): free them before the evaluation runs the base again.
+    del method
     after = _Phase(phase, _evaluation_passes(options, data))
     quality = _quality(base, adapter, result.adapter, data, options, after)
     chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options, after)
@@ -167,7 +171,7 @@ def calibrate(
         before=adapter,
         after=chosen,
         method=options.method if kept.get("kept", options.method) == options.method else "svd",
-        settings={**method.describe(), "engine": config_dict(config), "base": placement.describe(), "student_init": "svd",
+        settings={**described, "engine": config_dict(config), "base": placement.describe(), "student_init": "svd",
                   "run": result.summary(), "samples": data.samples, "held_out_samples": data.held_out_samples,
                   "data": str(options.data), "batch_size": options.batch_size, "seq_len": options.seq_len,
                   **({"keep_best": kept} if kept else {})},

@@ -191,6 +191,42 @@ def test_the_engine_does_not_keep_the_start_adapter_alive(tmp_path):
     assert refs and method.alive == [False, False, False]
 
 
+def test_training_state_is_freed_before_the_held_out_evaluation(llama_files, tmp_path, monkeypatch):
+    """The optimizer (AdamW moments) and the method (its context holds the layers and gradients; IncreLoRA's
+    importance averages) are gone when the evaluation and the --keep-best candidates run over the base: they
+    used to stay alive to the end and raised the peak of a default run above the training's."""
+    import weakref
+
+    import loracompress.pipelines.calibrate as calibrate
+
+    refs: dict[str, weakref.ref] = {}
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs["optimizer"] = weakref.ref(self)
+
+    real_method, real_quality = calibrate.get_method, calibrate._quality
+
+    def spy_method(*args, **kwargs):
+        method = real_method(*args, **kwargs)
+        refs["method"] = weakref.ref(method)
+        return method
+
+    alive: list[list[str]] = []
+
+    def spy_quality(*args, **kwargs):
+        alive.append(sorted(name for name, ref in refs.items() if ref() is not None))
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(calibrate, "get_method", spy_method)
+    monkeypatch.setattr(calibrate, "_quality", spy_quality)
+    report = prune(llama_files["adapter"], tmp_path / "o", options(llama_files, "increlora", steps=3, evaluate=True))
+    assert set(refs) == {"optimizer", "method"} and alive == [[]]
+    assert report["settings"]["method"] == "increlora" and "target_params" in report["settings"]  # still described
+
+
 # --------------------------------------------------------------------------- gradient checkpointing
 
 
