@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from loracompress.errors import LoraCompressError
+from loracompress.export.fold import fold_weight_transposes
 from loracompress.export.probe import INPUT_NAMES, forward_kwargs
 from loracompress.runtime.layers import base_shape
 from loracompress.runtime.model import BaseModel
@@ -135,7 +136,8 @@ def export_onnx_program(
     ``example`` holds ``input_ids``/``attention_mask``; ``overrides`` the extra named inputs in
     ``module.override_names`` order, ``override_axes`` their dynamic axes (e.g. a LoRA rank).
     ``optimize=False`` skips the exporter's graph optimizer, whose folded constants (transposed copies
-    of every weight) stay alive after the program is gone; onnxruntime optimizes the graph when it loads it.
+    of every weight) all stay alive until the program is gone; :func:`save_program` folds the weight
+    transposes lazily instead, and onnxruntime optimizes the rest when it loads the graph.
     """
     overrides = dict(overrides or {})
     axes = dict(override_axes or {})
@@ -188,7 +190,11 @@ def initializer_bytes(program: Any) -> int:
 
 
 def save_program(program: Any, directory: Path, name: str = ONNX_NAME) -> list[Path]:
-    """Write the graph (with ``<name>.data`` external data past 2 GB); returns the files written."""
+    """Write the graph (with ``<name>.data`` external data past 2 GB); returns the files written.
+
+    Weight transposes are folded into the written weights first (:mod:`loracompress.export.fold`).
+    """
+    fold_weight_transposes(program.model)
     external = initializer_bytes(program) > EXTERNAL_DATA_BYTES
     path = directory / name
     program.save(str(path), external_data=external)

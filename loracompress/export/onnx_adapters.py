@@ -210,7 +210,7 @@ def build_graph(model: torch.nn.Module, spec: GraphSpec, outputs: list[str], exa
     for name in spec.heads:
         names.append(name)
         overrides[name] = params[name].detach()
-    program = export_onnx_program(ServingModule(model, outputs, names), example, overrides, axes)
+    program = export_onnx_program(ServingModule(model, outputs, names), example, overrides, axes, optimize=False)
     _make_optional_inputs(program, spec, head_defaults)
     model_metadata(program, {"loracompress.mode": "adapters", _META: json.dumps(spec.to_json())})
     return program

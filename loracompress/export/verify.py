@@ -67,7 +67,22 @@ def open_session(path: Path, prefer_gpu: bool = True) -> Session:
                 return Session(session, CUDA, "onnxruntime-gpu with a GPU")
             return Session(session, CPU, "onnxruntime-gpu is installed but no GPU answered")
     why = "onnxruntime-gpu is not installed" if CUDA not in available else "CPU requested (--cpu)"
-    return Session(ort.InferenceSession(str(path), options, providers=[CPU]), CPU, why)
+    return Session(ort.InferenceSession(str(path), lean_cpu_options(ort, options), providers=[CPU]), CPU, why)
+
+
+def lean_cpu_options(ort: Any, options: Any) -> Any:
+    """Session options that hold an exported graph on the CPU at about its own size.
+
+    The CPU execution provider has no fp16 kernels for most ops, so onnxruntime wraps them in Casts.
+    With the default optimizations those Casts of weights are constant-folded into fp32 copies of
+    every weight (3x an fp16 model), and in the default order every weight's Cast runs before the
+    first MatMul. Unoptimized, in priority order, each weight is upcast just before its node and
+    freed after it. Verification runs a few probes, so the speed this costs does not matter; what
+    is checked is the graph as written, not onnxruntime's rewrite of it.
+    """
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return options
 
 
 def run_session(
