@@ -180,6 +180,7 @@ def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.
     by the engine with the calibration's loss and schedule."""
     from loracompress.calibration.engine import Engine, EngineConfig
     from loracompress.core.adapter import LoraModule
+    from loracompress.pipelines.calibrate import data_settings
 
     gen = torch.Generator().manual_seed(args.seed)
     modules = {}
@@ -192,7 +193,10 @@ def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.
         modules[path] = LoraModule(A=a, B=torch.zeros(m.out_features, rank), scale=2.0)  # alpha = 2r
     student = original.replace(modules)
     target = rank * sum(m.cost for m in student.modules.values())
-    cfg = EngineConfig(steps=args.steps, lr=args.scratch_lr or args.lr, warmup=0.1, seed=args.seed,
+    # the calibration's own schedule for this data (label-free data: more and larger steps, calibrate.py)
+    auto = data_settings(argparse.Namespace(lr=args.scratch_lr or args.lr, steps=args.steps, epochs=None,
+                                            hidden_weight=None, pseudo_labels=None), data)
+    cfg = EngineConfig(steps=args.steps, epochs=auto["epochs"], lr=auto["lr"], warmup=0.1, seed=args.seed,
                        kd_weight=args.kd_weight, task_weight=args.task_weight, temperature=2.0, device=args.device)
     result = Engine(cfg).run(base.model, original, student, FixedRanks(rank=rank), target, data.train, data.task)
     return result.adapter
@@ -374,7 +378,7 @@ def run(args: argparse.Namespace) -> None:
                         record(method, budget, load_adapter(out), time.perf_counter() - t0,
                                calibrated=rep["settings"]["method"], kept=kept.get("kept"),
                                keep_best=kept.get("candidates"), held_out_samples=kept.get("held_out_samples"),
-                               loss={k: rep["settings"]["engine"].get(k) for k in ("hidden_weight", "pseudo_labels")})
+                               loss={k: rep["settings"]["engine"].get(k) for k in ("hidden_weight", "pseudo_labels", "lr", "epochs")})
                     elif method == "dylora":
                         if dylora is None:  # trained once, at the largest budget; b_min covers the smallest
                             top = max(args.budgets, key=float)
@@ -582,7 +586,7 @@ def main() -> None:
     p.add_argument("--budgets", default="0.25,0.125,0.0625,0.03125")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--steps", type=int, default=None, help="calibration steps (all calibrated methods and scratch)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: prune's own (1e-3; 3e-3 for label-free data)")
     p.add_argument("--scratch-lr", type=float, default=None, help="learning rate of the scratch LoRA (default --lr)")
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--task-weight", type=float, default=1.0)

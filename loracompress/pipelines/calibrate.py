@@ -42,16 +42,24 @@ from loracompress.runtime.device import resolve_device
 log = logging.getLogger(__name__)
 
 
-#: The loss for classification calibration data without labels, chosen automatically (``hidden_weight``
-#: and ``pseudo_labels`` left at None): see benchmarks/results/labelfree_sweep.md for the measurements.
-LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False}
+#: The training settings for classification calibration data without labels, applied where the options
+#: leave them to us (``lr``, ``hidden_weight``, ``pseudo_labels`` at None; ``epochs`` when neither
+#: ``--steps`` nor ``--epochs`` is given). Chosen on a held-out split of the 20-label news20 sample:
+#: benchmarks/results/labelfree_sweep.md. Without labels the only signal is the teacher's few logits per
+#: document, so the student needs more and larger steps than with labels to reach the same agreement.
+LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 3e-3, "epochs": 6.0}
+#: The same settings for every other calibration (labelled data, causal LMs): the engine's defaults.
+LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": EngineConfig.lr, "epochs": None}
 
 
-def loss_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
-    """``hidden_weight`` and ``pseudo_labels`` for this run: what the options say, and where they say
-    nothing (None), :data:`LABEL_FREE` for unlabelled classification data, else off."""
-    auto = LABEL_FREE if not data.labelled else {"hidden_weight": 0.0, "pseudo_labels": False}
-    return {k: (getattr(options, k) if getattr(options, k, None) is not None else v) for k, v in auto.items()}
+def data_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
+    """The training settings that depend on the data: what the options say, and where they say nothing,
+    :data:`LABEL_FREE` for unlabelled classification data, else :data:`LABELLED`."""
+    auto = LABEL_FREE if data.task == "cls" and not data.labelled else LABELLED
+    chosen = {k: (getattr(options, k) if getattr(options, k, None) is not None else v) for k, v in auto.items()}
+    if options.steps is not None or options.epochs is not None:  # the user sized the run
+        chosen["epochs"] = options.epochs
+    return chosen
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -134,7 +142,7 @@ def calibrate(
     resolve_device(options.device)  # refused here, before the model and data load, not at the engine's start
     ckpt = checkpoint_dir(out)
     config = EngineConfig(
-        steps=options.steps, epochs=options.epochs, lr=options.lr, warmup=options.warmup, seed=options.seed,
+        steps=options.steps, epochs=options.epochs, lr=EngineConfig.lr if options.lr is None else options.lr, warmup=options.warmup, seed=options.seed,
         kd_weight=options.kd_weight, task_weight=options.task_weight, temperature=options.temperature,
         device=options.device, precision=options.precision, checkpoint_every=options.checkpoint_every,
         checkpoint_dir=ckpt, resume=options.resume, **memory_settings(options),
@@ -147,7 +155,7 @@ def calibrate(
     target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
     base = load_base(adapter, options, placement=placement)  # straight to the device, in the base dtype
     data = load_data(base, options)
-    config = replace(config, **loss_settings(options, data))
+    config = replace(config, **data_settings(options, data))
     log.info("calibrating with %s on %d %s samples (%d batches), %d held out", options.method, data.samples,
              "labelled" if data.labelled else "unlabelled", len(data.train), data.held_out_samples)
 

@@ -53,12 +53,13 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
     # --- calibration (training settings: the engine's defaults)
     steps: int | None = _ENGINE.steps
     epochs: float | None = _ENGINE.epochs
-    lr: float = _ENGINE.lr
+    #: None: the engine's (1e-3), or a larger one for unlabelled classification data (calibrate.py)
+    lr: float | None = None
     warmup: float = _ENGINE.warmup
     kd_weight: float = _ENGINE.kd_weight
     task_weight: float = _ENGINE.task_weight
     temperature: float = _ENGINE.temperature
-    #: block-output distillation weight; None: automatic (on for unlabelled classification data, see calibrate.py)
+    #: block-output distillation weight; None: automatic (see calibrate.LABEL_FREE)
     hidden_weight: float | None = None
     #: the teacher's top-1 class as the label of unlabelled classification data; None: automatic
     pseudo_labels: bool | None = None

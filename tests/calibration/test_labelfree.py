@@ -11,7 +11,7 @@ import torch
 
 from loracompress.calibration.engine import EngineConfig, hidden_state_loss
 from loracompress.errors import LoraCompressError
-from loracompress.pipelines.calibrate import LABEL_FREE, loss_settings
+from loracompress.pipelines.calibrate import LABEL_FREE, LABELLED, data_settings
 from loracompress.pipelines.prune import prune
 from tests.calibration.test_engine import calib_files, options
 
@@ -62,17 +62,31 @@ def test_block_output_distillation_trains_on_unlabelled_data(unlabelled, tmp_pat
     assert 0 < run["final_loss"] < run["first_loss"] * 10  # a finite loss that the run moved
 
 
-@pytest.mark.parametrize(("labelled", "given", "expected"), [
-    (True, {}, {"hidden_weight": 0.0, "pseudo_labels": False}),  # labels: the loss as before
-    (False, {}, LABEL_FREE),  # no labels: chosen automatically
-    (False, {"hidden_weight": 0.0}, {**LABEL_FREE, "hidden_weight": 0.0}),  # what the user says wins
-    (True, {"pseudo_labels": True}, {"hidden_weight": 0.0, "pseudo_labels": True}),
+@pytest.mark.parametrize(("labelled", "task", "given", "expected"), [
+    (True, "cls", {}, LABELLED),  # labels: the engine's defaults
+    (False, "cls", {}, LABEL_FREE),  # no labels: chosen automatically
+    (False, "lm", {}, LABELLED),  # a causal LM has its next tokens: not label-free
+    (False, "cls", {"hidden_weight": 0.0, "lr": 1e-4}, {**LABEL_FREE, "hidden_weight": 0.0, "lr": 1e-4}),  # the user wins
+    (False, "cls", {"steps": 7}, {**LABEL_FREE, "epochs": None}),  # --steps sizes the run
+    (False, "cls", {"epochs": 2.0}, {**LABEL_FREE, "epochs": 2.0}),
+    (True, "cls", {"pseudo_labels": True}, {**LABELLED, "pseudo_labels": True}),
 ])
-def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, given, expected):
-    opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, **given})
-    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), **({"labels": torch.zeros(1)} if labelled else {})}
-    data = SimpleNamespace(labelled=labelled, task="cls", train=[batch])
-    assert loss_settings(opts, data) == expected
+def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, task, given, expected):
+    opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, "lr": None, "steps": None, "epochs": None,
+                              **given})
+    data = SimpleNamespace(labelled=labelled, task=task)
+    assert data_settings(opts, data) == expected
+
+
+def test_prune_on_unlabelled_data_trains_longer_and_faster_unless_told(unlabelled, tmp_path):
+    """The label-free defaults reach the engine (and its report); what the user gives wins."""
+    auto = prune(unlabelled["adapter"], tmp_path / "auto", options(unlabelled, "increlora", steps=None, lr=None, keep_best=False))
+    engine = auto["settings"]["engine"]
+    assert (engine["lr"], engine["epochs"], engine.get("steps")) == (LABEL_FREE["lr"], LABEL_FREE["epochs"], None)
+    told = prune(unlabelled["adapter"], tmp_path / "told",
+                 options(unlabelled, "increlora", steps=2, lr=5e-4, keep_best=False))
+    engine = told["settings"]["engine"]
+    assert (engine["lr"], engine.get("epochs"), engine["steps"]) == (5e-4, None, 2)
 
 
 def test_a_negative_hidden_weight_is_a_user_error():
