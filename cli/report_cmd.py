@@ -19,6 +19,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print a baseline file for `loracompress check --baseline`."),
     config: Path | None = typer.Option(None, "--config", help="loracompress.toml or pyproject.toml (default: found from here upward)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG of every module's rank before/after (needs matplotlib)."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing --plot PNG (only one that loracompress wrote)."),
 ) -> None:
     """LoRA parameters, bytes on disk and max rank per adapter; `--json > sizes.json` makes a baseline."""
     cwd = Path.cwd()
@@ -28,7 +29,7 @@ def report(
         from loracompress.gate.plots import plot_ranks, rank_profile
 
         profiles = [rank_profile(m.path, m.report, load_adapter(cwd / m.path).ranks) for m in measurements]
-        plot_ranks(profiles, plot)
+        plot_ranks(profiles, plot, force=force)
         err_console.print(f"wrote {plot}")
     if as_json:
         sys.stdout.write(baseline_text(entries))

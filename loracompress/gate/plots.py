@@ -106,8 +106,26 @@ def rank_figure(profiles: list[RankProfile]) -> Any:
     return fig
 
 
-def plot_ranks(profiles: list[RankProfile], path: str | Path) -> Path:
-    """Write :func:`rank_figure` as a PNG at ``path`` (atomically: never a half-written file)."""
+#: The PNG ``Software`` text chunk that marks a plot as ours, so that ``--force`` replaces only those.
+PLOT_SOFTWARE = "loracompress report --plot"
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a PNG whose ``Software`` chunk is :data:`PLOT_SOFTWARE`."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == PLOT_SOFTWARE
+    except Exception:  # noqa: BLE001 - unreadable, not an image, no Pillow: not ours
+        return False
+
+
+def plot_ranks(profiles: list[RankProfile], path: str | Path, force: bool = False) -> Path:
+    """Write :func:`rank_figure` as a PNG at ``path`` (atomically: never a half-written file).
+
+    An existing file is replaced only with ``force`` and only when it is a plot this function wrote.
+    """
     try:
         import matplotlib
     except ImportError:
@@ -120,11 +138,16 @@ def plot_ranks(profiles: list[RankProfile], path: str | Path) -> Path:
         raise LoraCompressError(f"--plot {out}: write a .png file name")
     if not out.parent.is_dir():
         raise LoraCompressError(f"--plot {out}: folder {out.parent} does not exist; create it first")
+    if out.exists():
+        if not force:
+            raise LoraCompressError(f"--plot {out} already exists; pass --force to replace it, or choose another name")
+        if not out.is_file() or not written_by_us(out):
+            raise LoraCompressError(f"--plot {out} exists and was not written by loracompress; choose another name")
     fig = rank_figure(profiles)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, format="png")
+        fig.savefig(tmp, dpi=130, format="png", metadata={"Software": PLOT_SOFTWARE})
         os.replace(tmp, out)  # never a half-written PNG under the final name
     finally:
         plt.close(fig)

@@ -50,3 +50,25 @@ def test_the_sample_plot_has_a_labelled_bar_pair_per_module_and_the_legend_outsi
 
     out = plot_ranks([prof], tmp_path / "ranks.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["ranks.png"]
+
+
+def test_plot_never_overwrites_a_file_it_did_not_write(tmp_path: Path, capsys) -> None:
+    """Regression: ``report --plot X.png`` replaced whatever X.png was. Now an existing file needs
+    ``--force``, and ``--force`` replaces only a plot loracompress wrote."""
+    from loracompress_cli.app import main
+
+    adapter = str(REPO / "samples" / "minilm-rt" / "adapter")
+    theirs = tmp_path / "figure.png"
+    theirs.write_bytes(b"\x89PNG\r\n\x1a\n someone's own figure")
+    for extra in ([], ["--force"]):
+        capsys.readouterr()
+        assert main(["report", adapter, "--plot", str(theirs), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another name" in err, err
+        assert theirs.read_bytes() == b"\x89PNG\r\n\x1a\n someone's own figure"
+    ours = tmp_path / "ranks.png"
+    assert main(["report", adapter, "--plot", str(ours)]) == 0
+    first = ours.read_bytes()
+    assert main(["report", adapter, "--plot", str(ours)]) == 2  # ours, but not without --force
+    assert main(["report", adapter, "--plot", str(ours), "--force"]) == 0
+    assert ours.read_bytes()[:8] == first[:8] and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "ranks.png"]
