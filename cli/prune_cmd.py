@@ -76,7 +76,7 @@ def prune_cmd(
     seq_len: int = SEQ_LEN,
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Samples per step."),
     steps: int | None = typer.Option(None, "--steps", help="Calibration steps."),
-    epochs: float | None = typer.Option(None, "--epochs", help="Calibration epochs (instead of --steps). Default: 3 (at most 300 steps); 6 for classification data without labels."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Calibration epochs (instead of --steps). Default: 3 (at most 300 steps); 6 (at most 600) for classification data without labels."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate. Default: 1e-3; 3e-3 for classification data without labels."),
     warmup: float = typer.Option(_D.warmup, "--warmup", help="Warm-up fraction of the steps."),
     seed: int = typer.Option(_D.seed, "--seed", help="Random seed (same seed, same bytes out)."),

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from loracompress.calibration.engine import (
+    DEFAULT_MAX_STEPS,
     Engine,
     EngineConfig,
     ProgressFn,
@@ -44,21 +45,31 @@ log = logging.getLogger(__name__)
 
 #: The training settings for classification calibration data without labels, applied where the options
 #: leave them to us (``lr``, ``hidden_weight``, ``pseudo_labels`` at None; ``epochs`` when neither
-#: ``--steps`` nor ``--epochs`` is given). Chosen on a held-out split of the 20-label news20 sample:
-#: benchmarks/results/labelfree_sweep.md. Without labels the only signal is the teacher's few logits per
-#: document, so the student needs more and larger steps than with labels to reach the same agreement.
+#: ``--steps`` nor ``--epochs`` is given, then capped at :data:`LABEL_FREE_MAX_STEPS` steps). Chosen on a
+#: held-out split of the 20-label news20 sample: benchmarks/results/labelfree_sweep.md. Without labels the
+#: only signal is the teacher's few logits per document, so the student needs more and larger steps than
+#: with labels to reach the same agreement.
 LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 3e-3, "epochs": 6.0}
+#: Twice the labelled cap (DEFAULT_MAX_STEPS), as the epochs are twice the labelled ones.
+LABEL_FREE_MAX_STEPS = 2 * DEFAULT_MAX_STEPS
 #: The same settings for every other calibration (labelled data, causal LMs): the engine's defaults.
 LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": EngineConfig.lr, "epochs": None}
 
 
 def data_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
     """The training settings that depend on the data: what the options say, and where they say nothing,
-    :data:`LABEL_FREE` for unlabelled classification data, else :data:`LABELLED`."""
-    auto = LABEL_FREE if data.task == "cls" and not data.labelled else LABELLED
+    :data:`LABEL_FREE` for unlabelled classification data, else :data:`LABELLED`. Returns EngineConfig
+    fields, ``steps`` and ``epochs`` included."""
+    label_free = data.task == "cls" and not data.labelled
+    auto = LABEL_FREE if label_free else LABELLED
     chosen = {k: (getattr(options, k) if getattr(options, k, None) is not None else v) for k, v in auto.items()}
     if options.steps is not None or options.epochs is not None:  # the user sized the run
-        chosen["epochs"] = options.epochs
+        chosen.update(steps=options.steps, epochs=options.epochs)
+    elif label_free:  # sized here like the engine sizes a labelled run: epochs over the batches, capped
+        steps = math.ceil(LABEL_FREE["epochs"] * len(data.train))
+        chosen.update(steps=max(1, min(LABEL_FREE_MAX_STEPS, steps)), epochs=None)
+    else:
+        chosen.update(steps=None, epochs=None)
     return chosen
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 
 from loracompress.calibration.engine import EngineConfig, hidden_state_loss
 from loracompress.errors import LoraCompressError
-from loracompress.pipelines.calibrate import LABEL_FREE, LABELLED, data_settings
+from loracompress.pipelines.calibrate import LABEL_FREE, LABEL_FREE_MAX_STEPS, LABELLED, data_settings
 from loracompress.pipelines.prune import prune
 from tests.calibration.test_engine import calib_files, options
 
@@ -62,19 +63,25 @@ def test_block_output_distillation_trains_on_unlabelled_data(unlabelled, tmp_pat
     assert 0 < run["final_loss"] < run["first_loss"] * 10  # a finite loss that the run moved
 
 
+_FREE = {**LABEL_FREE, "steps": 60, "epochs": None}  # 6 epochs of 10 batches
+_LABELLED = {**LABELLED, "steps": None, "epochs": None}  # the engine sizes it
+
+
 @pytest.mark.parametrize(("labelled", "task", "given", "expected"), [
-    (True, "cls", {}, LABELLED),  # labels: the engine's defaults
-    (False, "cls", {}, LABEL_FREE),  # no labels: chosen automatically
-    (False, "lm", {}, LABELLED),  # a causal LM has its next tokens: not label-free
-    (False, "cls", {"hidden_weight": 0.0, "lr": 1e-4}, {**LABEL_FREE, "hidden_weight": 0.0, "lr": 1e-4}),  # the user wins
-    (False, "cls", {"steps": 7}, {**LABEL_FREE, "epochs": None}),  # --steps sizes the run
-    (False, "cls", {"epochs": 2.0}, {**LABEL_FREE, "epochs": 2.0}),
-    (True, "cls", {"pseudo_labels": True}, {**LABELLED, "pseudo_labels": True}),
+    (True, "cls", {}, _LABELLED),  # labels: the engine's defaults
+    (False, "cls", {}, _FREE),  # no labels: chosen automatically
+    (False, "lm", {}, _LABELLED),  # a causal LM has its next tokens: not label-free
+    (False, "cls", {"hidden_weight": 0.0, "lr": 1e-4}, {**_FREE, "hidden_weight": 0.0, "lr": 1e-4}),  # the user wins
+    (False, "cls", {"steps": 7}, {**_FREE, "steps": 7}),  # --steps sizes the run
+    (False, "cls", {"epochs": 2.0}, {**_FREE, "steps": None, "epochs": 2.0}),
+    (False, "cls", {"batches": 500}, {**_FREE, "steps": LABEL_FREE_MAX_STEPS}),  # 6 epochs, capped
+    (True, "cls", {"pseudo_labels": True}, {**_LABELLED, "pseudo_labels": True}),
 ])
 def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, task, given, expected):
+    batches = given.pop("batches", 10)
     opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, "lr": None, "steps": None, "epochs": None,
                               **given})
-    data = SimpleNamespace(labelled=labelled, task=task)
+    data = SimpleNamespace(labelled=labelled, task=task, train=[{}] * batches)
     assert data_settings(opts, data) == expected
 
 
@@ -82,7 +89,9 @@ def test_prune_on_unlabelled_data_trains_longer_and_faster_unless_told(unlabelle
     """The label-free defaults reach the engine (and its report); what the user gives wins."""
     auto = prune(unlabelled["adapter"], tmp_path / "auto", options(unlabelled, "increlora", steps=None, lr=None, keep_best=False))
     engine = auto["settings"]["engine"]
-    assert (engine["lr"], engine["epochs"], engine.get("steps")) == (LABEL_FREE["lr"], LABEL_FREE["epochs"], None)
+    batches = math.ceil(auto["settings"]["samples"] / auto["settings"]["batch_size"])
+    assert engine["lr"] == LABEL_FREE["lr"] and engine.get("epochs") is None
+    assert engine["steps"] == min(LABEL_FREE_MAX_STEPS, math.ceil(LABEL_FREE["epochs"] * batches)), (engine, batches)
     told = prune(unlabelled["adapter"], tmp_path / "told",
                  options(unlabelled, "increlora", steps=2, lr=5e-4, keep_best=False))
     engine = told["settings"]["engine"]
