@@ -19,6 +19,7 @@ import torch
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
+from loracompress.export.options import GraphOptions, shared
 from loracompress.export.targets import (  # one record name for every export
     REPORT_NAME,
     TARGETS,
@@ -37,19 +38,12 @@ ONNX_DTYPES = ("fp32", "fp16")
 
 
 @dataclass
-class OnnxOptions:
-    """Everything ``export --format onnx`` can be told."""
+class OnnxOptions(GraphOptions):
+    """Everything ``export --format onnx`` can be told: the shared graph options, and these."""
 
-    base_model: str | None = None
-    mode: str = "merged"
-    dtype: str = "fp32"
-    tolerance: float | None = None
     adapter_only: bool = False
     graph: str | None = None
-    force: bool = False
-    trust_remote_code: bool = False
     prefer_gpu: bool = True
-    allow_nonfinite: bool = False
     engine: str = "auto"
 
 
@@ -149,9 +143,7 @@ def _export_genai(sources: Sequence[str | Path], output: str | Path, options: On
 
     if options.adapter_only or options.graph:
         raise LoraCompressError("--adapter-only is not supported with --engine genai yet; export all adapters together")
-    return export_genai(sources, output, GenaiOptions(
-        base_model=options.base_model, mode=options.mode, dtype=options.dtype, tolerance=options.tolerance,
-        force=options.force, trust_remote_code=options.trust_remote_code, allow_nonfinite=options.allow_nonfinite))
+    return export_genai(sources, output, GenaiOptions(**shared(options)))
 
 
 def _write_model_files(base: Any, directory: Path) -> None:

@@ -53,6 +53,7 @@ from loracompress.export.genai_verify import (
     peft_greedy,
     require_passed,
 )
+from loracompress.export.options import GraphOptions
 from loracompress.export.targets import REPORT_NAME
 
 __all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
@@ -63,16 +64,9 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 @dataclass
-class GenaiOptions:
-    """What ``export --engine genai`` can be told."""
+class GenaiOptions(GraphOptions):
+    """What ``export --engine genai`` can be told: the shared graph options, and what to verify with."""
 
-    base_model: str | None = None
-    mode: str = "merged"
-    dtype: str = "fp32"
-    tolerance: float | None = None
-    force: bool = False
-    trust_remote_code: bool = False
-    allow_nonfinite: bool = False
     prompts: Sequence[str] = DEFAULT_PROMPTS
     new_tokens: int = DEFAULT_NEW_TOKENS
 
