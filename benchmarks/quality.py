@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from loracompress.calibration.methods.registry import available  # noqa: E402
-from loracompress.calibration.methods.base import Method
+from loracompress.calibration.methods.base import Method, MethodSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -164,10 +164,16 @@ def peft_convert(task: Task, base: Any, original: Any, rank: int, workdir: Path)
     return original.replace(modules)
 
 
+@dataclass
+class _ScratchSettings(MethodSettings):
+    rank: int = 1  # the uniform rank of the scratch LoRA, recorded with the run
+
+
 class FixedRanks(Method):
     """A 'method' that changes nothing: every module keeps its rank (the scratch LoRA's training)."""
 
     name = "scratch"
+    Settings = _ScratchSettings
 
     def finalize(self) -> dict[str, int]:
         assert self.ctx is not None

@@ -9,7 +9,7 @@ from loracompress.core.adapter import load_adapter
 from tests.tiny import make_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from quality import module_type, rank1_subset, uniform_rank  # noqa: E402
+from quality import FixedRanks, module_type, rank1_subset, uniform_rank  # noqa: E402
 
 
 def test_under_rank_one_everywhere_the_baseline_keeps_whole_cheapest_types(tmp_path):
@@ -29,3 +29,10 @@ def test_under_rank_one_everywhere_the_baseline_keeps_whole_cheapest_types(tmp_p
 
     assert rank1_subset(adapter, 3 * 72 - 1) == []  # not even one whole type
     assert len(rank1_subset(adapter, rank1)) == len(adapter.modules)
+
+
+def test_the_scratch_baseline_method_takes_its_rank_as_a_setting():
+    """Regression: the scratch LoRA's FixedRanks(rank=r) crashed once methods declared their Settings
+    (``MethodSettings.__init__() got an unexpected keyword argument 'rank'``): no scratch row could run."""
+    method = FixedRanks(rank=2)
+    assert method.settings == {"rank": 2} and method.name == "scratch"
