@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import typer
-from loracompress_cli.common import console, human, human_bytes, print_json
 from rich.table import Table
 
 from loracompress.errors import CheckFailed, LoraCompressError
 from loracompress.gate.check import AdapterResult, CheckResult, Finding, run_check
 from loracompress.gate.config import display_path, load_config
 from loracompress.gate.thresholds import QualityBound, Thresholds, parse_amount, parse_rank, parse_tolerance
+from loracompress_cli.common import console, human, human_bytes, print_json
 
 
 def fmt_value(value: float | None, unit: str) -> str:

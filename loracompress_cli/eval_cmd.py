@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.table import Table
+
+from loracompress.pipelines.evaluate import EvalOptions, evaluate_paths
+from loracompress.runtime.data.labels import parse_label_map
 from loracompress_cli.common import console, human, print_json
 from loracompress_cli.options import (
     BASE_MODEL,
@@ -17,10 +21,6 @@ from loracompress_cli.options import (
     TEXT_FIELD,
     TRUST_REMOTE_CODE,
 )
-from rich.table import Table
-
-from loracompress.pipelines.evaluate import EvalOptions, evaluate_paths
-from loracompress.runtime.data.labels import parse_label_map
 
 _D = EvalOptions(data="")  # the defaults, declared once in the library
 

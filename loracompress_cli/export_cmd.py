@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from loracompress_cli.common import console, human_bytes, print_json
-from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 from loracompress.core.adapter import parse_dtype
 from loracompress.errors import LoraCompressError
 from loracompress.export import REPORT_NAME, TARGETS, OnnxOptions, export_onnx, export_target
 from loracompress.export.gguf import export_gguf
+from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 FORMATS = ("onnx", *TARGETS, "gguf")
 

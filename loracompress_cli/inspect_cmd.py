@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from loracompress_cli.common import console, human, human_bytes, print_json
-from loracompress_cli.options import ALLOW_NONFINITE
 from rich.table import Table
 
 from loracompress.core.adapter import load_adapter
 from loracompress.gate.records import adapter_stats
+from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE
 
 
 def inspect(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from loracompress_cli.common import console, human_bytes, print_json
-from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 from loracompress.pipelines.merge import MERGE_REPORT, MergeOptions, merge_adapter
+from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 
 def merge_cmd(

@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from loracompress.errors import LoraCompressError
+from loracompress.pipelines.prune import (
+    DEFAULT_CALIBRATION,
+    PruneOptions,
+    default_output,
+    prune,
+    resolve_method,
+)
+from loracompress.runtime.data.labels import parse_label_map
 from loracompress_cli.common import console, err_console, human, human_bytes, print_json
 from loracompress_cli.options import (
     ALLOW_NONFINITE,
@@ -26,16 +36,6 @@ from loracompress_cli.options import (
     TEXT_FIELD,
     TRUST_REMOTE_CODE,
 )
-
-from loracompress.errors import LoraCompressError
-from loracompress.pipelines.prune import (
-    DEFAULT_CALIBRATION,
-    PruneOptions,
-    default_output,
-    prune,
-    resolve_method,
-)
-from loracompress.runtime.data.labels import parse_label_map
 
 #: every default comes from the library's options (and the engine's config behind them): declared once
 _D = PruneOptions()

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import typer
-from loracompress_cli.common import console, err_console, human, human_bytes
 from rich.table import Table
 
 from loracompress.gate.baselines import baseline_text
 from loracompress.gate.config import load_config
 from loracompress.gate.measure import report_sizes
+from loracompress_cli.common import console, err_console, human, human_bytes
 
 
 def report(

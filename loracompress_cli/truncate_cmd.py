@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
+
+from loracompress.errors import LoraCompressError
+from loracompress.pipelines.inputs import DataOptions
+from loracompress.pipelines.truncate import TruncateOptions, truncate
+from loracompress.runtime.data.labels import parse_label_map
 from loracompress_cli.common import console, human, human_bytes, print_json
 from loracompress_cli.options import (
     ALLOW_NONFINITE,
@@ -17,12 +23,6 @@ from loracompress_cli.options import (
     TEXT_FIELD,
     TRUST_REMOTE_CODE,
 )
-from rich.table import Table
-
-from loracompress.errors import LoraCompressError
-from loracompress.pipelines.inputs import DataOptions
-from loracompress.pipelines.truncate import TruncateOptions, truncate
-from loracompress.runtime.data.labels import parse_label_map
 
 
 def truncate_cmd(

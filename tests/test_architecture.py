@@ -107,3 +107,21 @@ def test_the_library_never_prints_and_never_sets_environment_variables():
             elif isinstance(node, ast.Assign) and any(ast.unparse(t).startswith("os.environ[") for t in node.targets):
                 offenders.append(f"{name}:{node.lineno} {text[:40]}")
     assert not offenders, offenders
+
+
+def test_every_installed_package_is_the_folder_of_its_name():
+    """Regression: ``loracompress_cli`` lived in ``cli/`` behind a setuptools ``package-dir`` rename, which
+    only the editable finder honours; an editable install in compat mode (the project root on sys.path)
+    then failed with "No module named 'loracompress_cli'". Folders named as their packages import in
+    every install mode and from a plain checkout."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    root = PACKAGE.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = config["tool"]["setuptools"]
+    assert "package-dir" not in setuptools
+    for package in setuptools["packages"]:
+        assert (root / package.replace(".", "/") / "__init__.py").is_file(), package

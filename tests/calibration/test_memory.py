@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.calibration.engine import Engine, EngineConfig, distillation_loss, svd_student
 from loracompress.calibration.engine.recompute import gradient_checkpointing
@@ -25,6 +24,7 @@ from loracompress.runtime.data import make_batches, read_examples
 from loracompress.runtime.layers import attach, detach, use_mode
 from loracompress.runtime.model import load_base_model
 from loracompress.runtime.placement import resolve_placement
+from loracompress_cli.app import main
 from tests.calibration.test_engine import FixedCut, calib_files, options
 from tests.tiny import make_adapter, sample_inputs, tiny_sentences, tiny_tokenizer
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from loracompress_cli.app import main
 
 from loracompress.calibration.methods import registry
 from loracompress.calibration.methods.base import Method, MethodSettings
 from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
+from loracompress_cli.app import main
 from tests.calibration.test_engine import calib_files
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 from safetensors.torch import load_file
 
 from loracompress.core.adapter import LoraModule, load_adapter, save_adapter
 from loracompress.errors import LoraCompressError
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas, sample_inputs, save_tiny_base, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

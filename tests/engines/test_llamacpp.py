@@ -19,8 +19,8 @@ on PEFT's greedy continuation (3 prompts x 20 tokens):
 from __future__ import annotations
 
 import pytest
-from loracompress_cli.app import main
 
+from loracompress_cli.app import main
 from tests.engines.smollm2 import MAX_TOKENS, run_engine
 
 pytestmark = pytest.mark.slow

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import LoraModule, load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import GenaiGraphSpec, LoraInput, adapter_arrays, match_modules, rank_dim
 from loracompress.export.genai_verify import genai_generate
+from loracompress_cli.app import main
 from tests.tiny import LLAMA_TARGETS, make_adapter, tiny_tokenizer
 
 HAVE_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None

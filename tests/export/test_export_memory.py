@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
+from loracompress_cli.app import main
 from tests.tiny import make_adapter
 
 ort = pytest.importorskip("onnxruntime")

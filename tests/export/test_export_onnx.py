@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import KEY_PREFIX, load_adapter
+from loracompress_cli.app import main
 from tests.tiny import make_adapter
 
 ort = pytest.importorskip("onnxruntime")

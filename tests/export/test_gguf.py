@@ -15,12 +15,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from loracompress_cli.app import main
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from loracompress.core.adapter import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export import gguf as gguf_export
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas, save_tiny_base, tiny_llama
 
 N_HEAD, N_HEAD_KV, N_LAYER = 4, 2, 3  # tests/tiny.py's llama

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from loracompress_cli.app import main
 from safetensors.torch import load_file
 
 from loracompress.core.adapter import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export.targets import VLLM_RANKS, vllm_rank
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas
 
 

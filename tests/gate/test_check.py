@@ -11,13 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
 from loracompress.gate.baselines import load_baseline
 from loracompress.gate.config import load_config
 from loracompress.gate.records import REPORT_NAME
 from loracompress.pipelines.prune import PruneOptions, prune
+from loracompress_cli.app import main
 from tests.tiny import make_adapter
 
 

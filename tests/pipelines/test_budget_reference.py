@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
 from loracompress.core.budget import Budget
@@ -13,6 +12,7 @@ from loracompress.cuts.nested import truncate_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.gate.records import REPORT_NAME
 from loracompress.pipelines.prune import PruneOptions, prune
+from loracompress_cli.app import main
 from tests.calibration.test_engine import calib_files, options
 
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas
 
 

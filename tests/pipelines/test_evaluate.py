@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter, save_adapter
 from loracompress.core.budget import Budget
@@ -18,6 +17,7 @@ from loracompress.pipelines.evaluate import ReferenceCache, compare_adapters, ev
 from loracompress.runtime.data import Example, make_batches, model_inputs, prepare_model, task_of
 from loracompress.runtime.layers import LoraLayer, attach, detach, lora_layers
 from loracompress.runtime.model import load_base_model
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, save_tiny_base, tiny_sentences
 
 

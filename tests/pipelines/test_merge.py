@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
+from loracompress_cli.app import main
 from tests.tiny import make_adapter, sample_inputs
 
 

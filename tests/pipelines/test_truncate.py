@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.calibration.methods.dylora import VALUES_KEY
 from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter, save_adapter
@@ -16,6 +15,7 @@ from loracompress.cuts.nested import truncate_adapter
 from loracompress.cuts.svd import compress_svd, decompose, truncated_adapter
 from loracompress.gate.records import REPORT_NAME
 from loracompress.pipelines.truncate import SUMMARY_NAME
+from loracompress_cli.app import main
 from tests.calibration.method_loop import nothing_else_fits, peft_mismatch
 from tests.tiny import make_adapter, save_tiny_base, tiny_sentences
 
@@ -127,8 +127,9 @@ def test_eval_data_reports_quality_at_each_cut(ckpt, tmp_path):
 
 
 def test_help_lists_truncate():
-    from loracompress_cli.app import app
     from typer.testing import CliRunner
+
+    from loracompress_cli.app import app
 
     result = CliRunner().invoke(app, ["truncate", "--help"])
     assert result.exit_code == 0 and "--budgets" in result.output

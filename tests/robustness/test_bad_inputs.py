@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
 from loracompress.pipelines.prune import DEFAULT_CALIBRATION
+from loracompress_cli.app import main
 from tests.robustness.hostile import (
     LLAMA_MODULES,
     assert_user_error,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
+from loracompress_cli.app import main
 from tests.robustness.hostile import base_config, lora_tensors, stray_temps, write_adapter
 
 REPO = Path(__file__).resolve().parents[2]

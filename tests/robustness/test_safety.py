@@ -20,11 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from loracompress_cli.app import main
 
 from loracompress.core.adapter import load_adapter
 from loracompress.errors import LoraCompressError
-from tests.robustness.hostile import assert_user_error, base_config, lora_tensors, snapshot, tree, write_adapter
+from loracompress_cli.app import main
+from tests.robustness.hostile import (
+    assert_user_error,
+    base_config,
+    lora_tensors,
+    snapshot,
+    tree,
+    write_adapter,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -250,7 +257,7 @@ def _dotted(node: ast.AST) -> str:
 
 
 def test_source_never_unpickles_or_trusts_remote_code() -> None:
-    sources = _calls(REPO / "loracompress") + _calls(REPO / "cli")
+    sources = _calls(REPO / "loracompress") + _calls(REPO / "loracompress_cli")
     assert len(sources) > 100  # the scan sees the package
     torch_loads = 0
     for path, call in sources:

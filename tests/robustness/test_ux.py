@@ -15,9 +15,9 @@ import pkgutil
 from pathlib import Path
 
 import pytest
-from loracompress_cli.app import hoist_debug, main
 
 import loracompress
+from loracompress_cli.app import hoist_debug, main
 from tests.robustness.hostile import assert_user_error, snapshot, tree, write_adapter
 from tests.tiny import save_tiny_base
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-from loracompress_cli.app import main
 
+from loracompress_cli.app import main
 from tests.robustness.hostile import assert_user_error, snapshot, stray_temps, tree, write_adapter
 from tests.tiny import save_tiny_base
 
