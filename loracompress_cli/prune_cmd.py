@@ -97,7 +97,7 @@ def prune_cmd(
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted calibration from its checkpoint."),
     no_eval: bool = typer.Option(False, "--no-eval", metavar="", help="Skip the before/after quality measurement."),
-    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", metavar="", help="Calibration: score the result, the plain SVD cut and the activation-aware cut on the held-out data (classifiers: top-1 agreement with the original, then KL; LMs: KL) and write the best, so never one worse than the cut. Holds out at least 200 samples (or a quarter of --data)."),
+    keep_best: bool = typer.Option(_D.keep_best, "--keep-best/--no-keep-best", metavar="", help="Calibration: score the result, the plain SVD cut and the activation-aware cut on the held-out data (classifiers: top-1 agreement with the original, a gap within noise a tie, then KL; LMs: KL) and write the best, so never one worse than the cut. Holds out at least 200 samples (or a quarter of --data)."),
     method_option: list[str] = typer.Option([], "--method-option", "-O", help="A method setting KEY=VALUE, repeatable (e.g. -O rounds=2, see docs/calibration.md)."),
 ) -> None:
     """Compress ADAPTER under --budget (training-free global SVD allocation by default)."""
@@ -146,7 +146,7 @@ def prune_cmd(
 
 
 def _keep_best_line(kept: dict[str, Any]) -> str:
-    """``increlora won on 200 held-out samples (agreement, then KL): agreement 0.93 (svd cut 0.84, +0.09), ...``"""
+    """``increlora won on 200 held-out samples (agreement beyond noise, then KL): agreement 0.93 (svd cut 0.84, +0.09), ...``"""
     win, cands = kept["kept"], kept["candidates"]
     w, svd = cands[win], cands["svd"]
     parts = [f"{win} won on {kept['held_out_samples']} held-out samples ({kept['measure'].replace('kl', 'KL')})"]

@@ -184,6 +184,7 @@ def calibrate(
     after = _Phase(phase, _evaluation_passes(options, data))
     quality = _quality(base, adapter, result.adapter, data, options, after)
     chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options, after)
+    quality.pop("agrees", None)  # the per-sample bits of the paired comparison: not for the report
     report = compression_report(
         source=str(source),
         output=str(out),
@@ -222,7 +223,7 @@ def _quality(base: Any, original: Adapter, compressed: Adapter, data: Calibratio
     from loracompress.pipelines.evaluate import compare_adapters
 
     return compare_adapters(base, original, compressed, data.held_out, data.task,
-                            on_batch=after.tick if after is not None else None)
+                            on_batch=after.tick if after is not None else None, per_sample=True)
 
 
 #: ``settings.keep_best.kept`` when the activation-aware cut (``--method svd --data``) was written
@@ -230,11 +231,53 @@ AWARE = "svd-aware"
 
 
 def selection_key(quality: dict[str, Any], task: str) -> tuple[float, ...]:
-    """What ``--keep-best`` maximises on the held-out data: for a classifier, top-1 agreement with the
-    original first, then (negated) KL; for a language model, the negated KL."""
+    """The order of candidates on the held-out data, before noise is allowed for: for a classifier, top-1
+    agreement with the original first, then (negated) KL; for a language model, the negated KL."""
     if task == "cls":
         return (float(quality["agreement"]), -float(quality["kl"]))
     return (-float(quality["kl"]),)
+
+
+#: Two classifiers' held-out agreements differ beyond noise when the paired difference is more than this
+#: many of its standard errors (about a 95% two-sided test).
+AGREEMENT_Z = 2.0
+
+
+def agreement_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """``(mean, standard error)`` of the per-sample difference of agreement, ``a`` minus ``b``.
+
+    Paired: both were scored on the same held-out samples (``"agrees"`` from ``evaluate(per_sample=True)``),
+    so only the samples where exactly one of them agrees with the original count towards the noise.
+    """
+    d = a["agrees"].double() - b["agrees"].double()
+    n = int(d.numel())
+    if n == 0:
+        return 0.0, 0.0
+    mean = float(d.mean())
+    return mean, float(((d - mean).pow(2).mean() / n).sqrt())
+
+
+def choose(scored: dict[str, dict[str, Any]], task: str, preference: Sequence[str]) -> str:
+    """The candidate ``--keep-best`` writes, by name.
+
+    Language models: the lowest held-out KL. Classifiers: among the candidates whose agreement with the
+    original is not worse than the best agreement by more than noise (:data:`AGREEMENT_Z` paired standard
+    errors), the lowest KL; so a candidate that disagrees with the original on significantly more held-out
+    samples is never written, and a one- or two-sample difference on a few hundred samples does not outweigh
+    a clearly closer distribution. Ties go to the earlier name in ``preference``.
+    """
+    def rank(n: str) -> tuple[Any, ...]:
+        return (tuple(-v for v in selection_key(scored[n], task)), list(preference).index(n))
+
+    if task != "cls" or any("agrees" not in q for q in scored.values()):
+        return min(scored, key=rank)
+    top = min(scored, key=rank)  # the best agreement (then KL)
+    tied = []
+    for n in scored:
+        gap, se = agreement_gap(scored[top], scored[n])
+        if gap <= AGREEMENT_Z * se:
+            tied.append(n)
+    return min(tied, key=lambda n: (float(scored[n]["kl"]), list(preference).index(n)))
 
 
 def _keep_best(
@@ -245,8 +288,9 @@ def _keep_best(
 
     Every candidate of the same budget is scored on the same held-out batches by the measure that matches
     the task (:func:`selection_key`): the calibrated adapter, the plain SVD cut and the activation-aware
-    cut on the calibration batches. The best is written; a tie goes to the calibrated result, then to the
-    plain cut. Returns (adapter, its held-out quality, what was compared: each candidate's agreement and
+    cut on the calibration batches. The best by :func:`choose` is written: for a classifier, no candidate
+    whose agreement is significantly below the best one's, and among the rest the lowest KL; a tie goes to
+    the calibrated result, then to the plain cut. Returns (adapter, its held-out quality, what was compared: each candidate's agreement and
     KL, the winner, and its margin over the plain cut and over the runner-up).
 
     Calibration starts from the plain cut and can end below it (too few steps, pruning that goes wrong,
@@ -268,25 +312,30 @@ def _keep_best(
             AWARE: activation_aware_svd(base, original, after.counted(data.train), exact).adapter}
     scored: dict[str, tuple[Adapter, dict[str, Any]]] = {options.method: (calibrated, quality)}
     scored.update({name: (cut, compare_adapters(base, original, cut, data.held_out, data.task,
-                                                    on_batch=after.tick))
+                                                    on_batch=after.tick, per_sample=True))
                    for name, cut in cuts.items()})
-    preference = {options.method: 0, "svd": 1, AWARE: 2}  # ties: calibrated, then the plain cut
-    ranked = sorted(scored, key=lambda n: (tuple(-v for v in selection_key(scored[n][1], data.task)), preference[n]))
-    name, runner_up = ranked[0], ranked[1]
+    preference = [options.method, "svd", AWARE]  # ties: calibrated, then the plain cut
+    qualities = {n: q for n, (_, q) in scored.items()}
+    name = choose(qualities, data.task, preference)
+    runner_up = choose({n: q for n, q in qualities.items() if n != name}, data.task, preference)
     chosen, chosen_quality = scored[name]
 
     def margin(over: str) -> dict[str, float]:
         a, b = scored[name][1], scored[over][1]
-        return {"agreement": float(a["agreement"]) - float(b["agreement"]), "kl": float(b["kl"]) - float(a["kl"])}
+        out = {"agreement": float(a["agreement"]) - float(b["agreement"]), "kl": float(b["kl"]) - float(a["kl"])}
+        if data.task == "cls":
+            out["agreement_se"] = agreement_gap(a, b)[1]
+        return out
 
     info: dict[str, Any] = {
-        "measure": "agreement, then kl" if data.task == "cls" else "kl",
+        "measure": "agreement beyond noise, then kl" if data.task == "cls" else "kl",
+        **({"agreement_tie_z": AGREEMENT_Z} if data.task == "cls" else {}),
         "held_out_samples": data.held_out_samples,
         "candidates": {n: {"agreement": float(q["agreement"]), "kl": float(q["kl"])} for n, (_, q) in scored.items()},
         "kept": name,
         "runner_up": runner_up,
         "margin_over_runner_up": margin(runner_up),
-        "margin_over_svd_cut": margin("svd") if name != "svd" else {"agreement": 0.0, "kl": 0.0},
+        "margin_over_svd_cut": margin("svd"),
         # the KLs under the names earlier reports used
         "calibrated_kl": float(quality["kl"]), "svd_cut_kl": float(scored["svd"][1]["kl"]),
         "aware_cut_kl": float(scored[AWARE][1]["kl"]),

@@ -108,6 +108,7 @@ def evaluate(
     candidate: str = "student",
     cache: ReferenceCache | None = None,
     on_batch: Callable[[], None] | None = None,
+    per_sample: bool = False,
 ) -> dict[str, Any]:
     """Compare the ``reference`` and ``candidate`` modes of ``model`` on ``batches``.
 
@@ -119,6 +120,8 @@ def evaluate(
         reference / candidate: layer modes (``teacher``, ``student``, ``base``).
         cache: reuse reference results across calls on the same batches.
         on_batch: called after each batch (progress reporting; the library never prints).
+        per_sample: also return ``"agrees"``, a bool tensor with one entry per counted sample (token for
+            lm): did the candidate's top-1 equal the reference's (for paired comparisons; not JSON).
 
     Returns:
         ``{"task", "samples", "kl", "agreement", "accuracy"|"perplexity": {"before", "after", ...}}``
@@ -134,6 +137,7 @@ def evaluate(
     samples = counted = agree = cand_correct = 0
     kl_sum = ref_nll = cand_nll = 0.0
     ref_correct = 0
+    agrees: list[torch.Tensor] = []
     labelled = task == "cls" and bool(batches) and all("labels" in b for b in batches)
     try:
         with torch.no_grad():
@@ -159,7 +163,10 @@ def evaluate(
                 logp = ref.logp.to(dev)
                 kl_sum += float((logp.exp() * (logp - logq)).sum())
                 top1 = logits.argmax(-1)
-                agree += int((top1 == ref.top1.to(dev)).sum())
+                same = top1 == ref.top1.to(dev)
+                agree += int(same.sum())
+                if per_sample:
+                    agrees.append(same.cpu())
                 if task == "lm":
                     cand_nll += float(F.cross_entropy(logits, target, reduction="sum"))
                     ref_nll += ref.nll
@@ -178,6 +185,8 @@ def evaluate(
         "temperature": temperature,
         "reference": reference,
     }
+    if per_sample:
+        result["agrees"] = torch.cat(agrees) if agrees else torch.zeros(0, dtype=torch.bool)
     if task == "lm":
         result["tokens"] = counted
         before = math.exp(ref_nll / counted) if counted else float("nan")
@@ -210,6 +219,7 @@ def compare_adapters(
     *,
     temperature: float = 1.0,
     on_batch: Callable[[], None] | None = None,
+    per_sample: bool = False,
 ) -> dict[str, Any]:
     """Attach ``compressed`` (student) and ``original`` (teacher) to ``base.model``, evaluate, detach.
 
@@ -220,7 +230,8 @@ def compare_adapters(
     attach(model, compressed, teacher=original)
     try:
         return evaluate(model, batches, task, temperature=temperature,
-                        reference="teacher" if original is not None else "base", on_batch=on_batch)
+                        reference="teacher" if original is not None else "base", on_batch=on_batch,
+                        per_sample=per_sample)
     finally:
         detach(model)
 
