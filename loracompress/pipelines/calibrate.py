@@ -49,11 +49,13 @@ log = logging.getLogger(__name__)
 #: held-out split of the 20-label news20 sample: benchmarks/results/labelfree_sweep.md. Without labels the
 #: only signal is the teacher's few logits per document, so the student needs more and larger steps than
 #: with labels to reach the same agreement.
-LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 3e-3, "epochs": 6.0}
+LABEL_FREE: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "token_dropout": 0.0, "lr": 3e-3,
+                              "epochs": 6.0}
 #: Twice the labelled cap (DEFAULT_MAX_STEPS), as the epochs are twice the labelled ones.
 LABEL_FREE_MAX_STEPS = 2 * DEFAULT_MAX_STEPS
 #: The same settings for every other calibration (labelled data, causal LMs): the engine's defaults.
-LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "lr": EngineConfig.lr, "epochs": None}
+LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "token_dropout": 0.0, "lr": EngineConfig.lr,
+                            "epochs": None}
 
 
 def data_settings(options: Any, data: CalibrationData) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
     hidden_weight: float | None = None
     #: the teacher's top-1 class as the label of unlabelled classification data; None: automatic
     pseudo_labels: bool | None = None
+    #: classification: the fraction of tokens each step deletes (fresh views); None: automatic
+    token_dropout: float | None = None
     precision: str = _ENGINE.precision
     checkpoint_every: int | None = _ENGINE.checkpoint_every
     resume: bool = _ENGINE.resume

@@ -79,7 +79,7 @@ _LABELLED = {**LABELLED, "steps": None, "epochs": None}  # the engine sizes it
 ])
 def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, task, given, expected):
     batches = given.pop("batches", 10)
-    opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, "lr": None, "steps": None, "epochs": None,
+    opts = SimpleNamespace(**{"hidden_weight": None, "pseudo_labels": None, "token_dropout": None, "lr": None, "steps": None, "epochs": None,
                               **given})
     data = SimpleNamespace(labelled=labelled, task=task, train=[{}] * batches)
     assert data_settings(opts, data) == expected
@@ -101,3 +101,48 @@ def test_prune_on_unlabelled_data_trains_longer_and_faster_unless_told(unlabelle
 def test_a_negative_hidden_weight_is_a_user_error():
     with pytest.raises(LoraCompressError, match="--hidden-weight"):
         EngineConfig(hidden_weight=-1.0)
+
+
+def test_token_deletion_keeps_the_ends_and_the_order_and_shrinks_the_mask():
+    from loracompress.calibration.engine.augment import delete_tokens
+
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 102, 0, 0], [101, 11, 12, 102, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.tensor([3, 4])}
+    seen = set()
+    for seed in range(40):
+        out = delete_tokens(batch, 0.5, torch.Generator().manual_seed(seed))
+        assert torch.equal(out["labels"], batch["labels"]) and out["input_ids"].shape == ids.shape
+        for r in range(2):
+            n = int(out["attention_mask"][r].sum())
+            kept = out["input_ids"][r, :n].tolist()
+            assert out["attention_mask"][r, n:].sum() == 0
+            original = ids[r][mask[r].bool()].tolist()
+            assert kept[0] == 101 and kept[-1] == 102  # the ends survive
+            it = iter(original)
+            assert all(t in it for t in kept)  # a subsequence: order kept, nothing invented
+            seen.add((r, tuple(kept)))
+    assert len(seen) > 10  # fresh views, not one
+    same = delete_tokens(batch, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(same[k], batch[k]) for k in batch)
+    assert torch.equal(delete_tokens(batch, 0.5, torch.Generator().manual_seed(7))["input_ids"],
+                       delete_tokens(batch, 0.5, torch.Generator().manual_seed(7))["input_ids"])
+
+
+def test_calibration_on_fresh_views_runs_the_teacher_every_step_and_is_reproducible(unlabelled, tmp_path):
+    views = dict(steps=30, token_dropout=0.2, keep_best=False, teacher_cache_mb=1024.0)
+    a = prune(unlabelled["adapter"], tmp_path / "a", options(unlabelled, "increlora", **views))
+    b = prune(unlabelled["adapter"], tmp_path / "b", options(unlabelled, "increlora", **views))
+    plain = prune(unlabelled["adapter"], tmp_path / "c", options(unlabelled, "increlora", **{**views, "token_dropout": 0.0}))
+    assert a["settings"]["engine"]["token_dropout"] == 0.2
+    assert a["settings"]["run"]["teacher_cache_mb"] is None  # a new view each step: nothing to cache
+    assert plain["settings"]["run"]["teacher_cache_mb"] is not None
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != (tmp_path / "c" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan")])
+def test_a_token_dropout_outside_zero_to_one_is_a_user_error(bad):
+    with pytest.raises(LoraCompressError, match="--token-dropout"):
+        EngineConfig(token_dropout=bad)

@@ -36,6 +36,9 @@ class EngineConfig:
     hidden_weight: float = 0.0
     #: classification without labels: the teacher's top-1 class stands in as the task loss's label
     pseudo_labels: bool = False
+    #: classification: each step deletes this fraction of every text's tokens (a fresh view each time, the
+    #: teacher scored on the same view; see :mod:`.augment`); 0: the texts as they are
+    token_dropout: float = 0.0
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -66,6 +69,8 @@ class EngineConfig:
             raise LoraCompressError("--kd-weight and --task-weight must be >= 0 and not both 0")
         if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
             raise LoraCompressError(f"--hidden-weight must be a number >= 0 (got {self.hidden_weight})")
+        if not (0 <= self.token_dropout < 1):
+            raise LoraCompressError(f"--token-dropout must be in [0, 1): a fraction of the tokens (got {self.token_dropout})")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise LoraCompressError(f"--temperature must be positive (got {self.temperature})")
         if self.precision not in PRECISIONS:

@@ -55,6 +55,7 @@ from loracompress.calibration.engine.accelerator import (
     place_model,
     reducer,
 )
+from loracompress.calibration.engine.augment import delete_tokens
 from loracompress.calibration.engine.checkpoints import Checkpoints
 from loracompress.calibration.engine.config import EngineConfig
 from loracompress.calibration.engine.loss import distillation_loss, hidden_state_loss
@@ -181,6 +182,8 @@ class Engine:
               "teacher_top_k": cfg.teacher_top_k, "teacher_cache_mb": cfg.teacher_cache_mb}
         if cfg.hidden_weight or cfg.pseudo_labels:  # only then, so that older checkpoints still resume
             fp.update(hidden_weight=cfg.hidden_weight, pseudo_labels=cfg.pseudo_labels)
+        if cfg.token_dropout and task == "cls":
+            fp.update(token_dropout=cfg.token_dropout)
         fp = json.loads(json.dumps(fp, default=str))
 
         for p in model.parameters():
@@ -269,7 +272,10 @@ class _Loop:
         self.layers, self.opt, self.params, self.method = layers, optimizer, params, method
         self.batches, self.task, self.total, self.warmup = batches, task, total, warmup
         reused = total > len(batches)
-        self.cache: dict[int, torch.Tensor | TopK] | None = {} if (cfg.cache_teacher or (cfg.cache_teacher is None and reused)) else None
+        #: a fresh view of every batch at each step (token deletion): the teacher runs on each, nothing to cache
+        self.views = cfg.token_dropout > 0 and task == "cls"
+        cache = not self.views and (cfg.cache_teacher or (cfg.cache_teacher is None and reused))
+        self.cache: dict[int, torch.Tensor | TopK] | None = {} if cache else None
         self._order: tuple[int, list[int]] | None = None
         self.plan: TargetPlan | None = None  # decided at the first teacher forward
         self.restarts = sorted({int(r) for r in method.schedule_restarts() if 0 < int(r) < total})
@@ -355,6 +361,9 @@ class _Loop:
         cfg, acc = self.cfg, self.acc
         idx = self.batch_index(step)
         raw = self.batches[idx]
+        if self.views:  # the view is a pure function of (seed, step), so a resumed run sees the same ones
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_009 + step)
+            raw = delete_tokens(raw, cfg.token_dropout, g)
         batch: dict[str, Any] = model_inputs(raw, acc.device)
         if self.task == "lm":
             batch["use_cache"] = False  # a KV cache would hold every block's keys/values for nothing
