@@ -34,7 +34,7 @@ OUT = RESULTS / "defaults_sweep.json"  # --name NAME writes NAME.json / NAME.md 
 
 def _lf(**changes: Any) -> dict[str, Any]:
     """A label-free row: the engine's labelled defaults with KD as the only loss, then ``changes``."""
-    return {"hidden_weight": 0.0, "pseudo_labels": False, "lr": 1e-3, "epochs": 3.0, **changes}
+    return {"hidden_weight": 0.0, "pseudo_labels": False, "token_dropout": 0.0, "lr": 1e-3, "epochs": 3.0, **changes}
 
 
 #: name -> the PruneOptions fields it changes from the engine defaults (lr 1e-3, kd 1, task 1, T 2, 3 epochs)
@@ -61,6 +61,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "logits lr=3e-3 6 epochs": _lf(lr=3e-3, epochs=6.0),  # the label-free default (LABEL_FREE)
     "logits lr=3e-3 12 epochs": _lf(lr=3e-3, epochs=12.0),
     "logits lr=3e-3 T=1 6 epochs": _lf(lr=3e-3, temperature=1.0, epochs=6.0),
+    # fresh views (token deletion, the teacher scored on each view): more epochs without refitting the same texts
+    "views 0.1 12 epochs": _lf(lr=3e-3, epochs=12.0, token_dropout=0.1),
+    "views 0.2 12 epochs": _lf(lr=3e-3, epochs=12.0, token_dropout=0.2),
+    "views 0.1 6 epochs": _lf(lr=3e-3, epochs=6.0, token_dropout=0.1),
+    "views 0.2 6 epochs": _lf(lr=3e-3, epochs=6.0, token_dropout=0.2),
+    "views 0.3 6 epochs": _lf(lr=3e-3, epochs=6.0, token_dropout=0.3),
     "pseudo-labels": _lf(pseudo_labels=True),
     "hidden=1": _lf(hidden_weight=1.0),
     "hidden=10": _lf(hidden_weight=10.0),

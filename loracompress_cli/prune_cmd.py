@@ -85,7 +85,7 @@ def prune_cmd(
     temperature: float = typer.Option(_D.temperature, "--temperature", help="Distillation temperature."),
     hidden_weight: float | None = typer.Option(None, "--hidden-weight", help="Weight of block-output distillation (every block's output, student vs original). Default: 0 (it did not help label-free calibration, docs/calibration.md)."),
     pseudo_labels: bool | None = typer.Option(None, "--pseudo-labels/--no-pseudo-labels", metavar="", help="Classification without labels: train on the original's top-1 class as the label. Default: off."),
-    token_dropout: float | None = typer.Option(None, "--token-dropout", help="Classification: delete this fraction of each text's tokens at every step, a fresh view each time, the original scored on the same view. Default: 0."),
+    token_dropout: float | None = typer.Option(None, "--token-dropout", help="Classification: delete this fraction of each text's tokens at every step, a fresh view each time, the original scored on the same view. Default: 0.1 for classification data without labels, else 0."),
     device: str = DEVICE,
     precision: str = typer.Option(_D.precision, "--precision", help="fp32, bf16 or fp16 (mixed precision on GPU)."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,

@@ -91,6 +91,7 @@ def test_prune_on_unlabelled_data_trains_longer_and_faster_unless_told(unlabelle
     engine = auto["settings"]["engine"]
     batches = math.ceil(auto["settings"]["samples"] / auto["settings"]["batch_size"])
     assert engine["lr"] == LABEL_FREE["lr"] and engine.get("epochs") is None
+    assert engine["token_dropout"] == LABEL_FREE["token_dropout"] > 0 and auto["settings"]["run"]["teacher_cache_mb"] is None
     assert engine["steps"] == min(LABEL_FREE_MAX_STEPS, math.ceil(LABEL_FREE["epochs"] * batches)), (engine, batches)
     told = prune(unlabelled["adapter"], tmp_path / "told",
                  options(unlabelled, "increlora", steps=2, lr=5e-4, keep_best=False))
