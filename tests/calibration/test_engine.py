@@ -418,14 +418,15 @@ def test_missing_data_and_budget_are_user_errors(bert_files, tmp_path):
 # --------------------------------------------------------------------------- interruption and resume
 
 
-@pytest.mark.parametrize(("method", "by_signal", "stop_at", "every", "saved_at"), [
-    ("lorpa", True, 7, 5, 7),  # a real SIGINT: the step finishes and is checkpointed (after LoRPA's round)
-    ("prilora", False, 9, 4, 8),  # a crash-like stop: the last periodic checkpoint is what remains
+@pytest.mark.parametrize(("method", "by_signal", "stop_at", "every", "saved_at", "extra"), [
+    ("lorpa", True, 7, 5, 7, {}),  # a real SIGINT: the step finishes and is checkpointed (after LoRPA's round)
+    ("prilora", False, 9, 4, 8, {}),  # a crash-like stop: the last periodic checkpoint is what remains
+    ("increlora", False, 9, 4, 8, {"token_dropout": 0.2}),  # fresh views: the resumed steps see the same ones
 ])
 def test_interrupted_runs_stop_cleanly_and_resume_to_the_same_bytes(bert_files, tmp_path, method, by_signal, stop_at,
-                                                                     every, saved_at):
+                                                                     every, saved_at, extra):
     full, out = tmp_path / "full", tmp_path / "out"
-    prune(bert_files["adapter"], full, options(bert_files, method, steps=12))
+    prune(bert_files["adapter"], full, options(bert_files, method, steps=12, **extra))
 
     def interrupt(step, total, loss, eta):
         if step == stop_at:
@@ -435,15 +436,17 @@ def test_interrupted_runs_stop_cleanly_and_resume_to_the_same_bytes(bert_files, 
                 raise KeyboardInterrupt
 
     with pytest.raises(Interrupted if by_signal else KeyboardInterrupt, match=f"after step {stop_at} of 12" if by_signal else None):
-        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every), progress=interrupt)
+        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every, **extra),
+              progress=interrupt)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
     ckpt = checkpoint_dir(out)
     assert sorted(p.name for p in ckpt.iterdir()) == [f"step-{saved_at:08d}"]  # older ones replaced
     assert sorted(p.name for p in (ckpt / f"step-{saved_at:08d}").iterdir()) == ["state.json", "state.safetensors"]
 
     with pytest.raises(LoraCompressError, match="lr"):  # other settings: refused
-        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, lr=1e-2, resume=True))
-    report = prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every, resume=True))
+        prune(bert_files["adapter"], out, options(bert_files, method, steps=12, lr=1e-2, resume=True, **extra))
+    report = prune(bert_files["adapter"], out, options(bert_files, method, steps=12, checkpoint_every=every, resume=True,
+                                                       **extra))
     assert report["settings"]["run"]["resumed_from"] == saved_at
     assert (out / SAFETENSORS_NAME).read_bytes() == (full / SAFETENSORS_NAME).read_bytes()
     assert not ckpt.exists()  # removed once the output is written
