@@ -134,7 +134,7 @@ def test_token_deletion_keeps_the_ends_and_the_order_and_shrinks_the_mask():
 def test_calibration_on_fresh_views_runs_the_teacher_every_step_and_is_reproducible(unlabelled, tmp_path):
     views = dict(steps=30, token_dropout=0.2, keep_best=False, teacher_cache_mb=1024.0)
     a = prune(unlabelled["adapter"], tmp_path / "a", options(unlabelled, "increlora", **views))
-    b = prune(unlabelled["adapter"], tmp_path / "b", options(unlabelled, "increlora", **views))
+    prune(unlabelled["adapter"], tmp_path / "b", options(unlabelled, "increlora", **views))
     plain = prune(unlabelled["adapter"], tmp_path / "c", options(unlabelled, "increlora", **{**views, "token_dropout": 0.0}))
     assert a["settings"]["engine"]["token_dropout"] == 0.2
     assert a["settings"]["run"]["teacher_cache_mb"] is None  # a new view each step: nothing to cache
