@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from loracompress.calibration.methods.registry import available  # noqa: E402
 from loracompress.calibration.methods.base import Method, MethodSettings
+from loracompress.calibration.methods.registry import available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,9 +184,8 @@ def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.
                  paths: list[str] | None = None) -> Any:
     """A LoRA of uniform ``rank`` on ``paths`` (default: every module of the original) trained from scratch
     by the engine with the calibration's loss and schedule."""
-    from loracompress.calibration.engine import Engine, EngineConfig
+    from loracompress.calibration.engine import Engine
     from loracompress.core.adapter import LoraModule
-    from loracompress.pipelines.calibrate import data_settings
 
     gen = torch.Generator().manual_seed(args.seed)
     modules = {}
@@ -199,13 +198,21 @@ def scratch_lora(original: Any, base: Any, data: Any, rank: int, args: argparse.
         modules[path] = LoraModule(A=a, B=torch.zeros(m.out_features, rank), scale=2.0)  # alpha = 2r
     student = original.replace(modules)
     target = rank * sum(m.cost for m in student.modules.values())
-    # the calibration's own schedule for this data (label-free data: more and larger steps, calibrate.py)
-    auto = data_settings(argparse.Namespace(lr=args.scratch_lr or args.lr, steps=args.steps, epochs=None,
-                                            hidden_weight=None, pseudo_labels=None), data)
-    cfg = EngineConfig(steps=args.steps, epochs=auto["epochs"], lr=auto["lr"], warmup=0.1, seed=args.seed,
-                       kd_weight=args.kd_weight, task_weight=args.task_weight, temperature=2.0, device=args.device)
-    result = Engine(cfg).run(base.model, original, student, FixedRanks(rank=rank), target, data.train, data.task)
+    result = Engine(scratch_config(data, args)).run(base.model, original, student, FixedRanks(rank=rank), target,
+                                                    data.train, data.task)
     return result.adapter
+
+
+def scratch_config(data: Any, args: argparse.Namespace) -> Any:
+    """The scratch LoRA's engine settings: the calibration's own schedule for this data (label-free data:
+    more and larger steps on fresh views, calibrate.py), with the benchmark's loss weights and seed."""
+    from loracompress.calibration.engine import EngineConfig
+    from loracompress.pipelines.calibrate import data_settings
+
+    auto = data_settings(argparse.Namespace(lr=args.scratch_lr or args.lr, steps=args.steps, epochs=None,
+                                            hidden_weight=None, pseudo_labels=None, token_dropout=None), data)
+    return EngineConfig(warmup=0.1, seed=args.seed, kd_weight=args.kd_weight, task_weight=args.task_weight,
+                        temperature=2.0, device=args.device, **auto)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -384,7 +391,8 @@ def run(args: argparse.Namespace) -> None:
                         record(method, budget, load_adapter(out), time.perf_counter() - t0,
                                calibrated=rep["settings"]["method"], kept=kept.get("kept"),
                                keep_best=kept.get("candidates"), held_out_samples=kept.get("held_out_samples"),
-                               loss={k: rep["settings"]["engine"].get(k) for k in ("hidden_weight", "pseudo_labels", "lr", "epochs")})
+                               loss={k: rep["settings"]["engine"].get(k)
+                                     for k in ("hidden_weight", "pseudo_labels", "token_dropout", "lr", "epochs")})
                     elif method == "dylora":
                         if dylora is None:  # trained once, at the largest budget; b_min covers the smallest
                             top = max(args.budgets, key=float)

@@ -9,7 +9,7 @@ from loracompress.core.adapter import load_adapter
 from tests.tiny import make_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from quality import FixedRanks, module_type, rank1_subset, uniform_rank  # noqa: E402
+from quality import FixedRanks, module_type, rank1_subset, scratch_config, uniform_rank  # noqa: E402
 
 
 def test_under_rank_one_everywhere_the_baseline_keeps_whole_cheapest_types(tmp_path):
@@ -36,3 +36,23 @@ def test_the_scratch_baseline_method_takes_its_rank_as_a_setting():
     (``MethodSettings.__init__() got an unexpected keyword argument 'rank'``): no scratch row could run."""
     method = FixedRanks(rank=2)
     assert method.settings == {"rank": 2} and method.name == "scratch"
+
+
+def test_the_scratch_baseline_trains_on_the_calibration_schedule_of_its_data():
+    """Regression: the scratch LoRA took ``steps`` from the command line only, so on label-free data (whose
+    schedule is sized in steps by calibrate.data_settings) it fell back to the engine's labelled 3 epochs
+    and ran half the methods' steps, on the texts as they are instead of fresh views."""
+    import argparse
+    from types import SimpleNamespace
+
+    from loracompress.pipelines.calibrate import LABEL_FREE, LABEL_FREE_MAX_STEPS
+
+    args = argparse.Namespace(scratch_lr=None, lr=None, steps=None, seed=0, kd_weight=1.0, task_weight=1.0, device="cpu")
+    free = scratch_config(SimpleNamespace(task="cls", labelled=False, train=[{}] * 50), args)
+    assert free.steps == min(LABEL_FREE_MAX_STEPS, 6 * 50) and free.lr == LABEL_FREE["lr"]
+    assert free.token_dropout == LABEL_FREE["token_dropout"] > 0
+    labelled = scratch_config(SimpleNamespace(task="cls", labelled=True, train=[{}] * 50), args)
+    assert labelled.steps is None and labelled.token_dropout == 0.0 and labelled.lr == 1e-3
+    told = scratch_config(SimpleNamespace(task="cls", labelled=False, train=[{}] * 50),
+                          argparse.Namespace(**{**vars(args), "steps": 7}))
+    assert told.steps == 7
