@@ -272,15 +272,15 @@ def choose(scored: dict[str, dict[str, Any]], task: str, preference: Sequence[st
     def rank(n: str) -> tuple[Any, ...]:
         return (tuple(-v for v in selection_key(scored[n], task)), list(preference).index(n))
 
+    top = min(scored, key=rank)  # classifiers: the best agreement (then KL); LMs: the lowest KL
     if task != "cls" or any("agrees" not in q for q in scored.values()):
-        return min(scored, key=rank)
-    top = min(scored, key=rank)  # the best agreement (then KL)
-    tied = []
-    for n in scored:
+        return top
+
+    def within_noise(n: str) -> bool:
         gap, se = agreement_gap(scored[top], scored[n])
-        if gap <= AGREEMENT_Z * se:
-            tied.append(n)
-    return min(tied, key=lambda n: (float(scored[n]["kl"]), list(preference).index(n)))
+        return gap <= AGREEMENT_Z * se
+
+    return min(filter(within_noise, scored), key=lambda n: (float(scored[n]["kl"]), list(preference).index(n)))
 
 
 def _keep_best(

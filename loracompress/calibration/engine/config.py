@@ -88,6 +88,11 @@ class EngineConfig:
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every/resume need checkpoint_dir")
 
+    def uses_views(self, task: str) -> bool:
+        """Whether each step trains on a fresh view of its batch (:mod:`.augment`): classification only,
+        a causal LM's next tokens being targets at every position already."""
+        return self.token_dropout > 0 and task == "cls"
+
     def total_steps(self, batches_per_epoch: int) -> int:
         if self.steps is not None:
             return self.steps

@@ -182,7 +182,7 @@ class Engine:
               "teacher_top_k": cfg.teacher_top_k, "teacher_cache_mb": cfg.teacher_cache_mb}
         if cfg.hidden_weight or cfg.pseudo_labels:  # only then, so that older checkpoints still resume
             fp.update(hidden_weight=cfg.hidden_weight, pseudo_labels=cfg.pseudo_labels)
-        if cfg.token_dropout and task == "cls":
+        if cfg.uses_views(task):
             fp.update(token_dropout=cfg.token_dropout)
         fp = json.loads(json.dumps(fp, default=str))
 
@@ -273,7 +273,7 @@ class _Loop:
         self.batches, self.task, self.total, self.warmup = batches, task, total, warmup
         reused = total > len(batches)
         #: a fresh view of every batch at each step (token deletion): the teacher runs on each, nothing to cache
-        self.views = cfg.token_dropout > 0 and task == "cls"
+        self.views = cfg.uses_views(task)
         cache = not self.views and (cfg.cache_teacher or (cfg.cache_teacher is None and reused))
         self.cache: dict[int, torch.Tensor | TopK] | None = {} if cache else None
         self._order: tuple[int, list[int]] | None = None
