@@ -260,7 +260,7 @@ def evaluate_paths(adapter_path: str | Path, options: EvalOptions) -> dict[str, 
         _check_same_model(adapter, reference, options.reference)
     notes = []
     if reference is not None and _heads_differ(adapter, reference):
-        notes.append("the two adapters carry different modules_to_save tensors; the reference's are used for both")
+        notes.append("the two adapters carry different modules_to_save tensors (heads); each runs with its own")
     # The reference's record of its base (and its heads) when there is one: it is the ground truth.
     base = load_base(reference or adapter, options)
     task = task_of(base)

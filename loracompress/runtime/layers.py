@@ -8,19 +8,21 @@
   when their dtype and device already fit, never written),
 
 so distillation needs one copy of the base weights: :func:`use_mode` switches every layer of
-a model between ``"student"``, ``"teacher"`` and ``"base"``. ``mask`` is a per-rank-component
+a model between ``"student"``, ``"teacher"`` and ``"base"``. Where the two adapters carry different
+``modules_to_save`` tensors (two classifier heads, say), :class:`SavedModuleSwitch` gives each its own. ``mask`` is a per-rank-component
 multiplier (1 keep, 0 pruned) that methods set; allocation state lives in the methods.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from loracompress.core.adapter import Adapter, LoraModule
+from loracompress.core.adapter import Adapter, LoraModule, base_param_name
 from loracompress.errors import LoraCompressError
 
 MODES = ("student", "teacher", "base")
@@ -104,6 +106,62 @@ class LoraLayer(nn.Module):
         return f"rank={self.rank}, scale={self.scale:.3g}, teacher={self.A0 is not None}, mode={self.mode}"
 
 
+class SavedModuleSwitch(nn.Module):
+    """A ``modules_to_save`` module (a classifier head, say) that the student and the teacher adapter
+    carry with different tensors.
+
+    ``base`` is the module as the model holds it (the teacher's tensors: the base model is loaded with
+    the reference adapter's), ``student`` a copy with the student adapter's tensors. The mode picks one,
+    so each adapter runs with its own head, as stock PEFT would load it; ``"base"`` runs ``base``.
+    """
+
+    def __init__(self, base: nn.Module, student: nn.Module):
+        super().__init__()
+        self.base = base
+        self.student = student
+        self.mode = "student"
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return (self.student if self.mode == "student" else self.base)(*args, **kwargs)
+
+
+def _switch_saved_modules(model: nn.Module, student: Adapter, teacher: Adapter) -> None:
+    """Wrap every module whose ``modules_to_save`` tensors differ between the adapters (see
+    :class:`SavedModuleSwitch`); modules whose tensors are the same objects or equal stay as they are."""
+    wanted: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in student.extra_tensors.items():
+        ref = teacher.extra_tensors.get(key)
+        if ref is tensor:
+            continue
+        bare = base_param_name(key)
+        module_path, _, attr = bare.rpartition(".")
+        try:
+            current = model.get_submodule(module_path).get_parameter(attr) if module_path else model.get_parameter(attr)
+        except AttributeError:
+            continue  # not a parameter of this model (load_base already refused a tensor it cannot place)
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise LoraCompressError(
+                f"{bare}: the adapter's saved tensor is {tuple(tensor.shape)} but the reference's is "
+                f"{tuple(current.shape)}; compare an adapter with the one it was compressed from"
+            )
+        if torch.equal(current.detach().cpu(), tensor.to(current.dtype).cpu()):
+            continue
+        wanted.setdefault(module_path, {})[attr] = tensor
+    for module_path, tensors in wanted.items():
+        if not module_path:
+            raise LoraCompressError("a modules_to_save tensor of the adapter is a parameter of the model itself; "
+                                    "it cannot be switched between two adapters")
+        target = model.get_submodule(module_path)
+        own = copy.deepcopy(target)
+        with torch.no_grad():
+            for attr, tensor in tensors.items():
+                p = own.get_parameter(attr)
+                p.copy_(tensor.to(p.dtype))
+                p.requires_grad_(False)
+        parent, name = _parent(model, module_path)
+        setattr(parent, name, SavedModuleSwitch(target, own))
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
@@ -142,7 +200,9 @@ def attach(
     """Wrap every adapter module of ``model`` in a :class:`LoraLayer` (in place); returns them by path.
 
     ``teacher`` (usually the original adapter) supplies frozen factors for :func:`use_mode`;
-    modules the student dropped (rank 0) still get a layer so the teacher can run there.
+    modules the student dropped (rank 0) still get a layer so the teacher can run there. The model is
+    expected to hold the teacher's ``modules_to_save`` tensors; where the student's differ, the module
+    is wrapped in a :class:`SavedModuleSwitch`.
     """
     check_fit(model, adapter if teacher is None else teacher)
     layers: dict[str, LoraLayer] = {}
@@ -159,13 +219,15 @@ def attach(
         parent, name = _parent(model, path)
         setattr(parent, name, layer)
         layers[path] = layer
+    if teacher is not None and teacher is not adapter:
+        _switch_saved_modules(model, adapter, teacher)
     return layers
 
 
 def detach(model: nn.Module) -> None:
-    """Put the original base layers back."""
+    """Put the original base layers (and saved modules) back."""
     for path, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer):
+        if isinstance(mod, (LoraLayer, SavedModuleSwitch)):
             parent, name = _parent(model, path)
             setattr(parent, name, mod.base)
 
@@ -174,13 +236,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _switchable(model: nn.Module) -> list[LoraLayer | SavedModuleSwitch]:
+    return [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModuleSwitch))]
+
+
 @contextmanager
 def use_mode(layers: Mapping[str, LoraLayer] | nn.Module, mode: str) -> Iterator[None]:
-    """Run every LoRA layer as ``student``, ``teacher`` or ``base`` inside the block."""
+    """Run every LoRA layer (and, given a model, every :class:`SavedModuleSwitch`) as ``student``,
+    ``teacher`` or ``base`` inside the block."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    items = lora_layers(layers).values() if isinstance(layers, nn.Module) else layers.values()
-    items = list(items)
+    items: list[LoraLayer | SavedModuleSwitch] = _switchable(layers) if isinstance(layers, nn.Module) else list(layers.values())
     old = [m.mode for m in items]
     for m in items:
         m.mode = mode

@@ -112,6 +112,32 @@ def test_identical_adapters_agree_exactly(setups):
     assert r["accuracy"]["before"] == r["accuracy"]["after"]
 
 
+def test_each_adapter_runs_with_its_own_head(setups, tmp_path):
+    """Two adapters whose modules_to_save heads differ: each runs with its own, as stock PEFT loads each.
+
+    Before, the model held the reference's head for both passes, so a candidate with another head was
+    scored as if it had the reference's (here: KL 0 and agreement 1 for the same LoRA factors)."""
+    root, original, _, base, task, batches = setups["bert"]
+    g = torch.Generator().manual_seed(7)
+    heads = {k: v + torch.randn(v.shape, generator=g) * 2.0 for k, v in original.extra_tensors.items()}
+    assert heads  # the tiny classifier saves its head
+    save_adapter(original.replace(original.modules, extra_tensors=heads), tmp_path / "rehead")
+    rehead = load_adapter(tmp_path / "rehead")
+    ref = peft_logits(root, "adapter", base, batches)
+    want = reference_metrics(ref, peft_logits(tmp_path, "rehead", base, batches), batches, task)
+    got = compare_adapters(base, original, rehead, batches, task)
+    assert want["kl"] > 1e-3  # the heads make a measurable difference
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-3)
+    assert got["agreement"] == pytest.approx(want["agreement"])
+    assert got["accuracy"]["after"] == pytest.approx(want["after"])
+    # detached: the model is left with the reference's head, and a second comparison sees no switch
+    for k, v in original.extra_tensors.items():
+        name = k.replace("base_model.model.", "").replace(".modules_to_save.default", "")
+        assert torch.equal(base.model.get_parameter(name).detach(), v.to(base.model.get_parameter(name).dtype))
+    same = compare_adapters(base, original, original, batches, task)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_temperature_softens_the_kl(setups):
     _, original, small, base, task, batches = setups["llama"]
     kl1 = compare_adapters(base, original, small, batches, task)["kl"]
