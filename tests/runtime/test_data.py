@@ -155,6 +155,91 @@ def test_max_samples_is_a_seeded_subset_in_file_order(tmp_path):
     assert len(read_examples(path, max_samples=500)) == 50
 
 
+def _many_rows(n, width=200):
+    """``n`` rows with distinct texts of about ``width`` characters and three string labels."""
+    return [{"id": i, "text": f"sample {i} " + WORDS[i % len(WORDS)] * (width // len(WORDS[i % len(WORDS)])),
+             "label": ["neg", "neu", "pos"][i % 3], "source": "x" * 50} for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "datasets", "txt"])
+def test_a_subset_read_in_two_passes_is_the_one_held_in_memory(tmp_path, fmt, monkeypatch):
+    """Past HOLD_CHARS the first pass drops the texts and a second pass reads the chosen ones again:
+    the same samples, labels, label names and counts as when the whole file is held."""
+    import loracompress.runtime.data.fields as fields
+
+    rows = _many_rows(3000, width=40)
+    rows[7] = {"id": 7, "text": "", "label": "neg"}  # an empty text is skipped in both passes
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "d.jsonl", rows)
+    elif fmt == "csv":
+        path = write_csv(tmp_path / "d.csv", rows)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=700)
+    elif fmt == "datasets":
+        path = write_save_to_disk(tmp_path / "ds", rows, shards=3)
+    else:
+        path = tmp_path / "d.txt"
+        path.write_text("\n".join(r["text"] or "x" for r in rows) + "\n")
+    held = read_examples(path, max_samples=25, seed=4)
+    monkeypatch.setattr(fields, "HOLD_CHARS", 100)
+    streamed = read_examples(path, max_samples=25, seed=4)
+    assert [(e.text, e.label) for e in streamed] == [(e.text, e.label) for e in held]
+    assert streamed.label_names == held.label_names and streamed.info == held.info
+    assert held.info["total_samples"] == (3000 if fmt == "txt" else 2999) and len(held) == 25
+
+
+def test_a_subset_of_a_huge_file_holds_the_subset_not_the_file(tmp_path, monkeypatch):
+    """--max-samples bounds the memory of reading: past HOLD_CHARS (here made small, so that a 19 MB
+    file is "huge") the rows are streamed twice, never held.
+
+    Before, every row of the file was parsed into a dict and kept until the subset was taken (a
+    330 MB JSONL of 2M rows peaked at 2.2 GB for 200 samples)."""
+    import tracemalloc
+
+    import loracompress.runtime.data.fields as fields
+
+    monkeypatch.setattr(fields, "HOLD_CHARS", 2**18, raising=False)
+    path = write_jsonl(tmp_path / "big.jsonl", _many_rows(60_000))
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        ex = read_examples(path, max_samples=50, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(ex) == 50 and ex.info["total_samples"] == 60_000
+    assert size > 15 * 2**20
+    # what stays is one label code per row (a few bytes each), not the rows
+    assert peak < 0.3 * size, f"reading held {peak / size:.2f}x the file's size"
+
+
+def test_a_file_that_changes_between_the_passes_is_refused(tmp_path):
+    from loracompress.runtime.data.fields import examples_from_records
+
+    rows = _many_rows(100, width=10)
+
+    class Shrinking:
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(rows if self.passes <= 2 else rows[:60])  # the head, the count, then a shorter file
+
+    with pytest.raises(LoraCompressError, match="changed while it was read"):
+        import loracompress.runtime.data.fields as fields
+
+        old, fields.HOLD_CHARS = fields.HOLD_CHARS, 10
+        try:
+            examples_from_records(Shrinking(), tmp_path / "d.jsonl", text_field=None, label_field=None,
+                                  choose=lambda n: [0, n - 1])
+        finally:
+            fields.HOLD_CHARS = old
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
 def test_unicode_text_with_a_byte_order_mark_is_read(tmp_path, encoding):
     """Excel's "Unicode text" and "CSV UTF-8" exports: UTF-16 or UTF-8 with a byte-order mark."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +49,153 @@ def _pair(fields: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[str,
 #: rows without the text field (another schema: ``sentence`` where the rest say ``text``) above this share
 #: are refused: dropping them would quietly evaluate or calibrate on part of the data
 MAX_MISSING_SHARE = 0.05
+#: with a subset to take, the first pass keeps the texts it reads up to this many characters, so a
+#: file of ordinary size is read once; past it they are dropped and the chosen ones read again
+HOLD_CHARS = 32 * 2**20
 
 
 def examples_from_records(
-    records: list[dict[str, Any]],
+    records: Iterable[dict[str, Any]],
     p: Path,
     *,
     text_field: str | None,
     label_field: str | None,
     label_names: LabelNames | None = None,
     max_chars: int | None = None,
+    choose: Callable[[int], Sequence[int] | None] | None = None,
 ) -> Examples:
     """Detect (or check) the fields of ``records`` and build one :class:`Example` per row with text.
 
     Texts are cut to ``max_chars`` characters (see :func:`~loracompress.runtime.data.batching.char_limit`).
     Rows that lack the text field are *missing*: skipped with a warning up to :data:`MAX_MISSING_SHARE`
     of the rows, refused above it. Rows whose text is empty are skipped with a warning.
+
+    ``choose(n)``, given the number of samples, returns the sorted positions of those to keep (``None``:
+    all). When the file's texts are over :data:`HOLD_CHARS`, ``records`` is read twice (it must be
+    re-iterable, like :class:`~loracompress.runtime.data.readers.Records`): once to count the samples and
+    check every row and label, once to keep the chosen texts, so a subset of a huge file costs the
+    subset, not the file. ``info["total_samples"]`` is the number of samples before the subset.
     """
+    rows = iter(records)
+    head = list(islice(rows, 1000))
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()  # the rest is read in the passes below
+    if not head:
+        raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
+    first, second, kind, lab = _fields(head, p, text_field, label_field)
+
+    def missing(r: dict[str, Any]) -> bool:
+        return first not in r and (second is None or second not in r)
+
+    def texts_of(r: dict[str, Any], i: int) -> tuple[str, str | None] | None:
+        t, s = _text(r.get(first), p, first, i), _text(r.get(second), p, second, i) if second else None
+        if not t and not s:
+            return None
+        if max_chars is not None:
+            t, s = t[:max_chars], s[:max_chars] if s is not None else None
+        return t, s
+
+    # Pass 1: every row checked and counted, the label of every sample kept (as codes of its distinct values).
+    total = n_missing = empty = 0
+    missing_keys: list[str] = []
+    bad: LoraCompressError | None = None
+    codes, values = array("q"), _Distinct()
+    kept: list[tuple[str, str | None]] | None = []
+    held = 0
+    for i, r in enumerate(records):
+        total += 1
+        if missing(r):
+            n_missing += 1
+            if n_missing <= 1000:
+                missing_keys.extend(k for k in r if k not in missing_keys)
+            continue
+        if bad is not None:
+            continue
+        try:
+            texts = texts_of(r, i)
+        except LoraCompressError as err:
+            bad = err  # raised after the check of missing rows, which names the likelier cause
+            continue
+        if texts is None:
+            empty += 1
+            continue
+        if lab:
+            codes.append(values.code(r.get(lab)))
+        if kept is not None:
+            kept.append(texts)
+            held += len(texts[0]) + len(texts[1] or "")
+            if choose is not None and held > HOLD_CHARS:
+                kept = None  # too much to hold for a subset: read again in a second pass
+    share = n_missing / total
+    if share > MAX_MISSING_SHARE:
+        have = ", ".join(repr(k) for k in missing_keys[:5]) or "no fields"
+        raise LoraCompressError(
+            f"data {p}: {n_missing} of {total} rows ({_pct(share)}) have no {first!r} field (they have {have}); "
+            f"make every row use {first!r}, or pass --text-field for the field they share"
+        )
+    if n_missing:
+        log.warning("data %s: skipped %d of %d row(s) (%s) with no %r field", p, n_missing, total, _pct(share), first)
+    if bad is not None:
+        raise bad
+    if empty:
+        log.warning("data %s: skipped %d sample(s) with an empty %r", p, empty, first)
+    n = total - n_missing - empty
+    labels, names = class_indices(values.expand(codes), p, lab, label_names) if lab else (None, None)
+    del codes
+
+    positions = choose(n) if choose is not None else None
+    if kept is None:
+        kept = _second_pass(records, missing, texts_of, positions, n, p)
+    elif positions is not None:
+        kept = [kept[j] for j in positions]
+    if positions is not None and labels is not None:
+        labels = [labels[j] for j in positions]
+    out = Examples(label_names=names, info={"text_field": first, "label_field": lab if labels else None,
+                                            "total_samples": n})
+    if kind == "completion":
+        out.info["completion_field"] = second
+    elif kind == "pair":
+        out.info["pair_field"] = second
+    for j, (t, s) in enumerate(kept):
+        out.append(Example(
+            text=t,
+            label=labels[j] if labels is not None else None,
+            completion=s if kind == "completion" else None,
+            pair=s if kind == "pair" else None,
+        ))
+    return out
+
+
+def _second_pass(records: Iterable[dict[str, Any]], missing: Callable[[dict[str, Any]], bool],
+                 texts_of: Callable[[dict[str, Any], int], tuple[str, str | None] | None],
+                 positions: Sequence[int] | None, n: int, p: Path) -> list[tuple[str, str | None]]:
+    """The texts of the samples at ``positions`` (all when ``None``), read again from ``records``."""
+    wanted = iter(positions) if positions is not None else None
+    target = next(wanted, None) if wanted is not None else None
+    kept: list[tuple[str, str | None]] = []
+    j = -1
+    for i, r in enumerate(records):
+        if missing(r):
+            continue
+        texts = texts_of(r, i)
+        if texts is None:
+            continue
+        j += 1
+        if wanted is None or j == target:
+            kept.append(texts)
+            if wanted is not None:
+                target = next(wanted, None)
+    if j + 1 != n:
+        raise LoraCompressError(f"data {p} changed while it was read ({n} samples, then {j + 1}); run again")
+    return kept
+
+
+def _fields(head: list[dict[str, Any]], p: Path, text_field: str | None,
+            label_field: str | None) -> tuple[str, str | None, str, str | None]:
+    """``(text field, second text field, kind, label field)`` from the keys of the first rows."""
     fields: list[str] = []
-    for r in records[:1000]:  # union of the first rows' keys, in order of appearance
+    for r in head:  # union of the first rows' keys, in order of appearance
         fields.extend(k for k in r if k not in fields)
     seen = ", ".join(fields) or "none"
     second: str | None = None
@@ -86,6 +216,7 @@ def examples_from_records(
             if found is None:
                 raise LoraCompressError(f"data {p}: no text field found (fields: {seen}); pass --text-field NAME")
             first = found
+    lab: str | None
     if label_field == "":
         lab = None
     elif label_field:
@@ -96,50 +227,30 @@ def examples_from_records(
         lab = _pick([f for f in fields if f not in (first, second)], LABEL_FIELDS)
         if lab is not None and kind == "completion":
             lab = None  # prompt/completion data is for LMs: a "target"-like column is not a class
+    return first, second, kind, lab
 
-    missing = [r for r in records if first not in r and (second is None or second not in r)]
-    share = len(missing) / len(records)
-    if share > MAX_MISSING_SHARE:
-        others: list[str] = []
-        for r in missing[:1000]:
-            others.extend(k for k in r if k not in others)
-        have = ", ".join(repr(k) for k in others[:5]) or "no fields"
-        raise LoraCompressError(
-            f"data {p}: {len(missing)} of {len(records)} rows ({_pct(share)}) have no {first!r} field (they have {have}); "
-            f"make every row use {first!r}, or pass --text-field for the field they share"
-        )
-    if missing:
-        log.warning("data %s: skipped %d of %d row(s) (%s) with no %r field", p, len(missing), len(records),
-                    _pct(share), first)
 
-    texts, empty = [], 0
-    for i, r in enumerate(records):
-        if first not in r and (second is None or second not in r):
-            continue
-        t, s = _text(r.get(first), p, first, i), _text(r.get(second), p, second, i) if second else None
-        if not t and not s:
-            empty += 1
-            continue
-        if max_chars is not None:
-            t, s = t[:max_chars], s[:max_chars] if s is not None else None
-        texts.append((i, t, s))
-    if empty:
-        log.warning("data %s: skipped %d sample(s) with an empty %r", p, empty, first)
+class _Distinct:
+    """Label values stored once each: a huge file's labels cost one small integer per sample."""
 
-    labels, names = class_indices([records[i].get(lab) for i, _, _ in texts], p, lab, label_names) if lab else (None, None)
-    out = Examples(label_names=names, info={"text_field": first, "label_field": lab if labels else None})
-    if kind == "completion":
-        out.info["completion_field"] = second
-    elif kind == "pair":
-        out.info["pair_field"] = second
-    for j, (_, t, s) in enumerate(texts):
-        out.append(Example(
-            text=t,
-            label=labels[j] if labels is not None else None,
-            completion=s if kind == "completion" else None,
-            pair=s if kind == "pair" else None,
-        ))
-    return out
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self._index: dict[tuple[type, Any], int] = {}
+
+    def code(self, value: Any) -> int:
+        try:
+            key = (type(value), value)  # the type too: 1, 1.0 and True are equal keys, but not equal labels
+            found = self._index.get(key)
+        except TypeError:  # unhashable (a list): kept as it is, for class_indices to refuse
+            self.values.append(value)
+            return len(self.values) - 1
+        if found is None:
+            found = self._index[key] = len(self.values)
+            self.values.append(value)
+        return found
+
+    def expand(self, codes: Iterable[int]) -> list[Any]:
+        return [self.values[c] for c in codes]
 
 
 def _text(value: Any, p: Path, name: str | None, row: int) -> str:

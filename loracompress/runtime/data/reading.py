@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from loracompress.errors import LoraCompressError
@@ -51,20 +52,32 @@ def read_examples(
     if label_names is None and label2id:
         label_names = LabelNames(dict(label2id))
     records, fmt = read_records(p, max_chars)
-    if not records:
-        raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
+
+    def choose(n: int) -> list[int] | None:
+        """A seeded random subset of ``max_samples`` of ``n`` positions, in file order (None: all)."""
+        if max_samples is None or max_samples >= n:
+            return None
+        return sorted(random.Random(seed).sample(range(n), max_samples))
+
     if fmt == "text":
-        examples = Examples((Example(text=t) for t in records), info={"format": fmt, "text_field": None})
+        examples = _text_examples(records, p, choose)
     else:
         examples = examples_from_records(records, p, text_field=text_field, label_field=label_field,
-                                         label_names=label_names, max_chars=max_chars)
+                                         label_names=label_names, max_chars=max_chars, choose=choose)
         examples.info["format"] = fmt
     if not examples:
         raise LoraCompressError(f"data {p}: every sample has an empty text; pass a file with text in it")
     examples.info["source"] = str(p)
-    examples.info["total_samples"] = len(examples)
-    if max_samples is not None and max_samples < len(examples):
-        keep = sorted(random.Random(seed).sample(range(len(examples)), max_samples))
-        examples = examples.derive(examples[i] for i in keep)
     examples.info["samples"] = len(examples)
     return examples
+
+
+def _text_examples(texts: Iterable[str], p: Path, choose: Callable[[int], list[int] | None]) -> Examples:
+    """Plain text: one sample per text; counted in a first pass, the chosen ones kept in a second."""
+    n = sum(1 for _ in texts)
+    if not n:
+        raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
+    positions = choose(n)
+    wanted = set(positions) if positions is not None else None
+    kept = (t for j, t in enumerate(texts) if wanted is None or j in wanted)
+    return Examples((Example(text=t) for t in kept), info={"format": "text", "text_field": None, "total_samples": n})
