@@ -65,18 +65,18 @@ def make_rows_file(folder: Path, millions: float, suffix: str) -> Path:
     if suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for i in range(n):
-                f.write(json.dumps({"id": i, "text": texts[i % len(texts)], "label": ("neg", "pos")[i % 2],
+                f.write(json.dumps({"id": i, "text": texts[i % len(texts)], "label": i % 2,
                                     "source": "rt"}) + "\n")
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(path, pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.string()),
+        with pq.ParquetWriter(path, pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.int64()),
                                                ("source", pa.string())])) as w:
             for lo in range(0, n, 100_000):
                 ids = range(lo, min(n, lo + 100_000))
                 w.write_table(pa.table({"id": list(ids), "text": [texts[i % len(texts)] for i in ids],
-                                        "label": [("neg", "pos")[i % 2] for i in ids], "source": ["rt"] * len(ids)}))
+                                        "label": [i % 2 for i in ids], "source": ["rt"] * len(ids)}))
     return path
 
 
