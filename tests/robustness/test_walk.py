@@ -199,7 +199,7 @@ def test_a_failed_write_removes_the_parents_it_created(tmp_path: Path, monkeypat
 def test_readme_first_command_runs_on_a_fresh_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's first command, read from the README (as .ci/run does), where ``out/`` does not exist.
 
-    Only ``pip install -e .`` is left out: the suite already runs from an install.
+    Only ``python -m pip install -e .`` is left out: the suite already runs from an install.
     """
     import shutil
     import subprocess
@@ -209,11 +209,11 @@ def test_readme_first_command_runs_on_a_fresh_checkout(tmp_path: Path, monkeypat
                               capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(commands) == 2 and commands[1].endswith("python -m pytest"), commands
     first = commands[0].split(" && ")
-    assert first[0] == "pip install -e ." and first[1].startswith("loracompress prune "), first
+    assert first[0] == "python -m pip install -e ." and first[1].startswith("python -m loracompress prune "), first
     shutil.copytree(REPO / "samples" / "minilm-rt" / "adapter", tmp_path / "samples" / "minilm-rt" / "adapter")
     monkeypatch.chdir(tmp_path)
     assert not (tmp_path / "out").exists()
-    args = first[1].split()[1:]
+    args = first[1].split()[3:]
     assert main(args) == 0
     out = tmp_path / args[args.index("-o") + 1]
     assert (out / "compression_report.json").is_file()
