@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Example, Examples
@@ -52,6 +52,47 @@ MAX_MISSING_SHARE = 0.05
 #: with a subset to take, the first pass keeps the texts it reads up to this many characters, so a
 #: file of ordinary size is read once; past it they are dropped and the chosen ones read again
 HOLD_CHARS = 32 * 2**20
+
+T = TypeVar("T")
+
+
+class Held(Generic[T]):
+    """The samples a first pass reads, in order. With a subset to take (``bounded``) they are kept only
+    while they total at most :data:`HOLD_CHARS` characters; past it ``items`` is ``None`` and the chosen
+    ones are read again (:func:`take`)."""
+
+    def __init__(self, bounded: bool) -> None:
+        self.items: list[T] | None = []
+        self.bounded = bounded
+        self._chars = 0
+
+    def add(self, item: T, chars: int) -> None:
+        if self.items is None:
+            return
+        self.items.append(item)
+        self._chars += chars
+        if self.bounded and self._chars > HOLD_CHARS:
+            self.items = None  # too much to hold for a subset
+
+
+def take(held: Held[T], again: Iterable[T], positions: Sequence[int] | None, n: int, p: Path) -> list[T]:
+    """The samples at ``positions`` (all when ``None``) of the ``n`` a first pass counted: from what it
+    held, or else read again from ``again`` (the same samples, in the same order)."""
+    if held.items is not None:
+        return held.items if positions is None else [held.items[j] for j in positions]
+    wanted = iter(positions) if positions is not None else None
+    target = next(wanted, None) if wanted is not None else None
+    kept: list[T] = []
+    count = 0
+    for j, item in enumerate(again):
+        count = j + 1
+        if wanted is None or j == target:
+            kept.append(item)
+            if wanted is not None:
+                target = next(wanted, None)
+    if count != n:
+        raise LoraCompressError(f"data {p} changed while it was read ({n} samples, then {count}); run again")
+    return kept
 
 
 def examples_from_records(
@@ -101,8 +142,7 @@ def examples_from_records(
     missing_keys: list[str] = []
     bad: LoraCompressError | None = None
     codes, values = array("q"), _Distinct()
-    kept: list[tuple[str, str | None]] | None = []
-    held = 0
+    held: Held[tuple[str, str | None]] = Held(bounded=choose is not None)
     for i, r in enumerate(records):
         total += 1
         if missing(r):
@@ -122,11 +162,7 @@ def examples_from_records(
             continue
         if lab:
             codes.append(values.code(r.get(lab)))
-        if kept is not None:
-            kept.append(texts)
-            held += len(texts[0]) + len(texts[1] or "")
-            if choose is not None and held > HOLD_CHARS:
-                kept = None  # too much to hold for a subset: read again in a second pass
+        held.add(texts, len(texts[0]) + len(texts[1] or ""))
     share = n_missing / total
     if share > MAX_MISSING_SHARE:
         have = ", ".join(repr(k) for k in missing_keys[:5]) or "no fields"
@@ -144,11 +180,14 @@ def examples_from_records(
     labels, names = class_indices(values.expand(codes), p, lab, label_names) if lab else (None, None)
     del codes
 
+    def samples() -> Iterator[tuple[str, str | None]]:  # the texts of pass 1's samples, read again
+        for i, r in enumerate(records):
+            texts = None if missing(r) else texts_of(r, i)
+            if texts is not None:
+                yield texts
+
     positions = choose(n) if choose is not None else None
-    if kept is None:
-        kept = _second_pass(records, missing, texts_of, positions, n, p)
-    elif positions is not None:
-        kept = [kept[j] for j in positions]
+    kept = take(held, samples(), positions, n, p)
     if positions is not None and labels is not None:
         labels = [labels[j] for j in positions]
     out = Examples(label_names=names, info={"text_field": first, "label_field": lab if labels else None,
@@ -165,30 +204,6 @@ def examples_from_records(
             pair=s if kind == "pair" else None,
         ))
     return out
-
-
-def _second_pass(records: Iterable[dict[str, Any]], missing: Callable[[dict[str, Any]], bool],
-                 texts_of: Callable[[dict[str, Any], int], tuple[str, str | None] | None],
-                 positions: Sequence[int] | None, n: int, p: Path) -> list[tuple[str, str | None]]:
-    """The texts of the samples at ``positions`` (all when ``None``), read again from ``records``."""
-    wanted = iter(positions) if positions is not None else None
-    target = next(wanted, None) if wanted is not None else None
-    kept: list[tuple[str, str | None]] = []
-    j = -1
-    for i, r in enumerate(records):
-        if missing(r):
-            continue
-        texts = texts_of(r, i)
-        if texts is None:
-            continue
-        j += 1
-        if wanted is None or j == target:
-            kept.append(texts)
-            if wanted is not None:
-                target = next(wanted, None)
-    if j + 1 != n:
-        raise LoraCompressError(f"data {p} changed while it was read ({n} samples, then {j + 1}); run again")
-    return kept
 
 
 def _fields(head: list[dict[str, Any]], p: Path, text_field: str | None,

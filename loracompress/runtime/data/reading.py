@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data.examples import Example, Examples
-from loracompress.runtime.data.fields import examples_from_records
+from loracompress.runtime.data.fields import Held, examples_from_records, take
 from loracompress.runtime.data.labels import LabelNames
 from loracompress.runtime.data.readers import read_records
 
@@ -53,11 +53,13 @@ def read_examples(
         label_names = LabelNames(dict(label2id))
     records, fmt = read_records(p, max_chars)
 
-    def choose(n: int) -> list[int] | None:
+    def subset(n: int) -> list[int] | None:
         """A seeded random subset of ``max_samples`` of ``n`` positions, in file order (None: all)."""
         if max_samples is None or max_samples >= n:
             return None
         return sorted(random.Random(seed).sample(range(n), max_samples))
+
+    choose = subset if max_samples is not None else None  # without a subset, every sample is held: one pass
 
     if fmt == "text":
         examples = _text_examples(records, p, choose)
@@ -72,12 +74,14 @@ def read_examples(
     return examples
 
 
-def _text_examples(texts: Iterable[str], p: Path, choose: Callable[[int], list[int] | None]) -> Examples:
-    """Plain text: one sample per text; counted in a first pass, the chosen ones kept in a second."""
-    n = sum(1 for _ in texts)
+def _text_examples(texts: Iterable[str], p: Path, choose: Callable[[int], list[int] | None] | None) -> Examples:
+    """Plain text: one sample per text, the subset taken as :func:`examples_from_records` takes it."""
+    held: Held[str] = Held(bounded=choose is not None)
+    n = 0
+    for t in texts:
+        n += 1
+        held.add(t, len(t))
     if not n:
         raise LoraCompressError(f"data {p} holds no samples; pass a non-empty file")
-    positions = choose(n)
-    wanted = set(positions) if positions is not None else None
-    kept = (t for j, t in enumerate(texts) if wanted is None or j in wanted)
+    kept = take(held, texts, choose(n) if choose is not None else None, n, p)
     return Examples((Example(text=t) for t in kept), info={"format": "text", "text_field": None, "total_samples": n})
