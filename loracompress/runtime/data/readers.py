@@ -64,7 +64,11 @@ def read_records(p: Path, max_chars: int | None = None) -> tuple[Records, str]:
         jsonl = suffix in (".jsonl", ".ndjson") or (suffix not in TEXT_SUFFIXES and _first_char(f, p, encoding) == "{")
     if jsonl:
         return Records(lambda: _jsonl_rows(p, encoding)), "jsonl"
-    return Records(lambda: _text_rows(p, encoding, max_chars)), "text"
+    # whether blank lines separate paragraphs decides what a sample is: one scan, which stops at the
+    # second paragraph's first line (or reads a one-paragraph file through, holding nothing)
+    with open(p, encoding=encoding) as f:
+        paragraphs = _several_paragraphs(_decoded(_lines(f, max_chars), p, encoding))
+    return Records(lambda: _text_rows(p, encoding, max_chars, paragraphs)), "text"
 
 
 def _jsonl_rows(p: Path, encoding: str) -> Iterator[Any]:
@@ -77,11 +81,7 @@ def _csv_rows(p: Path, delimiter: str, encoding: str) -> Iterator[Any]:
         yield from _parse_csv(f, p, delimiter, encoding)
 
 
-def _text_rows(p: Path, encoding: str, max_chars: int | None) -> Iterator[str]:
-    # whether blank lines separate paragraphs decides what a sample is: a first scan, which stops at
-    # the second paragraph's first line (or reads a one-paragraph file through, holding nothing)
-    with open(p, encoding=encoding) as f:
-        paragraphs = _several_paragraphs(_decoded(_lines(f, max_chars), p, encoding))
+def _text_rows(p: Path, encoding: str, max_chars: int | None, paragraphs: bool) -> Iterator[str]:
     with open(p, encoding=encoding) as f:
         yield from _parse_text(_decoded(_lines(f, max_chars), p, encoding), max_chars, paragraphs)
 
