@@ -118,7 +118,8 @@ def prune_cmd(
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks
     if not main:
         logging.getLogger().setLevel(logging.WARNING)
-    with _progress_bars(enabled=main and resolve_method(options) != "svd") as bars:
+    calibrated = resolve_method(options)
+    with _progress_bars(enabled=main and _trains(calibrated)) as bars:
         report = prune(adapter, output, options, progress=bars.step if bars else None,
                        phase=bars.phase if bars else None)
     if not main:
@@ -129,7 +130,6 @@ def prune_cmd(
     out = output or default_output(adapter)
     kept = (report.get("settings") or {}).get("keep_best") or {}
     label = report["method"]
-    calibrated = resolve_method(options)
     if kept and kept.get("kept") != calibrated:  # --keep-best wrote a training-free cut instead
         label = f"{kept['kept']} (kept over {calibrated} by --keep-best)"
     console.print(
@@ -144,6 +144,14 @@ def prune_cmd(
     if kept.get("candidates"):
         console.print(f"  keep-best: {_keep_best_line(kept)}")
     console.print(f"wrote {out}")
+
+
+def _trains(name: str) -> bool:
+    """Whether the method runs a calibration (progress bars); an unknown name is left to ``prune`` to refuse."""
+    from loracompress.calibration.methods.registry import available
+
+    cls = available().get(name.lower())
+    return cls is not None and cls.trains
 
 
 def _keep_best_line(kept: dict[str, Any]) -> str:

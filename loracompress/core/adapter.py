@@ -51,6 +51,12 @@ def base_param_name(key: str) -> str:
     return bare
 #: safetensors metadata key recording how an adapter's rank components are ordered.
 ORDER_KEY = "loracompress.order"
+#: the ``ORDER_KEY`` value of a nested adapter (DyLoRA): every leading cut of each module works
+NESTED_ORDER = "dylora"
+#: safetensors metadata of a nested adapter: JSON ``{module path: [value of each component, in order]}``
+NESTED_VALUES_KEY = "loracompress.dylora.values"
+#: safetensors metadata of a nested adapter: JSON ``{"min_params": .., "max_params": ..}``, the budgets trained
+NESTED_RANGE_KEY = "loracompress.dylora.range"
 #: safetensors metadata key recording the LoRA parameter count of the adapter a compressed one came from
 #: (the first one of a chain: prune, then truncate, keeps the very original's); fractions refer to it
 ORIGINAL_PARAMS_KEY = "loracompress.original_params"

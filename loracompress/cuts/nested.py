@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracompress.calibration.methods.dylora import ORDER_VALUE, RANGE_KEY, VALUES_KEY
-from loracompress.core.adapter import ORDER_KEY, Adapter, LoraModule
+from loracompress.core.adapter import (
+    NESTED_ORDER,
+    NESTED_RANGE_KEY,
+    NESTED_VALUES_KEY,
+    ORDER_KEY,
+    Adapter,
+    LoraModule,
+)
 from loracompress.core.budget import Budget, allocate
 from loracompress.core.linalg import component_energies
 from loracompress.cuts.svd import compress_svd
@@ -40,7 +46,7 @@ class Cut:
 
 
 def is_dylora(adapter: Adapter) -> bool:
-    return adapter.metadata.get(ORDER_KEY) == ORDER_VALUE
+    return adapter.metadata.get(ORDER_KEY) == NESTED_ORDER
 
 
 def dylora_values(adapter: Adapter) -> dict[str, np.ndarray]:
@@ -48,13 +54,13 @@ def dylora_values(adapter: Adapter) -> dict[str, np.ndarray]:
 
     Recorded values that do not match the adapter's ranks (a file edited by hand) are not trusted.
     """
-    raw = adapter.metadata.get(VALUES_KEY)
+    raw = adapter.metadata.get(NESTED_VALUES_KEY)
     recorded: dict[str, Any] = {}
     if raw:
         try:
             recorded = json.loads(raw)
         except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; using the components' own energies", VALUES_KEY)
+            log.warning("%s is not valid JSON; using the components' own energies", NESTED_VALUES_KEY)
     values = {}
     for path, m in adapter.modules.items():
         v = recorded.get(path) if isinstance(recorded, dict) else None
@@ -93,7 +99,7 @@ def truncate_adapter(adapter: Adapter, budget: Budget, itemsize: int | None = No
         p: LoraModule(A=m.A[:ranks[p]].clone(), B=m.B[:, :ranks[p]].clone(), scale=m.scale)
         for p, m in adapter.modules.items() if ranks[p] > 0
     }
-    metadata = {**adapter.metadata, VALUES_KEY: json.dumps(
+    metadata = {**adapter.metadata, NESTED_VALUES_KEY: json.dumps(
         {p: [float(x) for x in values[p][:ranks[p]]] for p in modules}, separators=(",", ":"))}
     notes = []
     trained = _trained_range(adapter)
@@ -107,7 +113,7 @@ def truncate_adapter(adapter: Adapter, budget: Budget, itemsize: int | None = No
 
 def _trained_range(adapter: Adapter) -> tuple[int, int] | None:
     try:
-        r = json.loads(adapter.metadata.get(RANGE_KEY, ""))
+        r = json.loads(adapter.metadata.get(NESTED_RANGE_KEY, ""))
         return int(r["min_params"]), int(r["max_params"])
     except (ValueError, KeyError, TypeError):
         return None

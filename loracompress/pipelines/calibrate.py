@@ -124,11 +124,11 @@ class _Counted(Sequence):  # type: ignore[type-arg]
             self.tick()
 
 
-def _evaluation_passes(options: Any, data: CalibrationData) -> int:
+def _evaluation_passes(options: Any, data: CalibrationData, keeps_best: bool) -> int:
     """Batches the evaluation after training will run: what :func:`_quality` and :func:`_keep_best` do."""
     if not options.evaluate or not data.held_out:
         return 0
-    if not options.keep_best or options.method == "dylora":
+    if not options.keep_best or not keeps_best:
         return len(data.held_out)
     return 3 * len(data.held_out) + len(data.train)
 
@@ -180,13 +180,14 @@ def calibrate(
     # the only reference, so it is freed (one copy of the factors during training, not two).
     result = Engine(config).run(base.model, adapter, svd_student(adapter), method, target, data.train, data.task,
                                 progress=progress, fingerprint=fingerprint)
-    described = method.describe()
+    described, keeps_best = method.describe(), method.keeps_best()
     # The method's context holds the run's layers, optimizer (AdamW moments) and gradients, and the method its
     # own state (importance averages): free them before the evaluation runs the base again.
     del method
-    after = _Phase(phase, _evaluation_passes(options, data))
+    after = _Phase(phase, _evaluation_passes(options, data, keeps_best))
     quality = _quality(base, adapter, result.adapter, data, options, after)
-    chosen, quality, kept = _keep_best(base, adapter, result.adapter, target, quality, data, options, after)
+    chosen, quality, kept = (_keep_best(base, adapter, result.adapter, target, quality, data, options, after)
+                             if keeps_best else (result.adapter, quality, {}))
     quality.pop("agrees", None)  # the per-sample bits of the paired comparison: not for the report
     report = compression_report(
         source=str(source),
@@ -302,8 +303,6 @@ def _keep_best(
     (the input statistics) and two over the held-out ones.
     """
     if not options.keep_best or not quality or not math.isfinite(quality.get("kl", math.nan)):
-        return calibrated, quality, {}
-    if options.method == "dylora":  # its point is that every smaller cut works too, not only this budget
         return calibrated, quality, {}
     from loracompress.cuts.activation import activation_aware_svd
     from loracompress.cuts.svd import compress_svd

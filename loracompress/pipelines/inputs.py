@@ -154,7 +154,11 @@ def held_out_fraction(options: CalibrationSource, n: int) -> float:
     """The share of ``n`` samples held out: ``--eval-fraction``, raised for ``--keep-best`` to hold out
     :data:`MIN_HELD_OUT` samples (or a quarter of the data when that is fewer)."""
     fraction = float(options.eval_fraction)
-    if getattr(options, "keep_best", False) and options.method not in (None, "svd", "dylora") and n > 0:
+    if getattr(options, "keep_best", False) and options.method and n > 0:
+        from loracompress.calibration.methods.registry import method_class
+
+        if not method_class(options.method).keeps_best():
+            return fraction
         fraction = max(fraction, min(MIN_HELD_OUT, n // 4) / n)
     return fraction
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from loracompress.calibration.engine.config import EngineConfig
+from loracompress.calibration.methods.base import Method
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
@@ -85,6 +85,8 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
 #: (geometric mean of its KL relative to the svd cut's: increlora 0.50, lorpa 0.65, adalora 0.65,
 #: prilora 0.77; see the README).
 DEFAULT_CALIBRATION = "increlora"
+#: The method ``prune`` uses without data (or with an svd-only option): the training-free cut.
+DEFAULT_CUT = "svd"
 
 
 def resolve_method(options: PruneOptions) -> str:
@@ -93,7 +95,7 @@ def resolve_method(options: PruneOptions) -> str:
     if options.method:
         return options.method
     svd_only = options.select or options.min_rank or options.max_rank is not None or options.budget is None
-    return DEFAULT_CALIBRATION if options.data and not svd_only else "svd"
+    return DEFAULT_CALIBRATION if options.data and not svd_only else DEFAULT_CUT
 
 
 def default_output(source: str | Path) -> Path:
@@ -125,11 +127,11 @@ def prune(
     select = Selector.parse(options.select) if options.select else None
     if options.min_rank < 0 or (options.max_rank is not None and options.max_rank < 1):
         raise LoraCompressError("--min-rank must be >= 0 and --max-rank >= 1")
-    _check_method(options)
+    method = _check_method(options)
     if options.data:
         resolve_device(options.device)  # an unusable --device is refused before anything loads
-    if options.method != "svd":
-        if not options.data:
+    if method.trains:
+        if method.needs_data and not options.data:
             raise LoraCompressError(
                 f"method {options.method!r} calibrates on your data: pass --data FILE (and --base-model if needed)"
             )
@@ -171,22 +173,18 @@ def prune(
     return report
 
 
-def _check_method(options: PruneOptions) -> None:
-    """The method name and its ``-O`` settings, checked before any model or data is loaded."""
-    if options.method == "svd":
-        _check_calibration_only(options)
-        unknown = sorted(set(options.method_settings) - {"damping"})
-        if unknown:
-            raise LoraCompressError(f"svd has no setting {unknown[0]!r}; known: damping (with --data)")
-        if options.method_settings and not options.data:
-            raise LoraCompressError("-O damping applies to the activation-aware cut: add --data FILE or drop it")
-        d = options.method_settings.get("damping", 0.0)
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
-            raise LoraCompressError(f"-O damping={d!r}: give a finite number >= 0, e.g. -O damping=0.01")
-        return
+def _check_method(options: PruneOptions) -> Method:
+    """The method and its ``-O`` settings, checked before any model or data is loaded."""
     from loracompress.calibration.methods.registry import get_method
 
-    get_method(options.method, **options.method_settings)  # raises the one-line error; cheap to build
+    method = get_method(options.method or DEFAULT_CUT, **options.method_settings)  # one-line errors; cheap
+    if not method.trains:
+        _check_calibration_only(options)
+    if method.settings_need_data and options.method_settings and not options.data:
+        key = next(iter(options.method_settings))
+        raise LoraCompressError(f"-O {key} applies to {method.settings_need_data}, which needs --data: "
+                                "add --data FILE or drop it")
+    return method
 
 
 def _check_calibration_only(options: PruneOptions) -> None:
@@ -214,7 +212,7 @@ def _activation_aware(
 
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
-    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked in _check_method
+    damping = float(options.method_settings.get("damping", DEFAULT_DAMPING))  # checked by SvdSettings
     placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
     base = load_base(adapter, options, placement=placement)
     data = load_data(base, options)

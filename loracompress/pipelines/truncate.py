@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
+from loracompress.core.adapter import NESTED_ORDER, Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.cuts.nested import Cut, truncate_adapter
@@ -91,7 +91,7 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         settings: dict[str, Any] = {
             "order": cut.order,
             "allocation": "leading components, global allocate over recorded values/(in+out)"
-            if cut.order == "dylora" else "global sigma^2/(in+out)",
+            if cut.order == NESTED_ORDER else "global sigma^2/(in+out)",
         }
         if cut.notes:
             settings["notes"] = cut.notes

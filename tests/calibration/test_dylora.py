@@ -9,7 +9,9 @@ import torch
 
 from loracompress.calibration.methods.base import Method
 from loracompress.calibration.methods.components import component_energy, keep_leading
-from loracompress.calibration.methods.dylora import RANGE_KEY, VALUES_KEY, DyLoRA
+from loracompress.calibration.methods.dylora import DyLoRA
+from loracompress.core.adapter import NESTED_RANGE_KEY as RANGE_KEY
+from loracompress.core.adapter import NESTED_VALUES_KEY as VALUES_KEY
 from loracompress.core.adapter import ORDER_KEY, load_adapter, save_adapter
 from loracompress.core.budget import Budget, allocate
 from loracompress.cuts.nested import truncate_adapter

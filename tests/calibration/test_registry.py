@@ -93,3 +93,32 @@ def test_docs_methods_table_is_generated_from_the_methods():
     shipped = {name: cls for name, cls in registry.available().items() if cls.__module__.startswith("loracompress.")}
     expected = registry.methods_table(shipped)
     assert table == expected, "docs/methods.md is stale: python -m loracompress.calibration.methods.registry"
+
+
+def test_svd_is_a_registered_training_free_method_whose_setting_is_checked():
+    from loracompress.calibration.methods.svd import Svd
+
+    assert registry.available()["svd"] is Svd and not Svd.trains and not Svd.needs_data
+    assert registry.get_method("svd", damping=0.5).config.damping == 0.5
+    with pytest.raises(LoraCompressError, match="finite number >= 0"):
+        registry.get_method("svd", damping=-1)
+    assert "svd" in registry.help_line() and "`svd`" in registry.methods_table()
+
+
+class ToyNested(ToyKeep):
+    """A nested method: keep-best must leave its output alone and hold out no extra data for it."""
+
+    name = "toynested"
+    nested = True
+
+
+def test_capabilities_not_names_decide_keep_best_and_held_out_sizing():
+    from types import SimpleNamespace
+
+    from loracompress.pipelines.inputs import held_out_fraction
+
+    assert ToyKeep.keeps_best() and not ToyNested.keeps_best() and not registry.method_class("dylora").keeps_best()
+    opts = SimpleNamespace(eval_fraction=0.1, keep_best=True)
+    assert held_out_fraction(SimpleNamespace(**vars(opts), method="toykeep"), 1000) == 0.2  # 200 of 1000
+    assert held_out_fraction(SimpleNamespace(**vars(opts), method="toynested"), 1000) == 0.1
+    assert held_out_fraction(SimpleNamespace(**vars(opts), method="svd"), 1000) == 0.1

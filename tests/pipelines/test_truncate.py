@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from loracompress.calibration.methods.dylora import VALUES_KEY
+from loracompress.core.adapter import NESTED_VALUES_KEY as VALUES_KEY
 from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter, save_adapter
 from loracompress.core.budget import Budget
 from loracompress.cuts.nested import truncate_adapter

@@ -23,10 +23,15 @@ through the callbacks in :class:`CalibContext`. ``finalize`` must meet ``ctx.tar
 through :func:`loracompress.core.budget.allocate`, so every method meets its budget the same way.
 
 A method is one file: a :class:`Method` subclass with a ``name``, a one-line ``summary`` and a
-``Settings`` dataclass (validated in ``__post_init__``) registers itself when its module is imported;
-:mod:`loracompress.calibration.methods.registry` imports every module of this package, so the CLI's
-``--method`` help and the methods table in docs/methods.md list it without further edits.
-A user can drive these hooks from their own training loop.
+``Settings`` dataclass (validated in ``__post_init__``) registers itself when its module is imported
+(the store is here, beside the class; :mod:`loracompress.calibration.methods.registry` imports every
+module of this package and looks names up), so the CLI's ``--method`` help and the methods table in
+docs/methods.md list it without further edits. A user can drive these hooks from their own training loop.
+
+A method also declares what the pipelines need to know about it, so that they ask the class and never
+the name: :attr:`Method.trains` (a calibration fine-tune, or a training-free cut such as ``svd``),
+:attr:`Method.needs_data`, :attr:`Method.nested` (every leading cut of its output works, DyLoRA's order)
+and, from those, :meth:`Method.keeps_best` (whether ``--keep-best`` may replace its output by a cut).
 """
 
 from __future__ import annotations
@@ -78,20 +83,47 @@ class MethodSettings:
     (raising :class:`~loracompress.errors.LoraCompressError` with the fix)."""
 
 
+#: method name -> class; filled by :func:`register` (every named subclass registers itself)
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Make ``cls`` available as ``--method cls.name`` (usable as a class decorator)."""
+    name = cls.name.lower()
+    if not name:
+        raise ValueError(f"{cls.__name__}: a method needs a name")
+    REGISTRY[name] = cls
+    return cls
+
+
 class Method:
     """Base class: every hook is a no-op except ``finalize``."""
 
-    #: the ``--method`` name; a subclass that sets it is registered (see the registry)
+    #: the ``--method`` name; a subclass that sets it is registered (see :func:`register`)
     name: ClassVar[str] = ""
     #: one line for ``--help`` and docs/methods.md
     summary: ClassVar[str] = ""
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    #: a calibration fine-tune that the engine runs; False: a training-free cut (no hook is ever called)
+    trains: ClassVar[bool] = True
+    #: needs calibration data (``--data``) to run at all
+    needs_data: ClassVar[bool] = True
+    #: what its settings tune when they only mean something with ``--data`` (``svd``'s ``damping`` tunes
+    #: "the activation-aware cut"); empty: they apply with or without data
+    settings_need_data: ClassVar[str] = ""
+    #: its output is nested: every leading cut of each module works (DyLoRA), so ``truncate`` can cut it
+    #: without data. ``--keep-best`` never replaces such an output by a cut, which would lose the order.
+    nested: ClassVar[bool] = False
+
+    @classmethod
+    def keeps_best(cls) -> bool:
+        """Whether ``--keep-best`` compares this method's output with the training-free cuts of its budget
+        (and so holds out enough data to tell them apart): a trained, non-nested output."""
+        return cls.trains and not cls.nested
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
-            from loracompress.calibration.methods.registry import register
-
             register(cls)
 
     def __init__(self, settings: MethodSettings | None = None, **values: Any) -> None:

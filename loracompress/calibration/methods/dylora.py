@@ -36,17 +36,12 @@ import torch
 
 from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
 from loracompress.calibration.methods.components import component_energy, keep_leading, live_layers
-from loracompress.core.adapter import ORDER_KEY
+from loracompress.core.adapter import NESTED_ORDER, NESTED_RANGE_KEY, NESTED_VALUES_KEY, ORDER_KEY
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
 
-ORDER_VALUE = "dylora"
-#: safetensors metadata: JSON ``{module path: [value of each component, in order]}``
-VALUES_KEY = "loracompress.dylora.values"
-#: safetensors metadata: JSON ``{"min_params": .., "max_params": ..}``, the budgets trained
-RANGE_KEY = "loracompress.dylora.range"
 MODES = ("full", "frozen")
 SAMPLING = ("log", "uniform")
 
@@ -84,6 +79,7 @@ class DyLoRA(Method):
     """
 
     name = "dylora"
+    nested = True
     summary = "nested-rank training: every prefix works, then `truncate` cuts any size without data"
     Settings = DyLoRASettings
 
@@ -173,9 +169,9 @@ class DyLoRA(Method):
             raise RuntimeError("metadata() before finalize()")
         values = {p: [float(v) for v in self.values[p][:k]] for p, k in self._final.items() if k > 0}
         return {
-            ORDER_KEY: ORDER_VALUE,
-            VALUES_KEY: json.dumps(values, separators=(",", ":")),
-            RANGE_KEY: json.dumps({"min_params": self.low, "max_params": self.target}),
+            ORDER_KEY: NESTED_ORDER,
+            NESTED_VALUES_KEY: json.dumps(values, separators=(",", ":")),
+            NESTED_RANGE_KEY: json.dumps({"min_params": self.low, "max_params": self.target}),
         }
 
     def state_dict(self) -> dict[str, Any]:
