@@ -23,8 +23,7 @@ The one-call pipeline behind ``loracompress prune`` writes the report and card b
     True
 """
 
-__version__ = "0.1.0"  # before the imports: gate.records reads it, and may be imported first
-
+from loracompress._version import __version__ as __version__  # re-exported: loracompress.__version__
 from loracompress.core.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from loracompress.core.budget import Budget, allocate
 from loracompress.cuts.svd import SvdResult, compress_svd

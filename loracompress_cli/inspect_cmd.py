@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loracompress.core.adapter import load_adapter
-from loracompress.gate.records import adapter_stats
+from loracompress.core.records import adapter_stats
 from loracompress_cli.common import console, human, human_bytes, print_json
 from loracompress_cli.options import ALLOW_NONFINITE
 

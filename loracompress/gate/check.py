@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loracompress.core.records import REPORT_NAME
 from loracompress.errors import LoraCompressError
 from loracompress.gate.baselines import baseline_text, load_baseline, write_text_atomic
 from loracompress.gate.config import (
@@ -51,7 +52,6 @@ from loracompress.gate.measure import (
     quality_metrics,
     quality_value,
 )
-from loracompress.gate.records import REPORT_NAME
 from loracompress.gate.thresholds import Thresholds
 
 log = logging.getLogger(__name__)

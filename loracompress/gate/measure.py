@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from loracompress.core.adapter import dtype_name, load_adapter
+from loracompress.core.records import REPORT_NAME
 from loracompress.errors import LoraCompressError
 from loracompress.gate.config import CheckConfig, baseline_key, display_path, resolve_targets
-from loracompress.gate.records import REPORT_NAME
 from loracompress.gate.thresholds import Thresholds
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from loracompress.calibration.methods.registry import get_method
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
+from loracompress.core.records import compression_report
 from loracompress.errors import LoraCompressError
-from loracompress.gate.records import compression_report
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
 from loracompress.runtime.device import resolve_device
 

@@ -15,9 +15,9 @@ from loracompress.calibration.methods.base import Method
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import check_output_path
+from loracompress.core.records import compression_report
 from loracompress.cuts.svd import Selector, SvdResult, compress_svd
 from loracompress.errors import LoraCompressError
-from loracompress.gate.records import compression_report
 from loracompress.pipelines.inputs import (
     CalibrationDataOptions,
     ModelOptions,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, Adapter, save_adapter
-from loracompress.gate.records import CARD_NAME, REPORT_NAME, card, report_json
+from loracompress.core.records import CARD_NAME, REPORT_NAME, card, report_json
 
 
 def write_result(

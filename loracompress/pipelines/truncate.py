@@ -30,9 +30,9 @@ import torch
 from loracompress.core.adapter import NESTED_ORDER, Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.records import CARD_NAME, compression_report, report_json
 from loracompress.cuts.nested import Cut, truncate_adapter
 from loracompress.errors import LoraCompressError
-from loracompress.gate.records import CARD_NAME, compression_report, report_json
 from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.pipelines.results import write_result
 from loracompress.runtime.device import resolve_device

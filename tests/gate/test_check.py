@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from loracompress.core.adapter import load_adapter
+from loracompress.core.records import REPORT_NAME
 from loracompress.gate.baselines import load_baseline
 from loracompress.gate.config import load_config
-from loracompress.gate.records import REPORT_NAME
 from loracompress.pipelines.prune import PruneOptions, prune
 from loracompress_cli.app import main
 from tests.tiny import make_adapter

@@ -8,9 +8,9 @@ import pytest
 
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.records import REPORT_NAME
 from loracompress.cuts.nested import truncate_adapter
 from loracompress.errors import LoraCompressError
-from loracompress.gate.records import REPORT_NAME
 from loracompress.pipelines.prune import PruneOptions, prune
 from loracompress_cli.app import main
 from tests.calibration.test_engine import calib_files, options

@@ -31,9 +31,9 @@ from safetensors.torch import save_file
 
 from loracompress.core.adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.records import adapter_stats
 from loracompress.cuts.svd import compress_svd
 from loracompress.errors import LoraCompressError
-from loracompress.gate.records import adapter_stats
 from tests.robustness.hostile import base_config, lora_tensors
 
 # Per example: hypothesis's deadline flags slow examples, the alarm turns a real hang into a failure.

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from loracompress import __version__
+from loracompress._version import __version__
 from loracompress.core.adapter import Adapter, dtype_name
 from loracompress.core.linalg import effective_rank, singular_values
 
