@@ -8,23 +8,12 @@ from typing import Any
 
 from rich.console import Console
 
+from loracompress.core.units import human, human_bytes
+
+__all__ = ["console", "err_console", "human", "human_bytes", "print_json"]
+
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
-
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{int(n)}"
-
-
-def human_bytes(n: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def print_json(obj: Any) -> None:

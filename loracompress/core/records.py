@@ -19,7 +19,7 @@ from loracompress._version import __version__
 from loracompress.core.adapter import Adapter, dtype_name
 from loracompress.core.linalg import effective_rank, singular_values
 
-REPORT_NAME = "compression_report.json"
+COMPRESSION_REPORT = "compression_report.json"
 CARD_NAME = "README.md"
 
 

@@ -30,6 +30,7 @@ import torch
 
 from loracompress.core.adapter import KEY_PREFIX, Adapter, load_adapter
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import (
     CONFIG_NAME,
@@ -54,7 +55,7 @@ from loracompress.export.genai_verify import (
     require_passed,
 )
 from loracompress.export.options import GraphOptions
-from loracompress.export.targets import REPORT_NAME
+from loracompress.export.registry import REPORT_NAME, ExportReport
 
 __all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
 
@@ -184,7 +185,21 @@ def write_genai_adapter(adapter: Adapter, spec: GenaiGraphSpec, path: Path, adap
     return int(sum(a.size for a in arrays.values()))
 
 
-def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions) -> dict[str, Any]:
+class GenaiReport(ExportReport):
+    """What ``export --format onnx`` wrote for onnxruntime-genai, and how generation was verified."""
+
+    def lines(self) -> list[str]:
+        out = [f"exported {self['mode']} ONNX ({self['dtype']}) for onnxruntime-genai; greedy generation verified "
+               f"against PEFT on {self['verified_on']}"]
+        for c in self["checks"]:
+            ties = f", {len(c['near_ties'])} near-tie divergence(s)" if c["near_ties"] else ""
+            out.append(f"  {c['name']}: tokens identical {c['tokens_identical']}{ties}; first-step logits max abs "
+                       f"difference {c['first_step_max_abs_diff']:.3g} (tolerance {c['tolerance']:.3g})")
+        out += [f"  {name}: {human_bytes(size)}" for name, size in self["file_bytes"].items()]
+        return [*out, f"wrote {self['output']} (and {REPORT_NAME})"]
+
+
+def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions) -> GenaiReport:
     """Build, verify and write the onnxruntime-genai folder; returns the report (also ``export_report.json``).
 
     Raises:
@@ -266,7 +281,7 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
             "seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return GenaiReport(report)
 
 
 def _verify(og: Any, folder: Path, prompts: list[list[int]], refs: list[list[Reference]], base_refs: list[Reference] | None,

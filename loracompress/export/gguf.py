@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracompress.core.adapter import Adapter, LoraModule, load_adapter
+from loracompress.core.adapter import Adapter, LoraModule, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
+from loracompress.export.registry import (
+    REPORT_NAME,
+    ExportFormat,
+    ExportOptions,
+    ExportReport,
+    register_format,
+)
 
 log = logging.getLogger(__name__)
 
 GGUF_NAME = "adapter.gguf"
-REPORT_NAME = "export_report.json"
 #: Hugging Face ``model_type`` -> llama.cpp architecture whose tensors take a LoRA the Llama way.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 #: Relative Frobenius error allowed per module when the file is read back.
@@ -323,6 +330,34 @@ def _check_supported(adapter: Adapter, source: Path) -> None:
         raise LoraCompressError(f"{source}: fan_in_fan_out (GPT-2 Conv1D) adapters have no llama.cpp LoRA form; merge instead")
 
 
+@dataclass(kw_only=True)
+class GgufOptions(ExportOptions):
+    """What ``export --format gguf`` can be told."""
+
+    base_model: str | None = None  # the base's .gguf file or model folder, where the shapes are read from
+    dtype: str | None = None  # fp32 (default) or fp16
+    trust_remote_code: bool = False
+
+
+class GgufReport(ExportReport):
+    """What ``export --format gguf`` wrote, and how it read back."""
+
+    def lines(self) -> list[str]:
+        check = self["check"]
+        return [f"llama.cpp LoRA GGUF ({self['dtype']}, {self['architecture']}): {self['modules']} modules, "
+                f"ranks {min(self['ranks'].values())}-{self['max_rank']}, adapter.lora.alpha = {self['lora_alpha']:g}, "
+                f"{human_bytes(self['bytes'])}",
+                f"  read back: max relative ΔW error {check['max_rel_error']:.3g} (tolerance {check['tolerance']:.3g})",
+                f"wrote {self['output']}/{self['file']}; serve with: llama-server -m BASE.gguf --lora "
+                f"{self['output']}/{self['file']}"]
+
+
+def _run(sources: Sequence[Path], output: Path, options: GgufOptions) -> GgufReport:
+    return export_gguf(sources[0], output, base_model=options.base_model, dtype=parse_dtype(options.dtype),
+                       force=options.force, trust_remote_code=options.trust_remote_code,
+                       allow_nonfinite=options.allow_nonfinite)
+
+
 def export_gguf(
     source: str | Path,
     output: str | Path,
@@ -332,7 +367,7 @@ def export_gguf(
     force: bool = False,
     trust_remote_code: bool = False,
     allow_nonfinite: bool = False,
-) -> dict[str, Any]:
+) -> GgufReport:
     """Write ``source`` as ``output/adapter.gguf`` (+ ``export_report.json``), verified by reading it back.
 
     Returns the report. Raises LoraCompressError for what llama.cpp cannot take (embeddings, a
@@ -372,4 +407,7 @@ def export_gguf(
         report["check"] = check
         report["bytes"] = (tmp / GGUF_NAME).stat().st_size
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return GgufReport(report)
+
+
+register_format(ExportFormat("gguf", "a llama.cpp / Ollama LoRA GGUF (--base-model BASE.gguf or folder)", GgufOptions, _run))

@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from loracompress.export.registry import ExportOptions
 
-@dataclass
-class GraphOptions:
-    """The options both ONNX engines share: ``export --format onnx`` (:class:`~loracompress.export.OnnxOptions`)
+
+@dataclass(kw_only=True)
+class GraphOptions(ExportOptions):
+    """The options both ONNX engines share: ``export --format onnx`` (:class:`~loracompress.export.onnx.OnnxOptions`)
     and onnxruntime-genai's builder (:class:`~loracompress.export.genai.GenaiOptions`) extend it."""
 
     base_model: str | None = None
     mode: str = "merged"
     dtype: str = "fp32"
     tolerance: float | None = None
-    force: bool = False
     trust_remote_code: bool = False
-    allow_nonfinite: bool = False
 
 
 def shared(options: GraphOptions) -> dict[str, Any]:

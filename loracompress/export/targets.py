@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,20 +31,66 @@ from loracompress.core.adapter import (
     LoraModule,
     base_param_name,
     load_adapter,
+    parse_dtype,
     rank_patterns,
     write_adapter_files,
 )
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
+from loracompress.export.registry import (
+    REPORT_NAME,
+    ExportFormat,
+    ExportOptions,
+    ExportReport,
+    register_format,
+)
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("peft", "vllm", "uniform")
 #: The ``max_lora_rank`` values vLLM accepts.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-#: The record beside the exported adapter (the ONNX export's report has the same name): it marks the
-#: folder as loracompress's, so a later ``--force`` may replace it.
-REPORT_NAME = "export_report.json"
+
+
+@dataclass(kw_only=True)
+class TargetOptions(ExportOptions):
+    """What an adapter target can be told; each target is its own subclass, so that the options' type picks it."""
+
+    target: ClassVar[str] = "peft"
+    dtype: str | None = None  # the output dtype (default: the adapter's)
+    rank: int | None = None  # uniform: the rank every module is padded to (default: the largest)
+
+
+@dataclass(kw_only=True)
+class PeftOptions(TargetOptions):
+    target: ClassVar[str] = "peft"
+
+
+@dataclass(kw_only=True)
+class VllmOptions(TargetOptions):
+    target: ClassVar[str] = "vllm"
+
+
+@dataclass(kw_only=True)
+class UniformOptions(TargetOptions):
+    target: ClassVar[str] = "uniform"
+
+
+class TargetReport(ExportReport):
+    """What an adapter target wrote."""
+
+    def lines(self) -> list[str]:
+        line = f"{self['target']} adapter: {self['modules']} modules, {human_bytes(self['bytes'])}"
+        if self["target"] == "vllm":
+            line += (f"; global r = lora_alpha = {self['max_lora_rank']}: serve with --max-lora-rank "
+                     f"{self['max_lora_rank']} (or more)")
+        elif self["target"] == "uniform":
+            line += f"; every module at rank {self['rank']}"
+        out = [line]
+        out += [f"  left out {key.removeprefix('base_model.model.')}: PEFT's copy of the base model's layer "
+                "(save_embedding_layers); vLLM uses the base model's own" for key in self.get("dropped", [])]
+        return [*out, f"wrote {self['output']} (and {REPORT_NAME})"]
 
 
 def vllm_rank(max_rank: int) -> int:
@@ -122,7 +170,7 @@ def export_target(
     dtype: torch.dtype | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
-) -> dict[str, Any]:
+) -> TargetReport:
     """Write ``source`` as a ``target`` adapter at ``output``; returns a small record of what was done.
 
     Raises:
@@ -159,4 +207,15 @@ def export_target(
         written = load_adapter(tmp)
         record.update(params=written.num_params, bytes=written.num_bytes(), modules=len(written.modules))
         (tmp / REPORT_NAME).write_text(json.dumps({"format": target, **record}, indent=2) + "\n", encoding="utf-8")
-    return record
+    return TargetReport(record)
+
+
+def _run(sources: Sequence[Path], output: Path, options: TargetOptions) -> TargetReport:
+    return export_target(sources[0], output, options.target, rank=options.rank, dtype=parse_dtype(options.dtype),
+                         force=options.force, allow_nonfinite=options.allow_nonfinite)
+
+
+for _options, _help in ((PeftOptions, "the portable PEFT form (the default)"),
+                        (VllmOptions, "PEFT form with a global rank vLLM accepts as --max-lora-rank"),
+                        (UniformOptions, "every module zero-padded to one rank (--rank)")):
+    register_format(ExportFormat(_options.target, _help, _options, _run))

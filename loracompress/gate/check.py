@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loracompress.core.records import REPORT_NAME
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.errors import LoraCompressError
 from loracompress.gate.baselines import baseline_text, load_baseline, write_text_atomic
 from loracompress.gate.config import (
@@ -145,8 +145,8 @@ def threshold_findings(m: Measurement, rules: Iterable[Thresholds]) -> list[Find
             note = ""
             if value is None:
                 offered = quality_metrics(m.report)
-                note = (f"not measured: no {REPORT_NAME}" if m.report is None else
-                        f"not in {REPORT_NAME} (it has: {', '.join(offered) or 'no quality numbers'})")
+                note = (f"not measured: no {COMPRESSION_REPORT}" if m.report is None else
+                        f"not in {COMPRESSION_REPORT} (it has: {', '.join(offered) or 'no quality numbers'})")
             findings.append(Finding(bound.metric, "quality", "", value, value is not None and bound.holds(value),
                                     limit=bound.value, op=bound.op, message=rule.message, source=rule.source,
                                     note=note))

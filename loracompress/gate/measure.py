@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loracompress.core.adapter import dtype_name, load_adapter
-from loracompress.core.records import REPORT_NAME
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.errors import LoraCompressError
 from loracompress.gate.config import CheckConfig, baseline_key, display_path, resolve_targets
 from loracompress.gate.thresholds import Thresholds
@@ -53,7 +53,7 @@ def folder_bytes(folder: Path) -> int:
 
 def read_report(folder: Path) -> dict[str, Any] | None:
     """The folder's ``compression_report.json``, or None when there is none."""
-    path = folder / REPORT_NAME
+    path = folder / COMPRESSION_REPORT
     return _read_json_object(path, str(path), "re-run the compression that wrote it") if path.is_file() else None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, Adapter, save_adapter
-from loracompress.core.records import CARD_NAME, REPORT_NAME, card, report_json
+from loracompress.core.records import CARD_NAME, COMPRESSION_REPORT, card, report_json
 
 
 def write_result(
@@ -31,5 +31,5 @@ def write_result(
         dtype=dtype,
         force=force,
         inputs=inputs,
-        extra_files={REPORT_NAME: report_json(report), CARD_NAME: card(report)},
+        extra_files={COMPRESSION_REPORT: report_json(report), CARD_NAME: card(report)},
     )

@@ -215,12 +215,13 @@ def test_adapter_only_serves_a_new_adapter_from_the_existing_graph(bert, bert_ad
 
 def test_fp16_graph_with_external_data(bert, monkeypatch):
     """--dtype fp16 (for GPU serving) runs in onnxruntime too; big models get external data."""
-    from loracompress.export import OnnxOptions, export_onnx, graph
+    from loracompress.export import graph
+    from loracompress.export.onnx import OnnxOptions, export_onnx
 
     root, base, base_dir, adapters = bert
     monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 1000)  # as if this tiny model were over 2 GB
     out = root / "onnx-fp16"
-    report = export_onnx([adapters[0]], out, OnnxOptions(base_model=str(base_dir), dtype="fp16", prefer_gpu=False))
+    report = export_onnx([adapters[0]], out, OnnxOptions(base_model=str(base_dir), dtype="fp16", device="cpu"))
     assert report["dtype"] == "fp16" and report["files"] == ["model.onnx", "model.onnx.data"]
     assert report["file_bytes"]["model.onnx.data"] > 0
     sess = session(out / "model.onnx")
@@ -285,7 +286,7 @@ def test_llama_two_compressed_adapters_share_one_graph(llama):
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu and a GPU")
 def test_fp16_on_cuda(bert):
-    from loracompress.export import OnnxOptions, export_onnx
+    from loracompress.export.onnx import OnnxOptions, export_onnx
 
     root, _, base_dir, adapters = bert
     report = export_onnx(adapters, root / "cuda", OnnxOptions(base_model=str(base_dir), mode="adapters", dtype="fp16"))

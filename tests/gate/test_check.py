@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loracompress.core.adapter import load_adapter
-from loracompress.core.records import REPORT_NAME
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.gate.baselines import load_baseline
 from loracompress.gate.config import load_config
 from loracompress.pipelines.prune import PruneOptions, prune
@@ -97,14 +97,14 @@ def test_max_rank(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _with_quality(folder: Path, quality: dict) -> dict:
-    report = json.loads((folder / REPORT_NAME).read_text())
+    report = json.loads((folder / COMPRESSION_REPORT).read_text())
     report["quality"] = quality
-    (folder / REPORT_NAME).write_text(json.dumps(report))
+    (folder / COMPRESSION_REPORT).write_text(json.dumps(report))
     return report
 
 
 def test_min_and_max_quality_from_the_report(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    energy = json.loads((work / "out/a" / REPORT_NAME).read_text())["retained_energy"]
+    energy = json.loads((work / "out/a" / COMPRESSION_REPORT).read_text())["retained_energy"]
     assert 0 < energy < 1
     assert run(capsys, "out/a", "--min-quality", f"retained_energy>={energy - 1e-6}")[0] == 0
     code, out, _ = run(capsys, "out/a", "--min-quality", f"retained_energy={energy + 1e-3}")
@@ -124,9 +124,9 @@ def test_quality_not_measured_fails_and_names_what_is_there(work: Path, capsys: 
     _with_quality(work / "out/a", {"accuracy": {"before": 0.9, "after": 0.88}})
     code, out, _ = run(capsys, "out/a", "--min-quality", "f1.retained>=0.9")
     assert code == 1 and "accuracy.retained" in out and "retained_energy" in out
-    (work / "out/a" / REPORT_NAME).unlink()
+    (work / "out/a" / COMPRESSION_REPORT).unlink()
     code, out, _ = run(capsys, "out/a", "--min-quality", "accuracy.retained>=0.9")
-    assert code == 1 and f"no {REPORT_NAME}" in out
+    assert code == 1 and f"no {COMPRESSION_REPORT}" in out
 
 
 def test_every_applicable_threshold_must_hold(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,7 +410,7 @@ def test_report_plot_shows_the_ranks_of_every_module(adapters: dict[str, Path], 
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(out).shape[0] > 400  # two panels
     assert [p.name for p in tmp_path.iterdir()] == ["ranks.png"]  # no temp file left
 
-    report = json.loads((adapters["small"] / REPORT_NAME).read_text())
+    report = json.loads((adapters["small"] / COMPRESSION_REPORT).read_text())
     prof = rank_profile("small", report, load_adapter(adapters["small"]).ranks)
     kept = load_adapter(adapters["small"]).ranks
     assert prof.after == [kept.get(m, 0) for m in prof.modules] and prof.before == [8] * len(prof.modules)

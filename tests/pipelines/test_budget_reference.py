@@ -8,7 +8,7 @@ import pytest
 
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
 from loracompress.core.budget import Budget
-from loracompress.core.records import REPORT_NAME
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.cuts.nested import truncate_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.prune import PruneOptions, prune
@@ -42,7 +42,7 @@ def test_truncating_a_dylora_output_to_a_fraction_means_that_fraction_of_the_ori
     assert main(["truncate", str(dylora_quarter["dyl"]), "--budget", "0.0625", "-o", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
     assert "fractions are of the original adapter" in out, out
-    report = json.loads((tmp_path / "q" / REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "q" / COMPRESSION_REPORT).read_text())
     assert report["budget"]["target_params"] == int(0.0625 * total)
     cut = load_adapter(tmp_path / "q")
     assert cut.num_params <= int(0.0625 * total) and cut.num_params > int(0.0625 * total / 4)
