@@ -239,6 +239,27 @@ class Scorer:
         return {"metric": r[self.metric]["after"], "original": r[self.metric]["before"], "kl": r["kl"],
                 "agreement": r["agreement"]}
 
+    def bare_base(self) -> float:
+        """The metric of the base model alone on the same batches (the ``base`` layer mode: no LoRA at all),
+        the zero of :func:`gain_kept`."""
+        from loracompress.pipelines.evaluate import evaluate
+        from loracompress.runtime.layers import attach, detach
+
+        attach(self.base.model, self.original)
+        try:
+            r = evaluate(self.base.model, self.batches, self.task, reference="base", candidate="base")
+        finally:
+            detach(self.base.model)
+        return r[self.metric]["after"]
+
+
+def gain_kept(metric: float, original: float, base: float) -> float:
+    """The share of what the adapter learned that ``metric`` keeps: ``(base - metric) / (base - original)``
+    (the same form for accuracy, where both differences change sign). 100% is the original, 0% the bare base;
+    above 100% beats the original, below 0% is worse than no adapter. A perplexity of 99.6% of the original
+    can keep far less of the gain when the adapter improves the base by little."""
+    return (base - metric) / (base - original)
+
 
 # --------------------------------------------------------------------------- the run
 
@@ -319,7 +340,9 @@ def run(args: argparse.Namespace) -> None:
     ref = score(original)
     state["original_metric"] = ref["original"]
     state["eval_seconds"] = time.perf_counter() - t
-    log.info("original %s %.4f (test eval %.1fs)", task.metric, ref["original"], state["eval_seconds"])
+    state["base_metric"] = score.bare_base()  # the zero of the gain kept, on the same texts
+    log.info("original %s %.4f, bare base %.4f (test eval %.1fs)", task.metric, ref["original"],
+             state["base_metric"], state["eval_seconds"])
     with _locked(out_json):
         if args.append and out_json.exists():
             old = json.loads(out_json.read_text())
@@ -339,6 +362,7 @@ def run(args: argparse.Namespace) -> None:
             row["steps"] = args.steps or "default"
         row["pct_of_original"] = 100 * (s["metric"] / ref["original"] if task.metric == "accuracy"
                                         else ref["original"] / s["metric"])
+        row["gain_kept"] = 100 * gain_kept(s["metric"], ref["original"], state["base_metric"])
         with _locked(out_json):  # another process may be filling other rows of the same file (--append)
             disk = json.loads(out_json.read_text()) if out_json.exists() else state
             _merge_settings(state["settings"], disk["settings"])  # a parallel --append run may have added some
@@ -434,11 +458,61 @@ def run(args: argparse.Namespace) -> None:
                         _write_json(out_json, state)
 
 
+def measure_base(args: argparse.Namespace) -> None:
+    """The bare base's metric on the test texts a task's JSON was scored on (its recorded ``max_test``,
+    ``seq_len``, ``batch_size`` and ``seed``), written into that JSON as ``base_metric``: for files made
+    before runs recorded it. Without the (git-ignored) adapter folder, a perplexity task loads the base from
+    the task's spec alone: no LoRA and no head are needed to score the base on language modelling."""
+    from loracompress.core.adapter import Adapter, load_adapter
+    from loracompress.pipelines.evaluate import EvalOptions, evaluate
+    from loracompress.pipelines.inputs import load_base, read_batches
+    from loracompress.runtime.data import task_of
+
+    task = task_spec(args.task)
+    out_json = RESULTS / f"quality_{task.name}.json"
+    st = json.loads(out_json.read_text())
+    s = st["settings"]
+    torch.set_num_threads(args.threads)
+    if (task.adapter / "adapter_config.json").exists():
+        adapter = load_adapter(task.adapter)
+    elif task.metric == "perplexity":
+        adapter = Adapter(modules={}, config={"task_type": "CAUSAL_LM", "peft_type": "LORA"})
+    else:
+        raise SystemExit(f"{task.adapter} is missing: a classification head comes from the adapter")
+    opts = EvalOptions(data=str(task.test), base_model=task.base, max_samples=s["max_test"], seed=s["seed"],
+                       seq_len=s["seq_len"], batch_size=s["batch_size"], device="cpu")
+    base = load_base(adapter, opts)
+    test, batches = read_batches(base, task.test, opts)
+    if len(test) != s["test_samples"]:
+        raise SystemExit(f"{len(test)} test samples, the JSON was scored on {s['test_samples']}")
+    t = time.perf_counter()
+    r = evaluate(base.model, batches, task_of(base), reference="base", candidate="base")
+    with _locked(out_json):
+        st = json.loads(out_json.read_text())
+        st["base_metric"] = r[task.metric]["after"]
+        st["base_command"] = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+        for row in st["rows"]:
+            row["gain_kept"] = 100 * gain_kept(row["metric"], st["original_metric"], st["base_metric"])
+        _write_json(out_json, st)
+    log.info("bare base %s %.4f on %d samples (%.1fs)", task.metric, st["base_metric"], len(test),
+             time.perf_counter() - t)
+
+
 # --------------------------------------------------------------------------- report
 
 
 def _fmt_metric(metric: str, v: float) -> str:
     return f"{v:.3f}" if metric == "accuracy" else f"{v:.2f}"
+
+
+def _share(st: dict[str, Any], r: dict[str, Any]) -> str:
+    """A row's metric as a share: of the original (``99.6%``), and of the adapter's gain over the bare base
+    (``98.9% of gain``) when the base was measured on the same texts; the second is the honest one, since a
+    perplexity close to the original's can still be far from it measured against what the adapter learned."""
+    text = f"{r['pct_of_original']:.1f}%"
+    if st.get("base_metric") is not None:
+        text += f", {100 * gain_kept(r['metric'], st['original_metric'], st['base_metric']):.1f}% of gain"
+    return text
 
 
 def _versus_svd(st: dict[str, Any], rows: list[dict[str, Any]], budgets: list[str]) -> list[str]:
@@ -453,7 +527,8 @@ def _versus_svd(st: dict[str, Any], rows: list[dict[str, Any]], budgets: list[st
         d = (r["metric"] - ref["metric"]) * (100 if higher else -1)
         return f"{d:+.1f} {unit}" if higher else f"{d:+.2f} {unit}"
 
-    out = [f"Against the training-free `svd` cut of the same budget ({metric}: % of the original, then the "
+    out = [f"Against the training-free `svd` cut of the same budget ({metric}: % of the original"
+           f"{' and share of its gain over the bare base kept' if st.get('base_metric') is not None else ''}, then the "
            f"difference to the cut, positive = better; KL: the method's / the cut's):", "",
            "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for m in (*CALIBRATED, "dylora", "default", "svd-aware"):
@@ -461,7 +536,7 @@ def _versus_svd(st: dict[str, Any], rows: list[dict[str, Any]], budgets: list[st
         for b in budgets:
             r, ref = get(m, b), get("svd", b)
             cells.append("–" if r is None or ref is None else
-                         f"{r['pct_of_original']:.1f}% ({gain(r, ref)}) · KL {r['kl']:.4f}/{ref['kl']:.4f}")
+                         f"{_share(st, r)} ({gain(r, ref)}) · KL {r['kl']:.4f}/{ref['kl']:.4f}")
         if any(c != "–" for c in cells):
             out.append(f"| {m} | " + " | ".join(cells) + " |")
     cells = []
@@ -487,7 +562,9 @@ def render() -> None:
              ""]
     headline = ["## Headline: best method vs best baseline per budget", "",
                 "Best by the task metric (accuracy: higher is better; perplexity: lower). Margin: positive = the best method "
-                "is better than the best baseline. KL: held-out KL to the original adapter.", "",
+                "is better than the best baseline. KL: held-out KL to the original adapter. In brackets: % of the original "
+                "adapter's metric and, where the bare base was measured on the same texts, the share of the adapter's gain "
+                "over the base that is kept, (base − metric) / (base − original).", "",
                 "| task | budget | params | best method | metric | KL | best baseline (within budget) | metric | KL | margin "
                 "| lowest KL of all |",
                 "|---|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
@@ -504,6 +581,12 @@ def render() -> None:
                f"Adapter `{st['adapter']}` ({st['original_params']:,} LoRA parameters), original test {metric} "
                f"**{_fmt_metric(metric, st['original_metric'])}**. Device: {st['device']}.", "",
                f"Command: `OMP_NUM_THREADS=1 {st['command']}`", ""]
+        if st.get("base_metric") is not None:
+            sec[4:4] = [f"The bare base (no adapter) on the same test texts: **{_fmt_metric(metric, st['base_metric'])}**, "
+                        f"so the adapter's gain is {abs(st['base_metric'] - st['original_metric']):.2f}"
+                        f"{' ppl' if metric == 'perplexity' else ''}; \"of gain\" = (base − metric) / (base − original), "
+                        "100% = the original, 0% = no adapter, above 100% = better than the original "
+                        f"(measured by `{st.get('base_command') or st['command']}`).", ""]
         for c in st.get("earlier_commands", []):
             sec.append(f"Earlier rows from: `OMP_NUM_THREADS=1 {c}`")
         s = st["settings"]
@@ -520,7 +603,7 @@ def render() -> None:
                 extra = f" r={r['rank']}" if "rank" in r else ""
                 extra += f" on {r['modules']} modules" if "modules" in r else ""
                 extra += f" wrote {r['kept']}" if r.get("kept") else ""  # the default: what --keep-best chose
-                cells.append(f"{_fmt_metric(metric, r['metric'])} ({r['pct_of_original']:.1f}%) · "
+                cells.append(f"{_fmt_metric(metric, r['metric'])} ({_share(st, r)}) · "
                              f"{r['params']:,}p{extra} · {r['seconds']:.0f}s")
             sec.append(f"| {m} | " + " | ".join(cells) + " |")
         sec += ["", "Held-out KL to the original adapter (test split, T=1; lower is better):", "",
@@ -529,7 +612,9 @@ def render() -> None:
             kls = [next((f"{r['kl']:.4f}" for r in rows if r["method"] == m and r["budget"] == b), "–")
                    for b in budgets]
             sec.append(f"| {m} | " + " | ".join(kls) + " |")
-        sec += ["", f"Cells: test {metric} (% of the original adapter's) · stored LoRA parameters · wall seconds "
+        sec += ["", f"Cells: test {metric} (% of the original adapter's"
+                f"{', share of its gain over the bare base kept' if st.get('base_metric') is not None else ''}) · "
+                "stored LoRA parameters · wall seconds "
                 "(dylora: the truncation; its one training run is listed below). Scoring on the test split is not "
                 "included in the seconds.", ""]
         dy = [r for r in rows if r["method"] == "dylora" and "train_seconds" in r]
@@ -553,8 +638,9 @@ def render() -> None:
             if base:
                 bb = pick(base, key=lambda r: r["metric"])
                 where = f" on {bb['modules']} modules" if "modules" in bb else ""
-                btxt = (f"{bb['method']} (r={bb.get('rank')}{where}, {bb['params']:,}p) | {_fmt_metric(metric, bb['metric'])} "
-                        f"| {bb['kl']:.4f}")
+                kept = f" ({_share(st, bb)})" if st.get("base_metric") is not None else ""
+                btxt = (f"{bb['method']} (r={bb.get('rank')}{where}, {bb['params']:,}p) | {_fmt_metric(metric, bb['metric'])}"
+                        f"{kept} | {bb['kl']:.4f}")
             elif empty:
                 bb = empty[0]
                 btxt = (f"no LoRA fits (rank 1 everywhere is over budget): base model (+ trained head) | "
@@ -565,7 +651,7 @@ def render() -> None:
                 margin = best["metric"] - bb["metric"] if higher else bb["metric"] - best["metric"]
                 mtxt = f"{100 * margin:+.1f} pts" if higher else f"{margin:+.2f} ppl"
             headline.append(f"| {st['task']} | {b} | {best['params']:,} | {best['method']} | "
-                            f"{_fmt_metric(metric, best['metric'])} ({best['pct_of_original']:.1f}%) | {best['kl']:.4f} | "
+                            f"{_fmt_metric(metric, best['metric'])} ({_share(st, best)}) | {best['kl']:.4f} | "
                             f"{btxt} | {mtxt} | {closest['method']} ({closest['kl']:.4f}) |")
         # plot
         # the metric (noisy on a small test split) beside the KL to the original (the sharper measure)
@@ -577,6 +663,8 @@ def render() -> None:
                 ax.plot([p for p, _, _ in pts], [v for _, v, _ in pts], **style)
                 kx.plot([p for p, _, _ in pts], [k for _, _, k in pts], **style)
         ax.axhline(st["original_metric"], color="k", linewidth=0.8, label=f"original ({st['original_params']:,}p)")
+        if st.get("base_metric") is not None:
+            ax.axhline(st["base_metric"], color="k", linewidth=0.8, linestyle=":", label="bare base (no adapter)")
         for a in (ax, kx):
             a.set_xscale("log")
             a.set_xlabel("stored LoRA parameters")
@@ -617,6 +705,8 @@ def main() -> None:
     p.add_argument("--skip-done", action="store_true",
                    help="with --append: skip the (method, budget) rows the JSON already has (resume a stopped run)")
     p.add_argument("--render", action="store_true", help="only re-render quality.md and the plots")
+    p.add_argument("--base-only", action="store_true",
+                   help="only score the bare base on the task's recorded test texts, into its JSON (base_metric)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -625,6 +715,10 @@ def main() -> None:
         return
     if not args.task:
         p.error("--task is required (or --render)")
+    if args.base_only:
+        measure_base(args)
+        render()
+        return
     args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.train_budgets = ([b.strip() for b in args.train_budgets.split(",")] if args.train_budgets
                           else list(args.budgets))

@@ -18,3 +18,14 @@ class CheckFailed(Exception):
     """``loracompress check`` found a breach: exit code 1, not a user error."""
 
     exit_code = 1
+
+
+def brief(err: BaseException | str, limit: int = 160) -> str:
+    """The first line of ``err``'s message, at most ``limit`` characters, cut between words (with "…"),
+    for quoting a library's error inside one of ours: a cut mid-word ("You can inspec") reads as a typo."""
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else type(err).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:.")
+    return (cut or line[:limit]) + "…"

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -186,7 +188,11 @@ class Adapter:
             n = int(raw) if raw is not None else None
         except ValueError:
             return None
-        return n if n is not None and n > 0 else None
+        # A record smaller than this adapter cannot be of its original (compression only removes parameters):
+        # a hand-edited or copied metadata value; a fraction of it would cut more than asked.
+        if n is None or n <= 0 or n < self.num_params:
+            return None
+        return n
 
     def replace(self, modules: dict[str, LoraModule], **changes: Any) -> Adapter:
         """A new adapter with other modules (and optionally other fields); this one is untouched."""
@@ -354,9 +360,40 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise LoraCompressError(f"{bin_path}: not a state dict of tensors; re-save the adapter with save_pretrained")
         return dict(state), {}
+    for path in (st_path, bin_path):
+        if os.path.lexists(path):  # there, but a device, a FIFO, a folder or a dangling link: not "missing"
+            what = "a broken symlink" if not path.exists() else _file_kind(path)
+            raise LoraCompressError(
+                f"{path} is {what}, not a regular file; put the adapter weights file itself next to {CONFIG_NAME}"
+            )
     raise LoraCompressError(
         f"{directory}: no {SAFETENSORS_NAME} or {BIN_NAME}; the adapter weights are missing: copy them next to {CONFIG_NAME}"
     )
+
+
+def common_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype an adapter of tensors in ``dtypes`` is written in by default: one that holds each exactly.
+
+    The widest one, except that fp16 and bf16 (both two bytes) hold different numbers (fp16 more
+    mantissa, bf16 more range), so an adapter with both is fp32, which holds both exactly (writing it
+    as bf16 moved the fp16 tensors by up to 1.4e-3 at budget 1.0); ``--dtype`` still picks another.
+    """
+    if not dtypes:
+        return torch.float32
+    if {torch.float16, torch.bfloat16} <= dtypes:
+        log.info("the LoRA weights mix fp16 and bf16: the output is fp32, which holds both exactly (--dtype picks another)")
+        return torch.float32
+    return max(dtypes, key=lambda d: torch.empty(0, dtype=d).element_size())
+
+
+def _file_kind(path: Path) -> str:
+    """What ``path`` (followed through links) is, in words, when it is not a regular file."""
+    mode = path.stat().st_mode
+    for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word + (" (through a symlink)" if path.is_symlink() else "")
+    return "not a regular file"
 
 
 def _unpickling_detail(err: Exception) -> str:
@@ -499,7 +536,7 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             f"{directory}: rank_pattern names {sorted(masks)[0]}, which has no LoRA weights; "
             "use the adapter_config.json saved with these weights"
         )
-    dtype = max(dtypes, key=lambda d: torch.empty(0, dtype=d).element_size()) if dtypes else torch.float32
+    dtype = common_dtype(dtypes)
     if dtype not in _DTYPE_NAMES:
         raise LoraCompressError(f"{directory}: LoRA weights are {dtype}; expected fp32, fp16 or bf16")
     return Adapter(modules=modules, config=config, extra_tensors=extra, dtype=dtype, metadata=metadata, source=directory)

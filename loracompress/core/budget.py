@@ -83,6 +83,12 @@ class Budget:
         total = int(sum(c * r for c, r in zip(costs, ranks)))
         if self.kind == "fraction" and reference is not None:
             target = math.floor(self.value * reference)
+            # An adapter compressed to this very fraction holds a little less (allocation keeps whole ranks, so
+            # it stops short by less than one rank of a module): within one rank of the largest module, the
+            # budget is the adapter as it is (a DyLoRA run at 0.5 holds 0.4995 and truncates at 0.5).
+            grain = max((c for c, r in zip(costs, ranks) if r > 0), default=0)
+            if total < target <= total + grain:
+                target = total
             if target > total:
                 raise LoraCompressError(
                     f"budget {self.text!r} of the original adapter ({_fmt(reference)} parameters) is "

@@ -138,6 +138,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def file_mode(mode: int = 0o666) -> int:
+    """The permissions ``open()`` gives a new file under the current umask: what every output gets. A file
+    made by ``tempfile.mkstemp`` is 0600 (private), which a shared CI folder or web server cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it: put it straight back
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_output_dir(
     path: str | Path, force: bool = False, inputs: Sequence[Path | str | None] = ()

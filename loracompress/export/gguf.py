@@ -1,4 +1,4 @@
-"""``export --target gguf``: a LoRA adapter GGUF for llama.cpp and Ollama.
+"""``export --format gguf``: a LoRA adapter GGUF for llama.cpp and Ollama.
 
 llama.cpp reads an adapter GGUF by these rules (its ``convert_lora_to_gguf.py`` writes them):
 
@@ -29,17 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracompress.core.adapter import Adapter, LoraModule, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter, LoraModule, base_param_name, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.units import human_bytes
-from loracompress.errors import LoraCompressError
-from loracompress.export.registry import (
-    REPORT_NAME,
-    ExportFormat,
-    ExportOptions,
-    ExportReport,
-    register_format,
-)
+from loracompress.errors import LoraCompressError, brief
+from loracompress.export.registry import REPORT_NAME, ExportFormat, ExportOptions, ExportReport, register_format
+from loracompress.export.targets import embedding_copies
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +66,7 @@ def import_gguf() -> Any:
         import gguf
     except ImportError:
         raise LoraCompressError(
-            "--target gguf needs the gguf package; pip install 'loracompress[gguf]'"
+            "--format gguf needs the gguf package; pip install 'loracompress[gguf]'"
         ) from None
     return gguf
 
@@ -89,7 +84,7 @@ def _base_from_gguf(path: Path) -> BaseShape:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # noqa: BLE001 - a damaged file surfaces as ValueError, struct errors, ...
-        raise LoraCompressError(f"cannot read GGUF file {path} ({str(err)[:120]}); pass a valid base .gguf") from None
+        raise LoraCompressError(f"cannot read GGUF file {path} ({brief(err, 120)}); pass a valid base .gguf") from None
     if _field(reader, "general.type") == "adapter":
         raise LoraCompressError(f"{path} is a LoRA adapter GGUF, not a base model; pass the base model's .gguf")
     arch = str(_field(reader, "general.architecture") or "")
@@ -97,7 +92,7 @@ def _base_from_gguf(path: Path) -> BaseShape:
     n_layer = _field(reader, f"{arch}.block_count")
     if arch not in set(ARCHITECTURES.values()) or n_head is None or n_layer is None:
         raise LoraCompressError(
-            f"GGUF base {path.name} has architecture {arch or 'unknown'!r}; --target gguf supports "
+            f"GGUF base {path.name} has architecture {arch or 'unknown'!r}; --format gguf supports "
             f"{', '.join(sorted(set(ARCHITECTURES.values())))}"
         )
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
@@ -109,6 +104,8 @@ def _base_from_gguf(path: Path) -> BaseShape:
 def _base_from_config(name: str, trust_remote_code: bool) -> BaseShape:
     from transformers import AutoConfig
 
+    from loracompress.runtime.model import custom_code_error, needs_custom_code
+
     path = Path(name).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise LoraCompressError(f"{path} is not a Hugging Face model folder (no config.json); pass --base-model PATH")
@@ -116,17 +113,18 @@ def _base_from_config(name: str, trust_remote_code: bool) -> BaseShape:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else name, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if needs_custom_code(err):
+            raise custom_code_error(name) from None
         raise LoraCompressError(
-            f"cannot read the config of base model {name!r} offline ({msg[:120]}); pass --base-model with a "
+            f"cannot read the config of base model {name!r} offline ({brief(err, 120)}); pass --base-model with a "
             "local model folder or .gguf file"
         ) from None
     config = getattr(config, "text_config", None) or config
     model_type = str(getattr(config, "model_type", ""))
     if model_type not in ARCHITECTURES:
         raise LoraCompressError(
-            f"--target gguf supports Llama-architecture bases ({', '.join(sorted(ARCHITECTURES))}), "
-            f"not {model_type or 'this model'!r}; use --target peft or merge the adapter"
+            f"--format gguf supports Llama-architecture bases ({', '.join(sorted(ARCHITECTURES))}), "
+            f"not {model_type or 'this model'!r}; use --format peft or merge the adapter"
         )
     n_head = int(config.num_attention_heads)
     return BaseShape(source=name, model_type=model_type, arch=ARCHITECTURES[model_type], n_head=n_head,
@@ -172,13 +170,13 @@ def tensor_name(path: str, base: BaseShape) -> str:
     match = _LAYER.match(path)
     if path != "lm_head" and (match is None or int(match.group(1)) >= base.n_layer):
         raise LoraCompressError(
-            f"module {path} has no llama.cpp tensor in a {base.model_type} base; --target gguf takes the attention "
+            f"module {path} has no llama.cpp tensor in a {base.model_type} base; --format gguf takes the attention "
             "and MLP projections (and an untied lm_head)"
         )
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == base.arch)
     name = gguf.get_tensor_name_map(arch, base.n_layer).get_name(f"{path}.weight", try_suffixes=(".weight",))
     if name is None:
-        raise LoraCompressError(f"module {path} has no llama.cpp tensor name; --target gguf cannot take it")
+        raise LoraCompressError(f"module {path} has no llama.cpp tensor name; --format gguf cannot take it")
     return name
 
 
@@ -320,10 +318,15 @@ def verify_gguf(file: Path, modules: list[GgufModule], base: BaseShape) -> dict[
 
 
 def _check_supported(adapter: Adapter, source: Path) -> None:
+    # PEFT's copies of a targeted lm_head / embedding (save_embedding_layers) are the base's own weights, not a
+    # trained head: llama.cpp uses the base's, as vLLM does, so they are left out; the module itself is
+    # judged by tensor_name (a tied lm_head gets its own message).
+    copies = embedding_copies(adapter)
     saved = adapter.config.get("modules_to_save")
-    if adapter.extra_tensors or saved:
+    heads = sorted({base_param_name(k) for k in adapter.extra_tensors if k not in copies})
+    if heads or saved:
         raise LoraCompressError(
-            f"{source}: llama.cpp cannot load modules_to_save ({saved or 'saved tensors'}); merge the adapter "
+            f"{source}: llama.cpp cannot load modules_to_save ({saved or ', '.join(heads)}); merge the adapter "
             "(loracompress merge) or retrain without modules_to_save"
         )
     if adapter.fan_in_fan_out:
@@ -375,12 +378,15 @@ def export_gguf(
     """
     dtype = dtype or torch.float32
     if dtype not in TOLERANCES:
-        raise LoraCompressError("--target gguf writes --dtype fp32 (default) or fp16")
+        raise LoraCompressError("--format gguf writes --dtype fp32 (default) or fp16")
     source = Path(source)
     inputs = [source, base_model]  # the .gguf / folder the shapes are read from is an input too
     check_output_path(output, force=force, inputs=inputs)
     adapter = load_adapter(source, allow_nonfinite=allow_nonfinite)
     base = read_base_shape(base_model, adapter, trust_remote_code)
+    for path, m in adapter.modules.items():  # what llama.cpp cannot adapt, named before any saved tensor
+        if m.rank:
+            tensor_name(path, base)
     _check_supported(adapter, source)
     if not any(m.rank for m in adapter.modules.values()):
         raise LoraCompressError(f"{source}: every module has rank 0; there is no adapter to serve")

@@ -124,7 +124,7 @@ def pad_to_rank(adapter: Adapter, rank: int) -> Adapter:
     return adapter.replace(modules)
 
 
-def _embedding_copies(adapter: Adapter) -> list[str]:
+def embedding_copies(adapter: Adapter) -> list[str]:
     """Keys of the base-layer copies PEFT saves beside a LoRA on an embedding layer (``save_embedding_layers``).
 
     ``lm_head.base_layer.weight`` is the base model's own ``lm_head`` weight, written because
@@ -141,7 +141,7 @@ def _embedding_copies(adapter: Adapter) -> list[str]:
 
 def _check_vllm(adapter: Adapter) -> Adapter:
     """The adapter vLLM can serve: PEFT's base-layer copies dropped (vLLM skips them and uses the base's own)."""
-    copies = _embedding_copies(adapter)
+    copies = embedding_copies(adapter)
     saved = adapter.config.get("modules_to_save")
     heads = sorted({base_param_name(k).rsplit(".", 1)[0] for k in adapter.extra_tensors if k not in copies})
     if heads or saved:

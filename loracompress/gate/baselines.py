@@ -49,7 +49,10 @@ def baseline_text(entries: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it, so a reader never sees half a file."""
+    """Write beside ``path`` and rename over it, so a reader never sees half a file. A symlink is written
+    through: its target gets the new text and the link stays (a baseline kept elsewhere and linked in)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if not path.parent.is_dir():  # else the open below says ENOENT, which reads like a permission problem
         what = "is a file, not a folder" if path.parent.exists() else "does not exist"
         raise LoraCompressError(f"cannot write {path}: the folder {path.parent} {what}; create the folder or pass "

@@ -69,6 +69,10 @@ def load_config(path: Path | None, cwd: Path) -> CheckConfig:
         path = find_config(cwd)
         if path is None:
             return CheckConfig(root=cwd)
+    elif path.is_dir():
+        inside = [path / n for n in (CONFIG_FILE, PYPROJECT_FILE) if (path / n).is_file()]
+        fix = f"pass --config {inside[0]}" if inside else "give the loracompress.toml or pyproject.toml file itself"
+        raise LoraCompressError(f"--config {path} is a folder; {fix}")
     elif not path.is_file():
         raise LoraCompressError(f"--config {path}: no such file; give a loracompress.toml or pyproject.toml")
     path = path if path.is_absolute() else cwd / path
@@ -144,8 +148,10 @@ class Target:
     rules: list[Thresholds] = field(default_factory=list)
 
 
-def resolve_targets(paths: Sequence[str], config: CheckConfig, flags: Thresholds, cwd: Path) -> list[Target]:
-    """The folders to check: ``paths`` (folders or globs, relative to ``cwd``) or else every config entry."""
+def resolve_targets(paths: Sequence[str], config: CheckConfig, flags: Thresholds, cwd: Path,
+                    verb: str = "check") -> list[Target]:
+    """The folders to check: ``paths`` (folders or globs, relative to ``cwd``) or else every config entry.
+    ``verb`` names the command in the message when there is neither ("nothing to report")."""
     found: dict[Path, Target] = {}
     entry_hits = [{p for pat in e.patterns for p in expand(pat, config.root)} for e in config.entries]
     if paths:
@@ -171,7 +177,7 @@ def resolve_targets(paths: Sequence[str], config: CheckConfig, flags: Thresholds
     else:
         where = f" or add [[...check.adapters]] entries to {config.source}" if config.source else \
             " or add a [tool.loracompress.check] table to pyproject.toml (see docs/check.md)"
-        raise LoraCompressError(f"nothing to check: pass adapter folders{where}")
+        raise LoraCompressError(f"nothing to {verb}: pass adapter folders{where}")
     for target in found.values():
         target.rules = [e.thresholds for e, hits in zip(config.entries, entry_hits) if target.path in hits]
         if not flags.empty:

@@ -126,7 +126,7 @@ def _number(x: Any) -> float | None:
 
 def report_sizes(paths: Sequence[str], config: CheckConfig, cwd: Path) -> tuple[list[Measurement], dict[str, dict[str, Any]]]:
     """Measurements for ``report``: one per target, and the baseline entries keyed relative to the root."""
-    targets = resolve_targets(paths, config, Thresholds(), cwd)
+    targets = resolve_targets(paths, config, Thresholds(), cwd, verb="report")
     measurements = [measure(t.path, display_path(t.path, cwd)) for t in targets]
     entries = {baseline_key(t.path, config.root): m.sizes() for t, m in zip(targets, measurements)}
     return measurements, entries

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loracompress.core.outputs import file_mode
 from loracompress.errors import LoraCompressError
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -146,6 +147,7 @@ def plot_ranks(profiles: list[RankProfile], path: str | Path, force: bool = Fals
     fig = rank_figure(profiles)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, file_mode())  # mkstemp's 0600, else: the PNG would be readable by its owner only
     try:
         fig.savefig(tmp, dpi=130, format="png", metadata={"Software": PLOT_SOFTWARE})
         os.replace(tmp, out)  # never a half-written PNG under the final name

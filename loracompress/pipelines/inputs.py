@@ -109,6 +109,7 @@ def load_base(adapter: Adapter, options: ModelSource, *, place: bool = True,
 def read_data(base: BaseModel, path: str | Path, options: DataSource) -> Examples:
     """The samples at ``path`` for ``base``: streamed, each text cut to what ``--seq-len`` tokens can cover,
     string labels mapped by ``--label-map`` or the head's names, labels checked against its head."""
+    base.check_tokenizer()
     return read_for_model(base, path, text_field=options.text_field, label_field=options.label_field,
                           max_samples=options.max_samples, seed=options.seed, label_map=options.label_map,
                           max_chars=char_limit(base.tokenizer, options.seq_len))

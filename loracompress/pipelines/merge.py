@@ -153,6 +153,7 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
     with atomic_output_dir(out, force=options.force, inputs=merge_inputs(source, options)) as tmp:
         shards = write_plan(plan, adapter, tmp, check)
         _require_modules(check, tolerance)
+        dropped = _drop_unused_auto_map(structure.model)
         _write_config(structure, plan, tmp)
         full: dict[str, Any] = {}
         if verify == "full":
@@ -160,6 +161,7 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
         report = _report(source, out, adapter, structure.source, plan.dtype, verify, check, full, tolerance, tmp, t0,
                          streamed=True, reason=None, untied=plan.untied, vocab_resized=structure.vocab_resized,
                          layout="base" if options.max_shard_size is None else "max_shard_size", shards=shards)
+        report["auto_map_dropped"] = dropped
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -293,6 +295,7 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
                 log.warning("could not run the %s model on this device to measure the cast (%s)", dtype_name(dtype), err)
                 full["max_abs_diff_output_dtype"] = None
 
+    dropped = _drop_unused_auto_map(model)
     with atomic_output_dir(out, force=options.force, inputs=merge_inputs(source, options)) as tmp:
         _save_plain(model, tmp, max_shard if max_shard is not None else "2GB")
         if base.tokenizer is not None:
@@ -301,8 +304,26 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
         report = _report(source, out, adapter, base.source, dtype, verify, check, full, tolerance, tmp, t0,
                          streamed=False, reason=reason, untied=untied, vocab_resized=base.vocab_resized,
                          layout="max_shard_size", shards=shards)
+        report["auto_map_dropped"] = dropped
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _drop_unused_auto_map(model: torch.nn.Module) -> bool:
+    """Take ``auto_map`` out of the config to be written when the merge did not use the base's custom code.
+
+    A config with ``auto_map`` and a built-in ``model_type`` is loaded (without --trust-remote-code) by
+    transformers' own class, which is what was merged and checked; the written config would still send a
+    reader with trust_remote_code to the base's ``.py`` files, which the merged folder does not hold.
+    Returns whether it was dropped.
+    """
+    config = model.config
+    if not getattr(config, "auto_map", None) or not type(model).__module__.startswith("transformers."):
+        return False
+    log.warning("the base's config.json has auto_map, but the merge used transformers' built-in %s (no "
+                "--trust-remote-code): the merged config.json leaves auto_map out", type(model).__name__)
+    del config.auto_map
+    return True
 
 
 def _oriented(model: torch.nn.Module, path: str) -> torch.Tensor:

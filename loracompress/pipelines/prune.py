@@ -187,13 +187,35 @@ def _check_method(options: PruneOptions) -> Method:
     return method
 
 
+#: (flag, field) of what only a calibration run reads: the svd cut trains nothing, with or without --data
+_TRAINING_FLAGS = (("--steps", "steps"), ("--epochs", "epochs"), ("--lr", "lr"), ("--warmup", "warmup"),
+                   ("--kd-weight", "kd_weight"), ("--task-weight", "task_weight"), ("--temperature", "temperature"),
+                   ("--hidden-weight", "hidden_weight"), ("--pseudo-labels", "pseudo_labels"),
+                   ("--token-dropout", "token_dropout"), ("--precision", "precision"),
+                   ("--checkpoint-every", "checkpoint_every"), ("--resume", "resume"))
+#: (flag, field) of what only a run with --data reads
+_DATA_FLAGS = (("--eval-data", "eval_data"), ("--eval-fraction", "eval_fraction"), ("--text-field", "text_field"),
+               ("--label-field", "label_field"), ("--label-map", "label_map"), ("--max-samples", "max_samples"),
+               ("--seq-len", "seq_len"), ("--batch-size", "batch_size"))
+
+
 def _check_calibration_only(options: PruneOptions) -> None:
-    """Flags that only a calibration run reads, refused for the training-free cut rather than ignored."""
+    """Flags that only a calibration run reads, refused for the training-free cut rather than ignored: a user
+    who passes ``--steps 500`` without ``--data`` expects a calibration, not a silent svd cut."""
+    default = PruneOptions()
     given = [flag for flag, on in (("--gradient-checkpointing", options.gradient_checkpointing),
                                    ("--teacher-top-k", options.teacher_top_k is not None),
                                    ("--teacher-cache-mb", options.teacher_cache_mb is not None)) if on]
+    given += [flag for flag, name in _TRAINING_FLAGS if getattr(options, name) != getattr(default, name)]
     if given:
-        raise LoraCompressError(f"{given[0]} applies to calibration (a --method other than svd, with --data); drop it")
+        fix = "choose a calibration --method" if options.data else "add --data FILE to calibrate"
+        raise LoraCompressError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to calibration "
+                                f"(a --method other than svd, with --data), and this run is the svd cut; drop "
+                                f"{'it' if len(given) == 1 else 'them'} or {fix}")
+    unread = [flag for flag, name in _DATA_FLAGS if getattr(options, name) != getattr(default, name)]
+    if unread and not options.data:
+        raise LoraCompressError(f"{', '.join(unread)} {'sets' if len(unread) == 1 else 'set'} how --data is read, and "
+                                f"there is no --data; drop {'it' if len(unread) == 1 else 'them'} or add --data FILE")
     base_flags = [flag for flag, on in (("--base-dtype", options.base_dtype not in (None, "auto")),
                                         ("--load-in-4bit", options.load_in_4bit),
                                         ("--load-in-8bit", options.load_in_8bit)) if on]

@@ -84,10 +84,12 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
+    several = len(budgets) > 1  # --budgets: one sub-folder per cut, even when duplicates leave one
     cuts = [truncate_adapter(adapter, b, itemsize, out_dtype) for b in budgets]
+    texts, names, cuts = _distinct(list(options.budgets), names, cuts)
     quality = _measure(adapter, cuts, options) if options.eval_data else [{} for _ in cuts]
     reports = []
-    for text, cut, q in zip(options.budgets, cuts, quality):
+    for text, cut, q in zip(texts, cuts, quality):
         settings: dict[str, Any] = {
             "order": cut.order,
             "allocation": "leading components, global allocate over recorded values/(in+out)"
@@ -102,12 +104,12 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         if options.eval_data:
             settings.update(eval_data=str(options.eval_data), base_model=options.base_model)
         reports.append(compression_report(
-            source=str(source), output=str(out if len(cuts) == 1 else out / folder_name(text)), before=adapter,
+            source=str(source), output=str(out / folder_name(text) if several else out), before=adapter,
             after=cut.adapter, method="truncate", settings=settings, budget=text, target_params=cut.target_params,
             out_dtype=out_dtype, retained_energy=cut.retained_energy, total_retained_energy=cut.total_retained_energy,
             quality=q, seconds=time.perf_counter() - t0,
         ))
-    if len(cuts) == 1:
+    if not several:
         write_result(cuts[0].adapter, out, reports[0], out_dtype, options.force, inputs)
         return reports
     with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp:
@@ -119,6 +121,21 @@ def truncate(source: str | Path, output: str | Path, options: TruncateOptions) -
         (tmp / SUMMARY_NAME).write_text(report_json({"source": str(source), "cuts": summary}), encoding="utf-8")
         (tmp / CARD_NAME).write_text(_summary_card(str(source), adapter, summary), encoding="utf-8")
     return reports
+
+
+def _distinct(texts: list[str], names: list[str], cuts: list[Cut]) -> tuple[list[str], list[str], list[Cut]]:
+    """The cuts of distinct parameter counts, first of each kept: ``--budgets 0.25,25%`` is one cut, not two
+    identical folders (a warning names the budgets that were the same)."""
+    seen: dict[int, str] = {}
+    kept: list[int] = []
+    for i, cut in enumerate(cuts):
+        if cut.target_params in seen:
+            log.warning("budget %s is %d parameters, the same as %s: one cut, written as %s", texts[i],
+                        cut.target_params, seen[cut.target_params], seen[cut.target_params])
+            continue
+        seen[cut.target_params] = texts[i]
+        kept.append(i)
+    return [texts[i] for i in kept], [names[i] for i in kept], [cuts[i] for i in kept]
 
 
 def _measure(original: Adapter, cuts: list[Cut], options: TruncateOptions) -> list[dict[str, Any]]:

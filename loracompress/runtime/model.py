@@ -22,7 +22,7 @@ import transformers
 from torch import nn
 
 from loracompress.core.adapter import KEY_PREFIX, Adapter, base_param_name
-from loracompress.errors import LoraCompressError
+from loracompress.errors import LoraCompressError, brief
 from loracompress.runtime.layers import check_fit
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,18 @@ class BaseModel:
     gguf_file: str | None = None
     #: (base vocabulary, adapter's) when the adapter was saved after resizing the vocabulary.
     vocab_resized: tuple[int, int] | None = None
+    #: why ``tokenizer`` is None when the user can fix it (a tokenizer that needs custom code)
+    tokenizer_problem: str | None = None
 
     @property
     def is_causal_lm(self) -> bool:
         return self.task_type == "CAUSAL_LM" or (self.task_type is None and hasattr(self.model, "lm_head"))
+
+    def check_tokenizer(self) -> None:
+        """Raise the real reason there is no tokenizer when the user can fix it (it needs custom code);
+        a plain missing tokenizer is refused where it is used (:func:`~loracompress.runtime.data.make_batches`)."""
+        if self.tokenizer is None and self.tokenizer_problem:
+            raise LoraCompressError(self.tokenizer_problem)
 
 
 def resolve_base_model(spec: str | Path | None, adapter: Adapter) -> str:
@@ -138,34 +146,45 @@ def load_base_model(
         with _quiet_transformers():
             model = auto.from_pretrained(load_from, dtype=dtype, **kwargs)
     except OSError as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if gguf_file or path.exists():  # a local folder or file: nothing was to be downloaded
+            raise LoraCompressError(
+                f"cannot load base model {name!r} ({brief(err, 140)}); its folder is incomplete or unreadable: "
+                "re-download or re-save it"
+            ) from None
         raise LoraCompressError(
-            f"cannot load base model {name!r} offline ({msg[:140]}); pass --base-model with a local model folder or .gguf file"
+            f"cannot load base model {name!r} offline ({brief(err, 140)}); pass --base-model with a local model folder or .gguf file"
         ) from None
     except ValueError as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "trust_remote_code" in str(err) or "custom code" in str(err):
-            raise LoraCompressError(
-                f"base model {name!r} needs custom code; review it, then pass --trust-remote-code"
-            ) from None
-        raise LoraCompressError(f"cannot load base model {name!r}: {msg[:200]}") from None
+        if needs_custom_code(err):
+            raise custom_code_error(name) from None
+        raise LoraCompressError(f"cannot load base model {name!r}: {brief(err, 200)}") from None
     except Exception as err:  # noqa: BLE001 - corrupt weights surface as SafetensorError, struct.error, ...
         log.debug("loading %s failed", name, exc_info=True)
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LoraCompressError(
-            f"cannot load base model {name!r} ({msg[:140]}); its files look damaged: re-download or re-save it"
+            f"cannot load base model {name!r} ({brief(err, 140)}); its files look damaged: re-download or re-save it"
         ) from None
     model.eval()
-    tokenizer = None
+    tokenizer, tokenizer_problem = None, None
     if with_tokenizer:
         with _quiet_transformers():
-            tokenizer = _load_tokenizer(load_from, gguf_file, trust_remote_code)
+            tokenizer, tokenizer_problem = _load_tokenizer(load_from, gguf_file, trust_remote_code, name)
     resized = restore_modules_to_save(model, adapter, name)
     check_fit(model, adapter, base_name=f"base model {name!r}")
     if quantization_config is None:
         model.to(device)  # a no-op after device_map; a quantized model refuses .to()
     return BaseModel(model=model, tokenizer=tokenizer, source=name, task_type=task, gguf_file=gguf_file,
-                     vocab_resized=resized)
+                     vocab_resized=resized, tokenizer_problem=tokenizer_problem)
+
+
+def needs_custom_code(err: BaseException) -> bool:
+    """Whether transformers refused to load something because it needs ``trust_remote_code``."""
+    return "trust_remote_code" in str(err) or "custom code" in str(err)
+
+
+def custom_code_error(name: str, what: str = "") -> LoraCompressError:
+    """The one message for a base (or its ``what``: "tokenizer") that needs its own code to load."""
+    subject = f"the {what} of base model {name!r}" if what else f"base model {name!r}"
+    return LoraCompressError(f"{subject} needs custom code (auto_map); review it, then pass --trust-remote-code")
 
 
 @contextmanager
@@ -191,7 +210,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
+def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bool,
+                    name: str | None = None) -> tuple[Any, str | None]:
+    """The tokenizer, or None and why not when that is something the user can fix (its custom code): a
+    command that needs no tokenizer (merge) goes on without one, one that does says the real reason."""
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
@@ -201,10 +223,12 @@ def _load_tokenizer(load_from: str, gguf_file: str | None, trust_remote_code: bo
         tok = AutoTokenizer.from_pretrained(load_from, **kwargs)
     except (OSError, ValueError, TypeError) as err:
         log.debug("no tokenizer for %s: %s", load_from, err)
-        return None
+        if needs_custom_code(err):
+            return None, str(custom_code_error(name or load_from, "tokenizer"))
+        return None, None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
-    return tok
+    return tok, None
 
 
 def saved_vocab_size(model: nn.Module, adapter: Adapter) -> int | None:
@@ -236,7 +260,7 @@ def embedding_param_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in wanted}
 
 
-def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the base model") -> tuple[int, int] | None:
+def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str | None = None) -> tuple[int, int] | None:
     """Copy the adapter's ``modules_to_save`` tensors (e.g. a trained classifier head) into the model.
 
     When the adapter's saved embeddings have another vocabulary size than the model's, the model's
@@ -256,15 +280,16 @@ def restore_modules_to_save(model: nn.Module, adapter: Adapter, name: str = "the
         resized = (old, vocab)
     state = model.state_dict()
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    base = f"base model {name!r}" if name else "the base model"
     for key, tensor in adapter.extra_tensors.items():
         bare = base_param_name(key)
         if bare not in state:
             raise LoraCompressError(
-                f"the adapter carries {bare} (modules_to_save) but base model {name!r} has no such tensor; wrong --base-model?"
+                f"the adapter carries {bare} (modules_to_save) but {base} has no such tensor; wrong --base-model?"
             )
         if tuple(state[bare].shape) != tuple(tensor.shape):
             raise LoraCompressError(
-                f"{bare}: the adapter's saved tensor is {tuple(tensor.shape)} but base model {name!r} has "
+                f"{bare}: the adapter's saved tensor is {tuple(tensor.shape)} but {base} has "
                 f"{tuple(state[bare].shape)}; wrong --base-model?"
             )
         target = params[bare] if bare in params else model.get_buffer(bare)
@@ -346,6 +371,6 @@ def load_base_structure(spec: str | Path | None, adapter: Adapter, *, trust_remo
     model.eval()
     check_fit(model, adapter, base_name=f"base model {name!r}")
     with _quiet_transformers():
-        tokenizer = _load_tokenizer(str(folder), None, trust_remote_code)
+        tokenizer, _ = _load_tokenizer(str(folder), None, trust_remote_code)
     return BaseStructure(model=model, config=config, tokenizer=tokenizer, folder=folder, source=name,
                          task_type=task, vocab_resized=resized)

@@ -56,3 +56,45 @@ def test_the_scratch_baseline_trains_on_the_calibration_schedule_of_its_data():
     told = scratch_config(SimpleNamespace(task="cls", labelled=False, train=[{}] * 50),
                           argparse.Namespace(**{**vars(args), "steps": 7}))
     assert told.steps == 7
+
+
+def test_the_gain_kept_is_the_share_of_the_adapters_improvement_over_the_bare_base():
+    from quality import gain_kept
+
+    assert gain_kept(43.53, 43.53, 58.52) == 1.0 and gain_kept(58.52, 43.53, 58.52) == 0.0
+    assert abs(gain_kept(43.69, 43.53, 58.52) - 0.9893) < 1e-4  # 99.6% of the perplexity, 98.9% of the gain
+    assert abs(gain_kept(0.85, 0.90, 0.80) - 0.5) < 1e-12  # accuracy: the same form
+
+
+def test_the_bare_base_is_scored_with_no_lora_at_all(tmp_path):
+    """Scorer.bare_base: the perplexity of the base model alone (the same number as the model never wrapped)."""
+    import json
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from loracompress.core.adapter import load_adapter
+    from loracompress.pipelines.evaluate import EvalOptions
+    from loracompress.pipelines.inputs import load_base, read_batches
+    from quality import Scorer
+    from tests.tiny import make_adapter, save_tiny_base, tiny_sentences
+
+    adapter_dir, _ = make_adapter("llama", tmp_path / "adapter")
+    save_tiny_base("llama", tmp_path / "base")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_sentences(6)))
+    original = load_adapter(adapter_dir)
+    opts = EvalOptions(data=str(tmp_path / "t.jsonl"), base_model=str(tmp_path / "base"), seq_len=16, batch_size=3)
+    base = load_base(original, opts)
+    _, batches = read_batches(base, tmp_path / "t.jsonl", opts)
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = base.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            target = b["labels"][:, 1:]
+            keep = target != -100
+            nll += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            tokens += int(keep.sum())
+    score = Scorer(base, original, batches, "lm", "perplexity")
+    assert abs(score.bare_base() - math.exp(nll / tokens)) < 1e-4 * math.exp(nll / tokens)
+    assert not any(type(m).__name__ == "LoraLayer" for m in base.model.modules())  # detached again

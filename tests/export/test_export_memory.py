@@ -88,14 +88,33 @@ print(before, peak(), n * d * d * 2)
 
 def test_merge_cast_frees_each_mapped_weight_as_it_goes(tmp_path):
     """Regression: merging and casting a memory-mapped bf16 base to fp16 held both copies of the
-    whole model (the old shard pages stay until every tensor of the shard is gone)."""
+    whole model (the old shard pages stay until every tensor of the shard is gone).
+
+    Measured as what it means, the two copies, and nothing a neighbour can move: the new copy is the
+    process's anonymous memory grown since the start (``RssAnon``), the old one the resident pages of the
+    shard maps (``Rss`` of the ``.safetensors`` maps in ``/proc/self/smaps``), sampled every 2 ms while
+    ``merge_cast`` runs. The process's whole RSS (``VmHWM``) was flaky on a shared machine: a page of the
+    shards (or of libtorch's code) that memory pressure evicted before the start and faulted back during
+    the merge counted as growth. Eviction can only lower both measures here, never fake a second copy.
+    """
     script = f"""
-import sys, torch
+import sys, threading, time, torch
 sys.path.insert(0, {str(BENCHMARKS)!r})
 from synthetic import LlamaShape, write_llama_checkpoint, write_lora
 from loracompress.core.adapter import load_adapter
 from loracompress.export.memory import merge_cast
 from loracompress.runtime.model import load_base_model
+def anon():
+    return _status('RssAnon')
+def mapped():  # resident bytes of the private maps of the shard files
+    total, ours = 0, False
+    for line in open('/proc/self/smaps'):
+        head = line.split(None, 5)
+        if '-' in head[0] and len(head) >= 5 and not head[0].endswith(':'):
+            ours = len(head) == 6 and head[5].strip().endswith('.safetensors')
+        elif ours and head[0] == 'Rss:':
+            total += int(head[1]) * 1024
+    return total
 shape = LlamaShape(hidden=1024, intermediate=4096, layers=8, heads=8, kv_heads=8, vocab=1024)
 from pathlib import Path
 write_llama_checkpoint(Path({str(tmp_path / 'base')!r}), shape, shard_bytes=10**9)
@@ -104,14 +123,27 @@ adapter = load_adapter({str(tmp_path / 'lora')!r})
 model = load_base_model({str(tmp_path / 'base')!r}, adapter, dtype=torch.bfloat16).model
 size = sum(p.numel() * 2 for p in model.parameters())
 total = sum(float(p.float().sum()) for p in model.parameters())  # every page resident, as after the reference
-before = reset_peak()
-merge_cast(model, adapter, torch.float16)
+assert mapped() > 0.9 * size, 'the base is not memory-mapped here'
+import gc; gc.collect()
+anon0, samples, done = anon(), [], threading.Event()
+def sample():
+    while not done.is_set():
+        samples.append(anon() - anon0 + mapped())
+        time.sleep(0.002)
+watcher = threading.Thread(target=sample)
+watcher.start()
+try:
+    merge_cast(model, adapter, torch.float16)
+finally:
+    done.set()
+    watcher.join()
 assert {{p.dtype for p in model.parameters()}} == {{torch.float16}}
-print(before, peak(), size)
+print(max(samples), len(samples), size)
 """
-    before, peak, size = map(int, _run(script))
-    growth = peak - before
-    assert growth < 0.5 * size, f"merge_cast grew the process by {growth / size:.2f}x the model"
+    most, n, size = map(int, _run(script))
+    assert n >= 5, f"only {n} samples: the merge was too quick to watch"
+    # one copy (the new fp16 weights, or the old mapped ones) is 1x; both copies at once would be 2x
+    assert most < 1.5 * size, f"merge_cast held {most / size:.2f}x the model (old mapped + new) at its peak"
 
 
 def test_dropping_mapped_pages_is_harmless_and_skips_what_is_still_used(tmp_path):
