@@ -134,6 +134,8 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         if not options.adapter_only:
             _write_model_files(base, tmp)
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)
+        # what PEFT does not load, per source: not exported
+        report["skipped"] = {str(s): [k.to_json() for k in a.skipped] for s, a in zip(sources, adapters) if a.skipped}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 

@@ -358,6 +358,7 @@ def export_gguf(
         "lora_alpha": alpha, "max_rank": int(alpha), "modules": len(modules),
         "ranks": {m.path: int(m.a.shape[0]) for m in modules},
         "params": int(sum(m.a.size + m.b.size for m in modules)),
+        "skipped": [s.to_json() for s in adapter.skipped],  # what PEFT does not load: not exported
     }
     with atomic_output_dir(output, force=force, inputs=inputs) as tmp:
         write_gguf(tmp / GGUF_NAME, modules, base, alpha, source.resolve().name)
