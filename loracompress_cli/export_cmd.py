@@ -11,7 +11,7 @@ from loracompress.core.adapter import parse_dtype
 from loracompress.errors import LoraCompressError
 from loracompress.export import REPORT_NAME, TARGETS, OnnxOptions, export_onnx, export_target
 from loracompress.export.gguf import export_gguf
-from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.common import console, human_bytes, print_json, skipped_line
 from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 FORMATS = ("onnx", *TARGETS, "gguf")
@@ -112,6 +112,8 @@ def _print_target(record: dict[str, Any], as_json: bool) -> None:
     for key in record.get("dropped", []):
         console.print(f"  left out {key.removeprefix('base_model.model.')}: PEFT's copy of the base model's layer "
                       "(save_embedding_layers); vLLM uses the base model's own")
+    if line := skipped_line(record.get("skipped"), REPORT_NAME):
+        console.print(line)
     console.print(f"wrote {record['output']} (and {REPORT_NAME})")
 
 

@@ -118,6 +118,18 @@ def test_prune_and_merge_read_what_peft_reads(tmp_path: Path, capsys: pytest.Cap
     assert report["modules_merged"] == len(targeted) and {s["name"] for s in report["skipped"]} == left_out
 
 
+@pytest.mark.parametrize("target", ["vllm", "uniform"])
+def test_export_reads_what_peft_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      full: tuple[Path, Path, torch.nn.Module], target: str) -> None:
+    src, _, base = full
+    edited = _variant(src, tmp_path / "edited", SCOPES["layers_to_transform"])
+    code, out, _ = _run(capsys, "export", edited, "--format", target, "-o", tmp_path / "out")
+    assert code == 0
+    assert (_logits_of_lora(base, tmp_path / "out") - _peft(base, edited)[0]).abs().max() <= 1e-5
+    assert "PEFT does not load" in out
+    assert len(json.loads((tmp_path / "out" / "export_report.json").read_text())["skipped"]) == 14
+
+
 def test_inspect_lists_what_peft_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        full: tuple[Path, Path, torch.nn.Module]) -> None:
     edited = _variant(full[0], tmp_path / "edited", {"target_modules": ["q_proj"]})
@@ -131,9 +143,13 @@ def test_inspect_lists_what_peft_skips(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def _with_other_adapter(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file plus a second adapter 'foo' (other values) on the same modules."""
+    """The file plus a second adapter 'zeta' (other values) on the same modules.
+
+    Its keys sort after the default ones (``lora_A.weight`` < ``lora_A.zeta.weight``), the order the
+    weights file stores them in: a reader that ignores the name takes zeta's values.
+    """
     out = dict(t)
-    out.update({k.replace(".weight", ".foo.weight"): v * 3 for k, v in t.items() if "lora_" in k})
+    out.update({k.replace(".weight", ".zeta.weight"): v * 3 for k, v in t.items() if "lora_" in k})
     return out
 
 
@@ -142,14 +158,14 @@ def test_keys_of_another_adapter_name_are_skipped(tmp_path: Path, capsys: pytest
     src, _, base = full
     mixed = _variant(src, tmp_path / "mixed", tensors=_with_other_adapter)
     reference, _ = _peft(base, mixed)
-    assert (reference - _peft(base, src)[0]).abs().max() == 0  # PEFT ignores 'foo'
+    assert (reference - _peft(base, src)[0]).abs().max() == 0  # PEFT ignores 'zeta'
 
     code, _, _ = _run(capsys, "prune", mixed, "--budget", "1.0", "-o", tmp_path / "pruned")
     assert code == 0
     assert (_logits_of_lora(base, tmp_path / "pruned") - reference).abs().max() <= 1e-5
     adapter = load_adapter(mixed)
     assert len(adapter.modules) == 21 and len(adapter.skipped) == 42
-    assert all(".foo." in s.name and "adapter name 'foo'" in s.reason for s in adapter.skipped)
+    assert all(".zeta." in s.name and "adapter name 'zeta'" in s.reason for s in adapter.skipped)
     assert len(json.loads((tmp_path / "pruned" / "compression_report.json").read_text())["skipped"]) == 42
 
 
