@@ -96,10 +96,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     # the same way whether or not the engine is installed.
     inputs = [*sources, options.base_model, options.graph]
     out = check_output_path(output, force=options.force, inputs=inputs)
-    if sources and uses_genai(options, load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite).config.get("task_type")):
+    first = load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite)  # _validate: there is one
+    if uses_genai(options, first.config.get("task_type")):
         return _export_genai(sources, output, options)
     import_onnxruntime()
-    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
+    adapters = [first, *(load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources[1:])]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
         raise LoraCompressError(f"the adapters have different task types ({', '.join(sorted(tasks))}); one graph serves one task")
