@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 
 from loracompress.errors import LoraCompressError
-from loracompress.export import export, format_named, formats, options_for
-from loracompress_cli.common import console, print_json
+from loracompress.export import REPORT_NAME, export, format_named, formats, options_for
+from loracompress_cli.common import console, print_json, skipped_line
 from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 DEFAULT_FORMAT = "peft"
@@ -65,6 +65,11 @@ def export_cmd(
         print_json(report)
         return
     for line in report.lines():
+        console.print(line)
+    skipped = report.get("skipped")  # what PEFT does not load, left out: a list, or one per source
+    if isinstance(skipped, dict):
+        skipped = [key for keys in skipped.values() for key in keys]
+    if line := skipped_line(skipped, REPORT_NAME):
         console.print(line)
 
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from loracompress.core.adapter import load_adapter
 from loracompress.core.records import adapter_stats
-from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.common import console, human, human_bytes, print_json, skipped_line
 from loracompress_cli.options import ALLOW_NONFINITE
 
 
@@ -37,6 +37,8 @@ def inspect(
     if stats.extra_tensors:
         console.print(f"carried unchanged (modules_to_save etc.): {len(stats.extra_tensors)} tensors, "
                       f"{human(stats.extra_params)} parameters, {human_bytes(stats.extra_bytes)}")
+    if line := skipped_line(stats.skipped, "inspect --json"):
+        console.print(line)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from loracompress.pipelines.merge import MERGE_REPORT, MergeOptions, merge_adapter
-from loracompress_cli.common import console, human_bytes, print_json
+from loracompress_cli.common import console, human_bytes, print_json, skipped_line
 from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 
@@ -56,6 +56,8 @@ def merge_cmd(
         if report["dtype"] != "fp32" and report["max_abs_diff_output_dtype"] is not None:
             line += f", {report['max_abs_diff_output_dtype']:.3g} ({report['dtype']})"
         console.print(line + f"; tolerance {report['tolerance']:.3g}")
+    if line := skipped_line(report.get("skipped"), MERGE_REPORT):
+        console.print(line)
     console.print(f"wrote the merged model to {output} (and {MERGE_REPORT}); the base model was not changed")
 
 

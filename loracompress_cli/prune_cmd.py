@@ -21,7 +21,7 @@ from loracompress.pipelines.prune import (
     resolve_method,
 )
 from loracompress.runtime.data.labels import parse_label_map
-from loracompress_cli.common import console, err_console, human, human_bytes, print_json
+from loracompress_cli.common import console, err_console, human, human_bytes, print_json, skipped_line
 from loracompress_cli.options import (
     ALLOW_NONFINITE,
     BASE_DTYPE,
@@ -143,6 +143,8 @@ def prune_cmd(
             console.print(f"  {name}: {value['before']:.4g} → {value['after']:.4g}")
     if kept.get("candidates"):
         console.print(f"  keep-best: {_keep_best_line(kept)}")
+    if line := skipped_line(report.get("skipped"), "compression_report.json"):
+        console.print(line)
     console.print(f"wrote {out}")
 
 

@@ -11,7 +11,7 @@ from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import DataOptions
 from loracompress.pipelines.truncate import TruncateOptions, truncate
 from loracompress.runtime.data.labels import parse_label_map
-from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.common import console, human, human_bytes, print_json, skipped_line
 from loracompress_cli.options import (
     ALLOW_NONFINITE,
     BASE_MODEL,
@@ -86,6 +86,8 @@ def truncate_cmd(
     else:
         console.print(f"fractions are of {adapter} ({human(reports[0]['params_before'])} parameters; it records no "
                       "original)")
+    if line := skipped_line(reports[0].get("skipped"), "compression_report.json"):
+        console.print(line)
     console.print(f"wrote {out}")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from loracompress.core.scope import KEY_PREFIX, Scope, Skipped, split_tensors, summary
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
 
 
 def base_param_name(key: str) -> str:
@@ -65,7 +65,6 @@ ORIGINAL_PARAMS_KEY = "loracompress.original_params"
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<part>A|B|E|embedding_A|embedding_B|magnitude_vector)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 # Config fields naming PEFT features whose weights or forward pass differ from plain LoRA.
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora=true)",
@@ -145,6 +144,8 @@ class Adapter:
 
     ``extra_tensors`` holds everything in the file that is not a LoRA factor (for example a
     ``modules_to_save`` classifier head), keyed by the full file key; it is carried unchanged.
+    ``skipped``: the LoRA modules and keys of the file PEFT does not load (see :mod:`loracompress.core.scope`),
+    left out of ``modules``; reports list them.
     """
 
     modules: dict[str, LoraModule]
@@ -153,6 +154,7 @@ class Adapter:
     dtype: torch.dtype = torch.float32
     metadata: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -202,6 +204,7 @@ class Adapter:
             "dtype": self.dtype,
             "metadata": dict(self.metadata),
             "source": self.source,
+            "skipped": list(self.skipped),
         }
         fields.update(changes)
         return Adapter(modules=modules, **fields)
@@ -439,29 +442,13 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
         else:
             raise LoraCompressError(f"{directory}: is a file; pass the adapter folder that holds {CONFIG_NAME}")
     config = _read_config(directory)
+    scope = Scope.from_config(config, str(directory / CONFIG_NAME))
     tensors, metadata = _read_tensors(directory)
     if not tensors:
         raise LoraCompressError(f"{directory}: the weights file holds no tensors; re-save the adapter")
 
     is_adalora = str(config.get("peft_type")).upper() == "ADALORA"
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        match = _LORA_KEY.match(bare)
-        if match is None:
-            extra[key] = tensor
-            continue
-        part = match["part"]
-        if part.startswith("embedding"):
-            raise LoraCompressError(f"{directory}: LoRA on embeddings ({match['path']}) is not supported; target Linear layers only")
-        if part == "magnitude_vector":
-            raise LoraCompressError(
-                f"{directory}: DoRA weights (lora_magnitude_vector) are not supported; only plain LoRA weights can be compressed"
-            )
-        parts.setdefault(match["path"], {})[part] = tensor
-    if not parts:
-        raise LoraCompressError(f"{directory}: no lora_A/lora_B tensors found; is this a LoRA adapter?")
+    parts, extra, skipped = _parts_in_scope(directory, scope, tensors, is_adalora)
 
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", 8)
@@ -500,7 +487,7 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             if E.numel() != r:
                 raise LoraCompressError(f"{directory}: module {mpath}: lora_E has {E.numel()} values for rank {r}")
             # PEFT saves only the components the mask keeps and sizes the layer to sum(mask) when it loads.
-            mask = masks.pop(mpath, None)
+            mask = masks.get(mpath)
             if mask is not None and r != sum(mask):
                 raise LoraCompressError(
                     f"{directory}: module {mpath} has rank {r} but its rank_pattern mask keeps {sum(mask)} of {len(mask)}; "
@@ -531,15 +518,55 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
             A = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0)
             B = torch.nan_to_num(B, nan=0.0, posinf=0.0, neginf=0.0)
         modules[mpath] = LoraModule(A=A, B=B, scale=scale)
-    if masks:
+    unknown = sorted(set(masks) - set(modules) - {s.name for s in skipped})
+    if unknown:
         raise LoraCompressError(
-            f"{directory}: rank_pattern names {sorted(masks)[0]}, which has no LoRA weights; "
+            f"{directory}: rank_pattern names {unknown[0]}, which has no LoRA weights; "
             "use the adapter_config.json saved with these weights"
         )
     dtype = common_dtype(dtypes)
     if dtype not in _DTYPE_NAMES:
         raise LoraCompressError(f"{directory}: LoRA weights are {dtype}; expected fp32, fp16 or bf16")
-    return Adapter(modules=modules, config=config, extra_tensors=extra, dtype=dtype, metadata=metadata, source=directory)
+    if skipped:
+        log.warning("%s: %s", directory, summary(skipped))
+    return Adapter(modules=modules, config=config, extra_tensors=extra, dtype=dtype, metadata=metadata, source=directory,
+                   skipped=skipped)
+
+
+def _parts_in_scope(
+    directory: Path, scope: Scope, tensors: dict[str, torch.Tensor], adalora: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Skipped]]:
+    """The LoRA tensors PEFT loads, by module path and part; the other tensors; what PEFT would skip.
+
+    A file whose LoRA tensors PEFT would load none of is refused: PEFT would run the bare base model.
+    """
+    found, extra, skipped = split_tensors(tensors, str(directory), adalora)
+    if not found:
+        if skipped:
+            raise LoraCompressError(
+                f"{directory}: PEFT loads none of the weights file's LoRA tensors ({skipped[0].name}: {skipped[0].reason}); "
+                "rename the keys to the form save_pretrained writes (….lora_A.weight)"
+            )
+        raise LoraCompressError(f"{directory}: no lora_A/lora_B tensors found; is this a LoRA adapter?")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for path in sorted(found, key=_natural_key):
+        reason = scope.skip_reason(path)
+        if reason is not None:
+            skipped.append(Skipped(path, reason))
+            continue
+        if any(part.startswith("embedding") for part in found[path]):
+            raise LoraCompressError(f"{directory}: LoRA on embeddings ({path}) is not supported; target Linear layers only")
+        if "magnitude_vector" in found[path]:
+            raise LoraCompressError(
+                f"{directory}: DoRA weights (lora_magnitude_vector) are not supported; only plain LoRA weights can be compressed"
+            )
+        parts[path] = found[path]
+    if not parts:
+        raise LoraCompressError(
+            f"{directory}: adapter_config.json ({scope.describe()}) matches none of the {len(found)} LoRA modules in the "
+            "weights file, so PEFT would apply no LoRA at all; use the adapter_config.json saved with these weights"
+        )
+    return parts, extra, skipped
 
 
 def _natural_key(path: str) -> list[Any]:

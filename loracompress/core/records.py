@@ -50,6 +50,8 @@ class AdapterStats:
     max_rank: int
     extra_tensors: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: what PEFT does not load, left out (``{"name", "reason"}`` each)
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class AdapterStats:
             "extra_params": self.extra_params,
             "extra_bytes": self.extra_bytes,
             "extra_tensors": self.extra_tensors,
+            "skipped": self.skipped,
             "task_type": self.config.get("task_type"),
             "base_model": self.config.get("base_model_name_or_path"),
             "modules": [vars(m) for m in self.modules],
@@ -90,6 +93,7 @@ def adapter_stats(adapter: Adapter, with_energy: bool = True) -> AdapterStats:
         max_rank=adapter.max_rank,
         extra_tensors=sorted(adapter.extra_tensors),
         config=adapter.config,
+        skipped=[s.to_json() for s in adapter.skipped],
     )
 
 
@@ -141,6 +145,8 @@ def compression_report(
         "max_rank_after": after.max_rank,
         "modules_dropped": sum(1 for p in before.modules if p not in after.modules),
         "extra_tensors": sorted(before.extra_tensors),
+        # LoRA modules and keys of the input that PEFT does not load (adapter_config.json's scope): left out
+        "skipped": [s.to_json() for s in before.skipped],
         "retained_energy": total_retained_energy,
         "quality": quality or {},
         "seconds": seconds,

@@ -33,7 +33,13 @@ from loracompress.core.adapter import Adapter, LoraModule, base_param_name, load
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError, brief
-from loracompress.export.registry import REPORT_NAME, ExportFormat, ExportOptions, ExportReport, register_format
+from loracompress.export.registry import (
+    REPORT_NAME,
+    ExportFormat,
+    ExportOptions,
+    ExportReport,
+    register_format,
+)
 from loracompress.export.targets import embedding_copies
 
 log = logging.getLogger(__name__)
@@ -399,6 +405,7 @@ def export_gguf(
         "lora_alpha": alpha, "max_rank": int(alpha), "modules": len(modules),
         "ranks": {m.path: int(m.a.shape[0]) for m in modules},
         "params": int(sum(m.a.size + m.b.size for m in modules)),
+        "skipped": [s.to_json() for s in adapter.skipped],  # what PEFT does not load: not exported
     }
     with atomic_output_dir(output, force=force, inputs=inputs) as tmp:
         write_gguf(tmp / GGUF_NAME, modules, base, alpha, source.resolve().name)

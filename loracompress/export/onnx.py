@@ -114,10 +114,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     # the same way whether or not the engine is installed.
     inputs = [*sources, options.base_model, options.graph]
     out = check_output_path(output, force=options.force, inputs=inputs)
-    if sources and uses_genai(options, load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite).config.get("task_type")):
+    first = load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite)  # _validate: there is one
+    if uses_genai(options, first.config.get("task_type")):
         return _export_genai(sources, output, options)
     import_onnxruntime()
-    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
+    adapters = [first, *(load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources[1:])]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
         raise LoraCompressError(f"the adapters have different task types ({', '.join(sorted(tasks))}); one graph serves one task")
@@ -152,6 +153,8 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         if not options.adapter_only:
             _write_model_files(base, tmp)
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)
+        # what PEFT does not load, per source: not exported
+        report["skipped"] = {str(s): [k.to_json() for k in a.skipped] for s, a in zip(sources, adapters) if a.skipped}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return OnnxReport(report)
 

@@ -187,7 +187,8 @@ def export_target(
     kept = {p: m.rank for p, m in adapter.modules.items() if m.rank > 0}
     if not kept:
         raise LoraCompressError(f"{source}: every module has rank 0; there is no adapter to serve")
-    record: dict[str, Any] = {"target": target, "source": str(source), "output": str(output), "max_rank": max(kept.values())}
+    record: dict[str, Any] = {"target": target, "source": str(source), "output": str(output), "max_rank": max(kept.values()),
+                              "skipped": [s.to_json() for s in adapter.skipped]}  # what PEFT does not load: not exported
     global_rank = None
     if target == "vllm":
         served = _check_vllm(adapter)

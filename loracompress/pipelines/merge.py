@@ -377,6 +377,7 @@ def _report(source: str | Path, out: Path, adapter: Adapter, base_source: str, d
         "module_check": check.to_json(),
         "tolerance": tolerance,
         "modules_merged": sum(1 for m in adapter.modules.values() if m.rank > 0),
+        "skipped": [s.to_json() for s in adapter.skipped],  # what PEFT does not load: not merged
         "lora_params": adapter.num_params,
         "modules_to_save": sorted(saved_module_params(adapter)),
         "untied": untied,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ LLAMA_MODULES = [
 ]
 
 
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
 def base_config(r: int = 4, alpha: int = 8, **changes: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -35,7 +39,7 @@ def base_config(r: int = 4, alpha: int = 8, **changes: Any) -> dict[str, Any]:
         "base_model_name_or_path": None,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        "target_modules": list(DEFAULT_TARGETS),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -65,9 +69,17 @@ def write_adapter(
     tensors: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """A PEFT adapter folder; ``config``/``tensors`` default to a valid 5-module rank-4 adapter."""
+    """A PEFT adapter folder; ``config``/``tensors`` default to a valid 5-module rank-4 adapter.
+
+    A config left at the default ``target_modules`` targets the modules ``tensors`` holds, as the config
+    save_pretrained writes beside them does (PEFT skips LoRA tensors on modules its config does not target).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     config = base_config() if config is None else config
+    if tensors is not None and isinstance(config, dict) and config.get("target_modules") == DEFAULT_TARGETS:
+        held = sorted({m["path"].rsplit(".", 1)[-1] for k in tensors
+                       if (m := re.match(r"^(?:base_model\.model\.)?(?P<path>.+?)\.lora_", k))})
+        config = {**config, "target_modules": held or DEFAULT_TARGETS}
     (directory / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
     save_file(lora_tensors() if tensors is None else tensors, str(directory / "adapter_model.safetensors"),
               metadata=metadata or {"format": "pt"})
