@@ -95,7 +95,8 @@ def detect(config: Any, keys: Iterable[str] = ()) -> Quantization | None:
     if qc is None and isinstance(raw.get("text_config"), Mapping):
         qc = raw["text_config"].get("quantization_config")
     qc = _config_dict(qc)
-    method = str(qc.get("quant_method", "")).lower().replace("_", "-") if qc else ""
+    method = qc.get("quant_method", "") if qc else ""
+    method = str(getattr(method, "value", method)).lower().replace("_", "-")  # a loaded config holds an enum
     if method == "fp8":
         block = qc.get("weight_block_size")
         return Quantization("fp8", "block-FP8-quantized" if block else "FP8-quantized",
@@ -106,7 +107,7 @@ def detect(config: Any, keys: Iterable[str] = ()) -> Quantization | None:
             return Quantization("bnb-4bit", f"bitsandbytes 4-bit ({kind})-quantized")
         return Quantization("bnb-8bit", "bitsandbytes 8-bit (LLM.int8)-quantized")
     if method:
-        label = REFUSED.get(method) or REFUSED.get(method.replace("-", "_")) or f"{qc.get('quant_method')}-quantized"
+        label = REFUSED.get(method) or REFUSED.get(method.replace("-", "_")) or f"{method}-quantized"
         return Quantization("refused", label)
     names = list(keys)
     for ending, label in _NAME_HINTS:
@@ -123,9 +124,40 @@ def detect(config: Any, keys: Iterable[str] = ()) -> Quantization | None:
 
 def refusal(q: Quantization, doing: str = "merging into it") -> LoraCompressError:
     """The one-line refusal for a format this tool cannot dequantize."""
+    verb = "merge into" if doing.startswith("merging") else "use"
     return LoraCompressError(
-        f"the base model is {q.label}; {doing} is not supported: merge into the unquantized base with "
+        f"the base model is {q.label}; {doing} is not supported: {verb} the unquantized base with "
         "--base-model ORIGINAL (the model it was quantized from)"
+    )
+
+
+def refuse_packed(name: str | Path, doing: str) -> None:
+    """Refuse a local base folder in a format that cannot be dequantized here, by its name, before loading it
+    (transformers would fail with a missing-package error, or load integer layers no merge can add to)."""
+    path = Path(str(name)).expanduser()
+    if path.is_dir():
+        q = detect_folder(path)
+        if q is not None and not q.supported:
+            raise refusal(q, doing)
+
+
+def float_model(model: nn.Module, doing: str) -> nn.Module:
+    """``model`` with float weights everywhere a merge adds ``ΔW``: bitsandbytes layers are dequantized by
+    transformers (``model.dequantize()``), an FP8 model that transformers left quantized is refused.
+
+    On a machine without a GPU transformers dequantizes FP8 checkpoints on load already.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    q = detect(getattr(model, "config", None))
+    if q is not None and q.method.startswith("bnb"):
+        model = model.dequantize()
+        return model
+    label = q.label if q is not None else "quantized"
+    raise LoraCompressError(
+        f"the base model is {label} and transformers kept its quantized layers on load (a GPU is visible); "
+        f"{doing} needs float weights: run with CUDA_VISIBLE_DEVICES= (FP8 is dequantized on the CPU), or use the "
+        "unquantized base with --base-model ORIGINAL"
     )
 
 

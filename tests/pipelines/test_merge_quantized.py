@@ -11,55 +11,8 @@ import torch
 
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
+from tests.quantized import bnb4_config, dequantize_fp8, qlora, quantize_fp8, quantized_folder, save_fp8_base
 from tests.tiny import LLAMA_TARGETS, make_adapter, sample_inputs
-
-BLOCK = (32, 32)  # 48 and 80 are not multiples: the edge blocks are partial, as in real checkpoints' odd sizes
-
-
-def _quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block FP8 as DeepSeek-V3 / Qwen3-FP8 publish it: e4m3 values and a scale_inv per block (W ≈ q · s)."""
-    rows, cols = w.shape
-    grid = (-(-rows // block[0]), -(-cols // block[1]))
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
-    s = torch.empty(grid, dtype=torch.float32)
-    for i in range(grid[0]):
-        for j in range(grid[1]):
-            tile = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].float()
-            s[i, j] = tile.abs().max().clamp_min(1e-12) / 448.0
-            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = (tile / s[i, j]).to(torch.float8_e4m3fn)
-    return q, s
-
-
-def _dequantize_fp8(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    w = q.float()
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] *= s[i, j]
-    return w
-
-
-def _save_fp8_base(base: torch.nn.Module, folder, block=BLOCK) -> dict[str, torch.Tensor]:
-    """Write ``base`` as a block-FP8 checkpoint (projections in FP8, the rest bf16); returns the
-    dequantized float state dict, the weights the FP8 model computes with."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    tensors, dequantized = {}, {}
-    for name, w in base.state_dict().items():
-        if name.endswith("_proj.weight"):
-            q, s = _quantize_fp8(w, block)
-            tensors[name], tensors[f"{name}_scale_inv"] = q, s
-            dequantized[name] = _dequantize_fp8(q, s, block)
-        else:
-            tensors[name] = w.to(torch.bfloat16).contiguous()
-            dequantized[name] = tensors[name].float()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = base.config.to_dict()
-    config.update(dtype="bfloat16", architectures=["LlamaForCausalLM"],
-                  quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic",
-                                       "fmt": "e4m3", "weight_block_size": list(block)})
-    (folder / "config.json").write_text(json.dumps(config))
-    return dequantized
 
 
 def _logits(model: torch.nn.Module, inputs) -> torch.Tensor:
@@ -99,7 +52,7 @@ def test_merge_into_a_block_fp8_base_matches_peft_on_the_dequantized_base(tmp_pa
     """The merge adds ΔW to fp8 · scale_inv (not to the raw FP8 values), writes bf16 (the base's float dtype)
     without scales or quantization_config, and equals PEFT on the dequantized base plus the adapter."""
     src, base = make_adapter("llama", tmp_path / "a", r=8)
-    dequantized = _save_fp8_base(base, tmp_path / "fp8")
+    dequantized = save_fp8_base(base, tmp_path / "fp8")
     reference_base = copy.deepcopy(base)
     reference_base.load_state_dict(dequantized)
     inputs = sample_inputs("llama", batch=2, seq=12, seed=3)
@@ -131,33 +84,17 @@ def test_fp8_dequantize_matches_a_block_by_block_reference():
 
     w = torch.randn(300, 200)
     for block in [(128, 128), (64, 32)]:
-        q, s = _quantize_fp8(w, block)
-        assert torch.equal(fp8_dequantize(q, s, block), _dequantize_fp8(q, s, block))
+        q, s = quantize_fp8(w, block)
+        assert torch.equal(fp8_dequantize(q, s, block), dequantize_fp8(q, s, block))
     with pytest.raises(LoraCompressError, match="not one per"):
         fp8_dequantize(q, s[:, :1], (64, 32))
-    q, s = _quantize_fp8(w[:256], (128, 100))  # no weight_block_size in the config: a grid that divides the weight
-    assert torch.equal(fp8_dequantize(q, s, None), _dequantize_fp8(q, s, (128, 100)))
+    q, s = quantize_fp8(w[:256], (128, 100))  # no weight_block_size in the config: a grid that divides the weight
+    assert torch.equal(fp8_dequantize(q, s, None), dequantize_fp8(q, s, (128, 100)))
     with pytest.raises(LoraCompressError, match="weight_block_size"):
-        fp8_dequantize(*_quantize_fp8(torch.randn(301, 200), (128, 128)), None)
+        fp8_dequantize(*quantize_fp8(torch.randn(301, 200), (128, 128)), None)
 
 
 # --------------------------------------------------------------------------- refused by name
-
-
-def _quantized_folder(tmp_path, base, name, quantization_config=None, tensors=None):
-    from safetensors.torch import save_file
-
-    folder = tmp_path / name
-    folder.mkdir()
-    config = base.config.to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    (folder / "config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in base.state_dict().items()}
-    state.update(tensors or {})
-    save_file(state, str(folder / "model.safetensors"))
-    return folder
 
 
 @pytest.mark.parametrize(("config", "tensors", "named"), [
@@ -170,7 +107,7 @@ def _quantized_folder(tmp_path, base, name, quantization_config=None, tensors=No
 ])
 def test_packed_quantized_bases_are_refused_by_name(tmp_path, capsys, config, tensors, named):
     src, base = make_adapter("llama", tmp_path / "a", r=4)
-    folder = _quantized_folder(tmp_path, base, "q", config, tensors)
+    folder = quantized_folder(tmp_path, base, "q", config, tensors)
     out = tmp_path / "m"
     assert main(["merge", str(src), "-o", str(out), "--base-model", str(folder)]) == 2
     err = capsys.readouterr().err
@@ -181,7 +118,7 @@ def test_packed_quantized_bases_are_refused_by_name(tmp_path, capsys, config, te
 
 def test_into_original_on_a_quantized_base_is_refused(tmp_path, capsys):
     src, base = make_adapter("llama", tmp_path / "a", r=4)
-    _save_fp8_base(base, tmp_path / "fp8")
+    save_fp8_base(base, tmp_path / "fp8")
     assert main(["merge", str(src), "-o", str(tmp_path / "m"), "--base-model", str(tmp_path / "fp8"),
                  "--into", "original"]) == 2
     err = capsys.readouterr().err
@@ -193,25 +130,6 @@ def test_into_original_on_a_quantized_base_is_refused(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- bitsandbytes 4-bit (QLoRA)
-
-
-def _bnb4(compute=torch.float32):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
-
-
-def _qlora(tmp_path):
-    """A 16-bit base, its 4-bit copy saved by transformers, and an adapter saved by PEFT on the 4-bit model."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM
-
-    src, base = make_adapter("llama", tmp_path / "a", r=8)
-    base.save_pretrained(str(tmp_path / "base16"))
-    q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base16"), quantization_config=_bnb4(), device_map="cpu")
-    q.save_pretrained(str(tmp_path / "base4"))
-    return src, base, q
 
 
 def _peft_on_4bit(q, src, inputs) -> torch.Tensor:
@@ -227,7 +145,7 @@ def _peft_on_4bit(q, src, inputs) -> torch.Tensor:
 def test_qlora_merge_into_a_4bit_base_matches_peft_on_the_4bit_model(tmp_path):
     """A bitsandbytes NF4 folder: merged into dequant(W4) (bitsandbytes' own dequantization), its logits
     equal PEFT's 4-bit model plus the adapter, and are closer to it than a merge into the 16-bit base."""
-    src, base, q = _qlora(tmp_path)
+    src, base, q = qlora(tmp_path)
     inputs = sample_inputs("llama", batch=2, seq=12, seed=5)
     ref = _peft_on_4bit(q, src, inputs)
 
@@ -246,7 +164,7 @@ def test_qlora_merge_into_a_4bit_base_matches_peft_on_the_4bit_model(tmp_path):
 def test_qlora_merge_from_the_16bit_base_with_load_in_4bit_equals_the_4bit_folder(tmp_path, capsys):
     """The 16-bit base and --load-in-4bit (or the adapter's PEFT model card saying it was trained in 4-bit)
     merge into dequant(NF4(W)): the same weights as the merge into the saved 4-bit folder."""
-    src, base, q = _qlora(tmp_path)
+    src, base, q = qlora(tmp_path)
     _merge(src, tmp_path / "base4", tmp_path / "m4", verify="modules")
     assert main(["merge", str(src), "-o", str(tmp_path / "f"), "--base-model", str(tmp_path / "base16"),
                  "--load-in-4bit", "--verify", "full"]) == 0
@@ -261,7 +179,7 @@ def test_qlora_merge_from_the_16bit_base_with_load_in_4bit_equals_the_4bit_folde
     import shutil
 
     shutil.copytree(src, tmp_path / "carded")
-    config = "\n".join(f"- {k}: {v}" for k, v in _bnb4().to_dict().items())
+    config = "\n".join(f"- {k}: {v}" for k, v in bnb4_config().to_dict().items())
     (tmp_path / "carded" / "README.md").write_text(
         "## Training procedure\n\n\nThe following `bitsandbytes` quantization config was used during training:\n"
         f"{config}\n\n### Framework versions\n\n- PEFT 0.6.2\n")
