@@ -151,8 +151,10 @@ def float_model(model: nn.Module, doing: str) -> nn.Module:
         return model
     q = detect(getattr(model, "config", None))
     if q is not None and q.method.startswith("bnb"):
-        model = model.dequantize()
-        return model
+        # In the dtype of the float parts (embeddings, norms): the one the base was loaded in. (transformers'
+        # default reads config.dtype, which can be a string its cast does not take.)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return model.dequantize(dtype=dtype)
     label = q.label if q is not None else "quantized"
     raise LoraCompressError(
         f"the base model is {label} and transformers kept its quantized layers on load (a GPU is visible); "

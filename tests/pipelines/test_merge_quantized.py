@@ -206,3 +206,24 @@ def test_plain_adapter_on_a_16bit_base_merges_into_the_original_weights(tmp_path
     base.save_pretrained(str(tmp_path / "base"))
     report = _merge(src, tmp_path / "base", tmp_path / "m", verify="modules")
     assert report["into"] == "original" and report["base_quantization"] is None
+
+
+def test_merge_into_an_8bit_base_matches_peft_on_transformers_dequantized_base(tmp_path):
+    """bitsandbytes LLM.int8 (int8 rows and SCB scales): merged into the weights transformers' own
+    ``dequantize()`` gives back, equal to PEFT on that model plus the adapter."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    src, base = make_adapter("llama", tmp_path / "a", r=8)
+    base.save_pretrained(str(tmp_path / "base16"))
+    q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base16"), quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                             device_map="cpu")
+    q.save_pretrained(str(tmp_path / "base8"))
+    reference_base = q.dequantize(dtype=torch.float32).eval()
+    inputs = sample_inputs("llama", batch=2, seq=12, seed=5)
+    ref = _peft_logits(reference_base, src, inputs)
+
+    report = _merge(src, tmp_path / "base8", tmp_path / "m", verify="full")
+    assert report["into"] == "dequantized" and report["base_quantization"]["format"] == "bnb-8bit"
+    assert not [k for k in _tensors(tmp_path / "m") if k.endswith(("SCB", "weight_format"))]
+    assert (_written_logits(tmp_path / "m", inputs) - ref).abs().max() < 1e-4
