@@ -27,7 +27,7 @@ def merge_cmd(
         "QLoRA adapter); original: into the 16-bit weights as stored. Default: dequantized when the base is quantized "
         "or the adapter was trained on a 4-bit base (its model card, its compression report, or --load-in-4bit)."),
     load_in_4bit: bool = typer.Option(
-        False, "--load-in-4bit", help="The adapter was trained on this 16-bit base loaded in 4-bit (QLoRA, NF4): merge "
+        False, "--load-in-4bit", metavar="", help="The adapter was trained on this 16-bit base loaded in 4-bit (QLoRA, NF4): merge "
         "into dequant(NF4(W)), written in the base's dtype (needs bitsandbytes; runs on the CPU)."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,

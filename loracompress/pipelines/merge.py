@@ -158,7 +158,7 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
         else:
             plan = structure
     if isinstance(plan, str):
-        refuse_quantized_in_memory(options, into, plan)
+        refuse_quantized_in_memory(options, adapter, into, plan)
         log.info("merging in memory: %s", plan)
         return _merge_in_memory(source, out, adapter, options, verify, requested, max_shard, tolerance, plan, t0)
     assert isinstance(structure, BaseStructure)

@@ -16,14 +16,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.merge_stream import Checkpoint, MergePlan, Reader
-from loracompress.runtime.model import BaseModel, BaseStructure, restore_modules_to_save
+from loracompress.runtime.model import BaseModel, BaseStructure, resolve_base_model, restore_modules_to_save
 from loracompress.runtime.quantized import (
     Bnb4Settings,
     Dequantizer,
@@ -36,6 +36,9 @@ from loracompress.runtime.quantized import (
     require_bitsandbytes,
     trained_in_4bit,
 )
+
+if TYPE_CHECKING:
+    from loracompress.pipelines.merge import MergeOptions
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +107,13 @@ def _open(checkpoint: Checkpoint) -> Iterator[Reader]:
         yield Reader(checkpoint, stack)
 
 
-def refuse_quantized_in_memory(options: Any, into: str | None, reason: str) -> None:
+def refuse_quantized_in_memory(options: MergeOptions, adapter: Adapter, into: str | None, reason: str) -> None:
     """A base that cannot be streamed is loaded by transformers: never a quantized one (its loaded
     layers are not float weights a merge can add to), nor a merge into dequantized weights."""
     if options.load_in_4bit or into == "dequantized":
         raise LoraCompressError(f"--into dequantized / --load-in-4bit need the base as a local folder of safetensors "
                                 f"weights ({reason}); pass --base-model FOLDER")
-    spec = options.base_model
-    if spec is None:
-        return
-    path = Path(str(spec)).expanduser()
+    path = Path(resolve_base_model(options.base_model, adapter)).expanduser()
     if path.is_dir():
         q = detect_folder(path)
         if q is not None:

@@ -3,7 +3,9 @@
 Only the base's *structure* is built (on the meta device, no weights); the weights are read from
 the shards one tensor at a time with plain file reads, each LoRA'd weight gets ``ΔW = B @ A · scale``
 added in float32 and is cast back, everything else is copied as it is. Peak memory is one tensor
-(plus its fp32 copy when it is merged) plus the adapter, whatever the size of the model.
+(plus its fp32 copy when it is merged) plus the adapter, whatever the size of the model. A quantized
+base's weight (block FP8, bitsandbytes) is read with its few scale tensors and dequantized to fp32 as
+it is read (:mod:`loracompress.runtime.quantized`): the same bound, the largest shard plus the adapter.
 
 The plan (:func:`plan_merge`) decides everything before a byte is written: which output file each
 tensor goes to, its dtype and shape, where its value comes from. When the checkpoint does not map
