@@ -35,7 +35,7 @@ from loracompress.errors import LoraCompressError
 #: quant_method -> what the base is, for the refusal (formats whose weights are packed integers).
 REFUSED = {
     "gptq": "GPTQ-quantized (packed integer weights)",
-    "awq": "AWQ-quantized (4-bit packed)",
+    "awq": "AWQ-quantized (packed integer weights)",
     "compressed-tensors": "compressed-tensors-quantized",
     "compressed_tensors": "compressed-tensors-quantized",
     "hqq": "HQQ-quantized",
@@ -62,8 +62,6 @@ _NAME_HINTS = (
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BNB4_STATE = ".quant_state.bitsandbytes__"  # + nf4 / fp4: the JSON of a 4-bit weight's quantization
 _BNB4_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-#: QLoRA's quantization (Dettmers et al. 2023), also transformers' and PEFT's recipe.
-QLORA_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
 
 
 @dataclass(frozen=True)
@@ -104,19 +102,24 @@ def detect(config: Any, keys: Iterable[str] = ()) -> Quantization | None:
     if method == "bitsandbytes":
         if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
             kind = str(qc.get("bnb_4bit_quant_type", "fp4")).upper()
-            return Quantization("bnb-4bit", f"bitsandbytes 4-bit ({kind})-quantized")
-        return Quantization("bnb-8bit", "bitsandbytes 8-bit (LLM.int8)-quantized")
+            return Quantization("bnb-4bit", f"bitsandbytes 4-bit quantized ({kind})")
+        return Quantization("bnb-8bit", "bitsandbytes 8-bit quantized (LLM.int8)")
     if method:
         label = REFUSED.get(method) or REFUSED.get(method.replace("-", "_")) or f"{method}-quantized"
+        bits = qc.get("bits")
+        if isinstance(bits, int) and "(" not in label:
+            label += f" ({bits}-bit)"
+        elif isinstance(bits, int):
+            label = label.replace("(", f"({bits}-bit, ", 1)
         return Quantization("refused", label)
     names = list(keys)
     for ending, label in _NAME_HINTS:
         if any(k.endswith(ending) for k in names):
             return Quantization("refused", label)
     if any(_BNB4_STATE in k for k in names):
-        return Quantization("bnb-4bit", "bitsandbytes 4-bit-quantized")
+        return Quantization("bnb-4bit", "bitsandbytes 4-bit quantized")
     if any(k.endswith(".SCB") for k in names):
-        return Quantization("bnb-8bit", "bitsandbytes 8-bit (LLM.int8)-quantized")
+        return Quantization("bnb-8bit", "bitsandbytes 8-bit quantized (LLM.int8)")
     if any(k.endswith(".weight_scale_inv") for k in names):
         return Quantization("fp8", "block-FP8-quantized")
     return None
