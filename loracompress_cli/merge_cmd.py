@@ -22,6 +22,13 @@ def merge_cmd(
         "auto", "--verify", help="modules (every merged module on random probes, no model in memory), full (also the "
         "whole model's logits), auto (full when the model fits in memory comfortably)."),
     tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed max abs difference, merged vs base+adapter, in fp32 (default 1e-3)."),
+    into: str | None = typer.Option(
+        None, "--into", help="dequantized: merge into the weights a 4-bit/FP8 base computes with (dequant(W4) for a "
+        "QLoRA adapter); original: into the 16-bit weights as stored. Default: dequantized when the base is quantized "
+        "or the adapter was trained on a 4-bit base (its model card, its compression report, or --load-in-4bit)."),
+    load_in_4bit: bool = typer.Option(
+        False, "--load-in-4bit", metavar="", help="The adapter was trained on this 16-bit base loaded in 4-bit (QLoRA, NF4): merge "
+        "into dequant(NF4(W)), written in the base's dtype (needs bitsandbytes; runs on the CPU)."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     allow_nonfinite: bool = ALLOW_NONFINITE,
@@ -30,7 +37,7 @@ def merge_cmd(
     """Merge ADAPTER into its base model (streaming, shard by shard, fp32 arithmetic), check it, save it."""
     options = MergeOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
                            tolerance=tolerance, force=force, trust_remote_code=trust_remote_code,
-                           allow_nonfinite=allow_nonfinite)
+                           allow_nonfinite=allow_nonfinite, into=into, load_in_4bit=load_in_4bit)
     report = merge_adapter(adapter, output, options)
     if as_json:
         print_json(report)
@@ -40,6 +47,8 @@ def merge_cmd(
     console.print(f"merged {report['modules_merged']} LoRA modules into a new copy of the base model "
                   f"{report['base_model']} ({how}; {report['dtype']}, {shards} safetensors shard{'s' if shards != 1 else ''}, "
                   f"{human_bytes(report['bytes'])})")
+    if report.get("into") == "dequantized" or report.get("into_reason", "").startswith("--into original, though"):
+        console.print(f"merged into the {report['into']} base weights: {report['into_reason']}")
     if report["vocab_resized"]:
         old, new = report["vocab_resized"]
         console.print(f"resized the base's vocabulary from {old} to {new} tokens, the size of the adapter's saved "

@@ -207,7 +207,8 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     """
     from loracompress.export.onnx_adapters import adapter_file_names
     from loracompress.runtime.layers import check_fit, merge_into
-    from loracompress.runtime.model import load_base_model
+    from loracompress.runtime.model import load_base_model, resolve_base_model
+    from loracompress.runtime.quantized import float_model, refuse_packed
 
     t0 = time.perf_counter()
     _validate(sources, options)
@@ -218,7 +219,9 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
     for adapter in adapters:
         _check_adapter(adapter)
+    refuse_packed(resolve_base_model(options.base_model, adapters[0]), "exporting it")
     base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    base.model = float_model(base.model, "exporting it")  # bitsandbytes layers dequantized, as merge does
     if not base.is_causal_lm:
         raise LoraCompressError("--engine genai exports decoder-only causal LMs; use --engine ort for this model")
     for adapter in adapters[1:]:

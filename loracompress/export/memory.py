@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from loracompress.core.adapter import Adapter
-from loracompress.runtime.layers import _untie, base_shape, check_fit
+from loracompress.runtime.layers import _untie, base_shape, check_fit, require_float_weights
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def merge_cast(model: nn.Module, adapter: Adapter, dtype: torch.dtype) -> None:
     (``model.to(dtype)`` after all merges held both).
     """
     check_fit(model, adapter)
+    require_float_weights(model, adapter)
     _untie(model, [f"{p}.weight" for p in adapter.modules])
     merges = {path: m for path, m in adapter.modules.items() if m.rank > 0}
     shards = MappedShards()

@@ -106,7 +106,8 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     from loracompress.export.probe import probe_batch
     from loracompress.export.verify import import_onnxruntime, resolve_tolerance
     from loracompress.runtime.data import prepare_model
-    from loracompress.runtime.model import load_base_model
+    from loracompress.runtime.model import load_base_model, resolve_base_model
+    from loracompress.runtime.quantized import float_model, refuse_packed
 
     t0 = time.perf_counter()
     dtype = _validate(sources, options)
@@ -128,7 +129,10 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
 
     # Held in its published 16-bit dtype when it has one (half of fp32); references still run in fp32.
     held = storage_dtype(options.base_model, adapters[0], trust_remote_code=options.trust_remote_code)
+    base_name = resolve_base_model(options.base_model, adapters[0])
+    refuse_packed(base_name, "exporting it")  # GPTQ, AWQ, ...: by name, not as a failed load
     base = load_base_model(options.base_model, adapters[0], dtype=held, trust_remote_code=options.trust_remote_code)
+    base.model = float_model(base.model, "exporting it")  # bitsandbytes layers dequantized, as merge does
     prepare_model(base)  # classifiers with a decoder body find each sequence's end by the pad id
     name = "fp16" if dtype == torch.float16 else "fp32"
     if options.adapter_only:

@@ -12,6 +12,11 @@ Verification (``verify``): ``modules`` checks every merged module on random prob
 compares the whole model's logits on a probe batch with the base running the adapter as LoRA
 layers, then the written model's (after the cast); ``auto`` is ``full`` when the model fits in
 memory comfortably. The figures are recorded in ``merge_report.json`` beside the model.
+
+A quantized base (block FP8, bitsandbytes 4/8-bit) is dequantized one weight at a time as it is
+read, the merged weights are written in its float dtype and the output's config loses its
+``quantization_config``; packed formats (GPTQ, AWQ, ...) are refused by name
+(:mod:`loracompress.pipelines.merge_quantized`, :mod:`loracompress.runtime.quantized`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
+from loracompress.pipelines.merge_quantized import (
+    Into,
+    check_into,
+    choose_base,
+    dequantized_base,
+    refuse_quantized_in_memory,
+)
 from loracompress.pipelines.merge_stream import (
     FLOATS,
     MergePlan,
@@ -69,6 +81,11 @@ class MergeOptions:
     allow_nonfinite: bool = False
     #: None: stream whenever the base allows it; False: always merge in memory (tests compare the two).
     streaming: bool | None = None
+    #: "dequantized" (into the weights a quantized base computes with), "original" (the 16-bit
+    #: weights as stored), None: dequantized when the base, the adapter's records or load_in_4bit say 4-bit.
+    into: str | None = None
+    #: the adapter was trained on this 16-bit base loaded in 4-bit (QLoRA): merge into dequant(NF4(W)).
+    load_in_4bit: bool = False
 
 
 def parse_size(text: str) -> int:
@@ -125,28 +142,35 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
     out = check_output_path(output, force=options.force, inputs=merge_inputs(source, options))
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
 
+    into = check_into(options.into)
+
     plan: MergePlan | str = "streaming turned off"
     structure: BaseStructure | str = "streaming turned off"
+    base = Into("original", "the base is not quantized")
     if options.streaming is not False:
         structure = load_base_structure(options.base_model, adapter, trust_remote_code=options.trust_remote_code)
         if isinstance(structure, BaseStructure):
             checkpoint = read_checkpoint(structure.folder)
+            if checkpoint is not None:
+                base = choose_base(into, options.load_in_4bit, source, structure, checkpoint)
             plan = ("the base has no safetensors weights" if checkpoint is None else
-                    plan_merge(checkpoint, structure.model, structure.config, adapter, requested, max_shard))
+                    plan_merge(checkpoint, structure.model, structure.config, adapter, requested, max_shard, base.quant))
         else:
             plan = structure
     if isinstance(plan, str):
+        refuse_quantized_in_memory(options, adapter, into, plan)
         log.info("merging in memory: %s", plan)
         return _merge_in_memory(source, out, adapter, options, verify, requested, max_shard, tolerance, plan, t0)
     assert isinstance(structure, BaseStructure)
-    return _merge_streaming(source, out, adapter, options, verify, structure, plan, tolerance, t0)
+    return _merge_streaming(source, out, adapter, options, verify, structure, plan, tolerance, t0, base)
 
 
 # --------------------------------------------------------------------------- streaming
 
 
 def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: MergeOptions, verify: str,
-                     structure: BaseStructure, plan: MergePlan, tolerance: float, t0: float) -> dict[str, Any]:
+                     structure: BaseStructure, plan: MergePlan, tolerance: float, t0: float,
+                     base: Into) -> dict[str, Any]:
     params = sum(int(torch.Size(t.shape).numel()) for t in plan.tensors if t.dtype in FLOATS)
     verify = _resolve_verify(verify, params)
     check = ModuleCheck()
@@ -157,11 +181,13 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
         _write_config(structure, plan, tmp)
         full: dict[str, Any] = {}
         if verify == "full":
-            full = _full_check_of_files(options, adapter, tmp, plan.dtype, tolerance)
+            full = _full_check_of_files(options, adapter, tmp, plan.dtype, tolerance,
+                                        dequantized_base(structure, plan, adapter) if plan.quant is not None else None)
         report = _report(source, out, adapter, structure.source, plan.dtype, verify, check, full, tolerance, tmp, t0,
                          streamed=True, reason=None, untied=plan.untied, vocab_resized=structure.vocab_resized,
                          layout="base" if options.max_shard_size is None else "max_shard_size", shards=shards)
         report["auto_map_dropped"] = dropped
+        report.update(base.to_json())
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -171,6 +197,8 @@ def _write_config(structure: BaseStructure, plan: MergePlan, directory: Path) ->
     config = structure.model.config
     config.architectures = [type(structure.model).__name__]
     config.dtype = plan.dtype  # the dtype the output really has (not what transformers set on load)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # every weight was dequantized: the output is a float model
     if plan.untied:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         for c in (config, text):  # multimodal configs keep the flag on their text part
@@ -194,12 +222,14 @@ def _require_modules(check: ModuleCheck, tolerance: float) -> None:
 
 
 def _full_check_of_files(options: MergeOptions, adapter: Adapter, written: Path, dtype: torch.dtype,
-                         tolerance: float) -> dict[str, Any]:
+                         tolerance: float, base: BaseModel | None = None) -> dict[str, Any]:
     """The whole-model check: base+adapter (fp32) against the fp32 merge, then against the files written.
 
     One model is in memory at a time: the base (merged in place for the fp32 figure), then the written one.
+    ``base`` is a quantized base's dequantized fp32 model (:func:`dequantized_base`), else the base is loaded.
     """
-    base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
+    if base is None:
+        base = load_base_model(options.base_model, adapter, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
     prepare_model(base)
     probe = probe_batch(base.model, base.tokenizer, batch=2, seq=16, seed=0)
     with applied(base.model, adapter):
@@ -305,6 +335,8 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
                          streamed=False, reason=reason, untied=untied, vocab_resized=base.vocab_resized,
                          layout="max_shard_size", shards=shards)
         report["auto_map_dropped"] = dropped
+        report.update((Into("dequantized", "the GGUF base is dequantized on load") if base.gguf_file else
+                       Into("original", "the base is not quantized")).to_json())
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 

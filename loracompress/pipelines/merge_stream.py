@@ -3,7 +3,9 @@
 Only the base's *structure* is built (on the meta device, no weights); the weights are read from
 the shards one tensor at a time with plain file reads, each LoRA'd weight gets ``ΔW = B @ A · scale``
 added in float32 and is cast back, everything else is copied as it is. Peak memory is one tensor
-(plus its fp32 copy when it is merged) plus the adapter, whatever the size of the model.
+(plus its fp32 copy when it is merged) plus the adapter, whatever the size of the model. A quantized
+base's weight (block FP8, bitsandbytes) is read with its few scale tensors and dequantized to fp32 as
+it is read (:mod:`loracompress.runtime.quantized`): the same bound, the largest shard plus the adapter.
 
 The plan (:func:`plan_merge`) decides everything before a byte is written: which output file each
 tensor goes to, its dtype and shape, where its value comes from. When the checkpoint does not map
@@ -29,6 +31,7 @@ from torch import nn
 from loracompress.core.adapter import Adapter, LoraModule, base_param_name
 from loracompress.core.safeio import read_header, read_tensor, torch_dtype, write_safetensors_lazy
 from loracompress.errors import LoraCompressError
+from loracompress.runtime.quantized import Dequantizer, Requantizer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ class MergePlan:
     model: nn.Module  # the model's structure on the meta device
     config: Any
     vocab_resized: tuple[int, int] | None = None
+    #: the quantized base's weights, dequantized as they are read (None: a float base)
+    quant: Dequantizer | Requantizer | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,12 +164,15 @@ def plan_merge(
     adapter: Adapter,
     dtype: torch.dtype | None,
     max_shard_bytes: int | None,
+    quant: Dequantizer | Requantizer | None = None,
 ) -> MergePlan | str:
     """The streaming plan, or the reason (a string) why this checkpoint must be merged in memory.
 
     ``model`` is the structure transformers builds for the adapter's task (meta device, vocabulary
     already resized to the adapter's embeddings when they differ). ``dtype`` overrides every floating
-    tensor's dtype; by default each keeps its own.
+    tensor's dtype; by default each keeps its own. With ``quant``, its weights are planned in their
+    float shape and the base's float dtype (they are dequantized when read) and the tensors folded
+    into them (scales, quantization states) are not written.
     """
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = _tied_groups(model)
@@ -176,6 +184,18 @@ def plan_merge(
             if candidate in ck:
                 return candidate
         return None
+
+    quantized = quant.weights if quant is not None else {}
+    folded = quant.companions if quant is not None else set()
+    # A dequantized weight is written in the dtype the base computes in (its float tensors' dtype).
+    main_dtype = _main_dtype(checkpoint)
+    float_dtype = main_dtype if any(checkpoint.dtype(k) in FLOATS for k in ck) else torch.bfloat16
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return quantized.get(key) or checkpoint.shape(key)
+
+    def dtype_of(key: str) -> torch.dtype:
+        return float_dtype if key in quantized and isinstance(quant, Dequantizer) else checkpoint.dtype(key)
 
     extras: dict[str, str] = {}
     for key, tensor in adapter.extra_tensors.items():
@@ -208,8 +228,8 @@ def plan_merge(
             continue
         if key is None:
             return f"the checkpoint has no {name}"
-        if checkpoint.shape(key) != shape:
-            return f"the checkpoint's {key} is {checkpoint.shape(key)}, the model's {shape}"
+        if shape_of(key) != shape:
+            return f"the checkpoint's {key} is {shape_of(key)}, the model's {shape}"
 
     # A LoRA on a tensor that shares storage with another (a tied head) changes that one alone.
     untied = sorted(n for n in modules if len(tied.get(n, [])) > 1)
@@ -217,9 +237,10 @@ def plan_merge(
     def out_dtype(own: torch.dtype) -> torch.dtype:
         return dtype if (dtype is not None and own in FLOATS) else own
 
-    main_dtype = _main_dtype(checkpoint)
     planned: dict[str, Planned] = {}
     for key, (file, _) in ck.items():
+        if key in folded:
+            continue
         if key not in state:  # not part of the model (a stale buffer): copied as it is
             planned[key] = Planned(key, file, out_dtype(checkpoint.dtype(key)), checkpoint.shape(key), Source(key=key))
     for name, shape in state.items():
@@ -227,7 +248,7 @@ def plan_merge(
         is_shared_copy = key is not None and key != name and name not in untied
         if is_shared_copy:
             continue  # a tied duplicate: the checkpoint stores it once, so does the output
-        own = checkpoint.dtype(key) if key is not None else main_dtype
+        own = dtype_of(key) if key is not None else main_dtype
         file = ck[key][0] if key is not None else checkpoint.files[-1]
         module = modules.get(name)
         transposed = bool(module is not None and fif and _is_conv1d(model, modules[name]))
@@ -238,7 +259,8 @@ def plan_merge(
     files = list(checkpoint.files)
     if max_shard_bytes is not None:
         files = _reshard(tensors, list(state), max_shard_bytes)
-    return MergePlan(checkpoint=checkpoint, tensors=tensors, files=files, untied=untied, model=model, config=config)
+    return MergePlan(checkpoint=checkpoint, tensors=tensors, files=files, untied=untied, model=model, config=config,
+                     quant=quant)
 
 
 def _is_conv1d(model: nn.Module, path: str) -> bool:
@@ -322,14 +344,21 @@ class ModuleCheck:
 
 
 @dataclass
-class _Reader:
+class Reader:
     """Open shard files, one handle each, for the duration of the merge."""
 
     checkpoint: Checkpoint
     stack: ExitStack
+    quant: Dequantizer | Requantizer | None = None
     handles: dict[str, BinaryIO] = field(default_factory=dict)
 
     def read(self, key: str) -> torch.Tensor:
+        """``key``'s value; a quantized weight's dequantized, in float32 (one weight and its scales in memory)."""
+        if self.quant is not None and key in self.quant.weights:
+            return self.quant.value(key, self.raw)
+        return self.raw(key)
+
+    def raw(self, key: str) -> torch.Tensor:
         file, entry = self.checkpoint.entries[key]
         if file not in self.handles:
             self.handles[file] = self.stack.enter_context((self.checkpoint.folder / file).open("rb"))
@@ -345,7 +374,7 @@ def write_plan(plan: MergePlan, adapter: Adapter, out_dir: Path, check: ModuleCh
         by_file[t.file].append(t)
     files = [f for f in plan.files if by_file[f]]
     with ExitStack() as stack:
-        reader = _Reader(plan.checkpoint, stack)
+        reader = Reader(plan.checkpoint, stack, plan.quant)
         for i, name in enumerate(files):
             group = {t.name: t for t in by_file[name]}
             specs = {n: (t.dtype, t.shape) for n, t in group.items()}
@@ -360,7 +389,7 @@ def write_plan(plan: MergePlan, adapter: Adapter, out_dir: Path, check: ModuleCh
     return files
 
 
-def _value(t: Planned, reader: _Reader, adapter: Adapter, check: ModuleCheck) -> torch.Tensor:
+def _value(t: Planned, reader: Reader, adapter: Adapter, check: ModuleCheck) -> torch.Tensor:
     src = t.source
     value = adapter.extra_tensors[src.extra] if src.extra is not None else reader.read(src.key)  # type: ignore[arg-type]
     if src.module is None:

@@ -261,6 +261,7 @@ def merge_into(model: nn.Module, adapter: Adapter) -> None:
     """Add every module's ΔW to the base weights in place (computed in float32, cast back)."""
     check_fit(model, adapter)
     _untie(model, [f"{p}.weight" for p in adapter.modules])
+    require_float_weights(model, adapter)
     with torch.no_grad():
         for path, m in adapter.modules.items():
             target = model.get_submodule(path)
@@ -268,6 +269,16 @@ def merge_into(model: nn.Module, adapter: Adapter) -> None:
             if base_shape(target) is not None and type(target).__name__ == "Conv1D":
                 delta = delta.T
             target.weight.copy_((target.weight.float() + delta).to(target.weight.dtype))
+
+
+def require_float_weights(model: nn.Module, adapter: Adapter) -> None:
+    """Refuse to add ``ΔW`` to a weight that is not a float (FP8 values without their scales, packed
+    4-bit or int8): the sum would not be the merged weight, the adapter would be lost."""
+    for path, m in adapter.modules.items():
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if m.rank and weight is not None and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise LoraCompressError(f"{path}.weight is {str(weight.dtype).replace('torch.', '')}: the base is quantized "
+                                    "and must be dequantized before a merge; use the unquantized base with --base-model ORIGINAL")
 
 
 def _untie(model: nn.Module, names: list[str]) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from loracompress.core.adapter import KEY_PREFIX, Adapter, base_param_name
 from loracompress.errors import LoraCompressError, brief
 from loracompress.runtime.layers import check_fit
+from loracompress.runtime.quantized import refuse_packed
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def load_base_model(
         raise LoraCompressError(f"cannot load base model {name!r}: {brief(err, 200)}") from None
     except Exception as err:  # noqa: BLE001 - corrupt weights surface as SafetensorError, struct.error, ...
         log.debug("loading %s failed", name, exc_info=True)
+        refuse_packed(name, "loading it")  # a GPTQ/AWQ/... base is not damaged: say what it is
         raise LoraCompressError(
             f"cannot load base model {name!r} ({brief(err, 140)}); its files look damaged: re-download or re-save it"
         ) from None
