@@ -227,3 +227,30 @@ def test_merge_into_an_8bit_base_matches_peft_on_transformers_dequantized_base(t
     assert report["into"] == "dequantized" and report["base_quantization"]["format"] == "bnb-8bit"
     assert not [k for k in _tensors(tmp_path / "m") if k.endswith(("SCB", "weight_format"))]
     assert (_written_logits(tmp_path / "m", inputs) - ref).abs().max() < 1e-4
+
+
+def test_sharded_fp8_base_keeps_its_layout_without_the_scales(tmp_path):
+    """Weights and their scales in different shards: the output keeps the base's shard files, its index
+    names no scale, and the values equal the single-file merge."""
+    from safetensors.torch import load_file, save_file
+
+    src, base = make_adapter("llama", tmp_path / "a", r=4)
+    save_fp8_base(base, tmp_path / "one")
+    tensors = load_file(str(tmp_path / "one" / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    names = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in files.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / file), metadata={"format": "pt"})
+    weight_map = {k: f for f, keys in files.items() for k in keys}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    _merge(src, tmp_path / "one", tmp_path / "m1", verify="modules")
+    report = _merge(src, sharded, tmp_path / "m2", verify="modules")
+    assert report["shards"] == list(files)
+    index = json.loads((tmp_path / "m2" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not [k for k in index if "scale" in k] and set(index) == set(_tensors(tmp_path / "m1"))
+    one, two = _tensors(tmp_path / "m1"), _tensors(tmp_path / "m2")
+    assert all(torch.equal(one[k], two[k]) for k in one)
