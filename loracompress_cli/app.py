@@ -9,8 +9,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 import typer
@@ -88,8 +93,35 @@ def hoist_debug(args: list[str]) -> list[str]:
     return ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same unwinding as Ctrl-C: every temporary output is removed on the way out
+
+
+@contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (``docker stop``, a CI runner cancelling a job, ``timeout``) stops a command as Ctrl-C does.
+
+    Python's default for SIGTERM ends the process at once, without unwinding, which left a merge's or
+    an export's temporary folder behind. Calibration installs its own handler (finish the step,
+    checkpoint) for its loop and puts this one back after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    with _sigterm_as_sigint():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = hoist_debug(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("LORACOMPRESS_DEBUG") == "1"
     try:
