@@ -6,7 +6,9 @@ User errors (:class:`LoraCompressError`) exit 2 with one line on stderr and no t
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import os
 import signal
@@ -20,6 +22,7 @@ from typing import Any
 import click
 import typer
 
+from loracompress.core.validate import flag, require_finite
 from loracompress.errors import CheckFailed, LoraCompressError
 
 # typer >= 0.20 vendors its own copy of click: its usage errors and Exit/Abort are not click's classes.
@@ -68,6 +71,32 @@ def _register_all() -> None:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"loracompress_cli.{name}")
         module.register(app)
+    for info in app.registered_commands:
+        info.callback = _finite_floats(info.callback)
+
+
+def _flag_of(parameter: inspect.Parameter) -> str:
+    decls = getattr(parameter.default, "param_decls", None) or ()
+    longs = [d for d in decls if d.startswith("--")]
+    return longs[0] if longs else flag(parameter.name)
+
+
+def _finite_floats(callback: Any) -> Any:
+    """Refuse ``nan``/``inf`` for every float option of a command, naming its flag, before the command runs.
+
+    typer parses ``--kd-weight nan`` as a float, and ``nan`` then passes every ``x < 0`` check; one
+    wrapper here covers each float option of each command, present and future.
+    """
+    signature = inspect.signature(callback)
+    flags = {name: _flag_of(p) for name, p in signature.parameters.items()}
+
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            require_finite(flags[name], value)
+        return callback(*args, **kwargs)
+
+    return checked
 
 
 _register_all()

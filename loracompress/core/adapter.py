@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
@@ -603,7 +604,7 @@ def write_adapter_files(adapter: Adapter, directory: Path, dtype: torch.dtype | 
     config = portable_config(adapter)
     metadata = {**adapter.metadata, "format": "pt"}
     write_safetensors(directory / SAFETENSORS_NAME, portable_tensors(adapter, dtype), metadata)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    jsonio.write_json(directory / CONFIG_NAME, config, sort_keys=True)
 
 
 def save_adapter(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from loracompress.calibration.methods.dylora import ORDER_VALUE, RANGE_KEY, VALUES_KEY
+from loracompress.core import jsonio
 from loracompress.core.adapter import ORDER_KEY, Adapter, LoraModule
 from loracompress.core.budget import Budget, allocate
 from loracompress.core.linalg import component_energies
@@ -93,7 +94,7 @@ def truncate_adapter(adapter: Adapter, budget: Budget, itemsize: int | None = No
         p: LoraModule(A=m.A[:ranks[p]].clone(), B=m.B[:, :ranks[p]].clone(), scale=m.scale)
         for p, m in adapter.modules.items() if ranks[p] > 0
     }
-    metadata = {**adapter.metadata, VALUES_KEY: json.dumps(
+    metadata = {**adapter.metadata, VALUES_KEY: jsonio.dumps(
         {p: [float(x) for x in values[p][:ranks[p]]] for p in modules}, separators=(",", ":"))}
     notes = []
     trained = _trained_range(adapter)

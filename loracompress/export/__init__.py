@@ -6,7 +6,6 @@ out (``model.onnx``, ``*.onnx_adapter``, tokenizer, ``export_report.json``), wri
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
@@ -134,7 +134,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         if not options.adapter_only:
             _write_model_files(base, tmp)
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, report)
     return report
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import KEY_PREFIX, Adapter, dtype_name, portable_tensors
 from loracompress.errors import LoraCompressError
 from loracompress.export.graph import (
@@ -79,7 +80,7 @@ class GraphSpec:
     @property
     def version(self) -> int:
         """A 31-bit fingerprint written as the ``.onnx_adapter`` model version: adapter and graph must agree."""
-        text = json.dumps([sorted(self.lora.items()), sorted(self.heads.items()), self.dtype])
+        text = jsonio.dumps([sorted(self.lora.items()), sorted(self.heads.items()), self.dtype])
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
     def to_json(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def build_graph(model: torch.nn.Module, spec: GraphSpec, outputs: list[str], exa
         overrides[name] = params[name].detach()
     program = export_onnx_program(ServingModule(model, outputs, names), example, overrides, axes, optimize=False)
     _make_optional_inputs(program, spec, head_defaults)
-    model_metadata(program, {"loracompress.mode": "adapters", _META: json.dumps(spec.to_json())})
+    model_metadata(program, {"loracompress.mode": "adapters", _META: jsonio.dumps(spec.to_json())})
     return program
 
 

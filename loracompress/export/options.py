@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from loracompress.core.validate import reject_nonfinite
+
 
 @dataclass
 class GraphOptions:
@@ -18,6 +20,9 @@ class GraphOptions:
     force: bool = False
     trust_remote_code: bool = False
     allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:  # inherited by both engines' options
+        reject_nonfinite(self)
 
 
 def shared(options: GraphOptions) -> dict[str, Any]:

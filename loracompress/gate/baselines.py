@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 from loracompress.gate.measure import _read_json_object
 
@@ -45,7 +45,7 @@ def baseline_doc(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def baseline_text(entries: Mapping[str, Mapping[str, Any]]) -> str:
-    return json.dumps(baseline_doc(entries), indent=2, sort_keys=True) + "\n"
+    return jsonio.dumps(baseline_doc(entries), indent=2, sort_keys=True) + "\n"
 
 
 def write_text_atomic(path: Path, text: str) -> None:

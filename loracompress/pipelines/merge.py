@@ -17,7 +17,6 @@ memory comfortably. The figures are recorded in ``merge_report.json`` beside the
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import re
 import shutil
@@ -28,8 +27,10 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter, dtype_name, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
@@ -69,6 +70,9 @@ class MergeOptions:
     allow_nonfinite: bool = False
     #: None: stream whenever the base allows it; False: always merge in memory (tests compare the two).
     streaming: bool | None = None
+
+    def __post_init__(self) -> None:
+        reject_nonfinite(self)
 
 
 def parse_size(text: str) -> int:
@@ -160,7 +164,7 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
         report = _report(source, out, adapter, structure.source, plan.dtype, verify, check, full, tolerance, tmp, t0,
                          streamed=True, reason=None, untied=plan.untied, vocab_resized=structure.vocab_resized,
                          layout="base" if options.max_shard_size is None else "max_shard_size", shards=shards)
-        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / MERGE_REPORT, report)
     return report
 
 
@@ -301,7 +305,7 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
         report = _report(source, out, adapter, base.source, dtype, verify, check, full, tolerance, tmp, t0,
                          streamed=False, reason=reason, untied=untied, vocab_resized=base.vocab_resized,
                          layout="max_shard_size", shards=shards)
-        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / MERGE_REPORT, report)
     return report
 
 

@@ -139,3 +139,104 @@ def test_report_plot_into_an_unwritable_folder_is_one_line(tmp_path: Path, capsy
     src = write_adapter(tmp_path / "adapter")
     _refused(capsys, tmp_path, ["report", src, "--plot", f"{folder}/ranks.png"], "--plot", "cannot write",
              "choose another path")
+
+
+# --------------------------------------------------------------------------- 5. NaN: refused as input, never written
+
+
+@pytest.mark.parametrize("args", [
+    ["prune", "{adapter}", "--budget", "0.5", "--method", "lorpa", "--data", "{data}", "--kd-weight", "nan", "-o", "{out}"],
+    ["prune", "{adapter}", "--budget", "0.5", "--method", "lorpa", "--data", "{data}", "--lr", "inf", "-o", "{out}"],
+    ["prune", "{adapter}", "--budget", "0.5", "--data", "{data}", "--eval-fraction", "nan", "-o", "{out}"],
+    ["eval", "{adapter}", "--data", "{data}", "--temperature", "nan"],
+    ["merge", "{adapter}", "--tolerance", "nan", "-o", "{out}"],
+    ["export", "{adapter}", "--tolerance", "-inf", "-o", "{out}"],
+])
+def test_every_float_option_refuses_nan_and_inf(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: list[str]) -> None:
+    """``nan > 0`` is false, so ``--kd-weight nan`` passed the old checks and turned distillation off."""
+    src = write_adapter(tmp_path / "adapter")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    flag = next(a for a in args if a.startswith("--") and a not in ("--budget", "--method", "--data"))
+    filled = [a.format(adapter=src, data=data, out=tmp_path / "out") for a in args]
+    _refused(capsys, tmp_path, filled, flag, "finite number")
+
+
+def test_library_options_refuse_nan_and_inf() -> None:
+    from loracompress.calibration.engine.config import EngineConfig
+    from loracompress.errors import LoraCompressError
+    from loracompress.export import OnnxOptions
+    from loracompress.pipelines.evaluate import EvalOptions
+    from loracompress.pipelines.merge import MergeOptions
+    from loracompress.pipelines.prune import PruneOptions
+
+    nan, inf = float("nan"), float("inf")
+    for make, flag in [
+        (lambda: EngineConfig(kd_weight=nan), "--kd-weight"),
+        (lambda: EngineConfig(weight_decay=inf), "--weight-decay"),
+        (lambda: EngineConfig(max_grad_norm=nan), "--max-grad-norm"),
+        (lambda: PruneOptions(task_weight=nan), "--task-weight"),
+        (lambda: EvalOptions(data="x", temperature=nan), "--temperature"),
+        (lambda: MergeOptions(tolerance=inf), "--tolerance"),
+        (lambda: OnnxOptions(tolerance=nan), "--tolerance"),
+    ]:
+        with pytest.raises(LoraCompressError, match=f"^{flag} must be a finite number"):
+            make()
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory: pytest.TempPathFactory, bert: dict[str, Path]) -> Path:
+    from tests.tiny import tiny_sentences
+
+    data = tmp_path_factory.mktemp("unlabelled") / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_sentences(24)))
+    return data
+
+
+@pytest.mark.parametrize("weights", [["--kd-weight", "0"], ["--kd-weight", "0", "--task-weight", "0"]])
+def test_a_loss_of_exactly_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], bert: dict[str, Path],
+                                           unlabelled: Path, weights: list[str]) -> None:
+    """Both weights 0, or ``--kd-weight 0`` on data without labels: nothing to learn (``--kd-weight nan
+    --task-weight 0`` was the way around this, refused above)."""
+    _refused(capsys, tmp_path, ["prune", bert["adapter"], "--base-model", bert["base"], "--data", unlabelled,
+                                "--method", "lorpa", "--budget", "0.5", "--steps", "2", "--device", "cpu", *weights,
+                                "-o", tmp_path / "out"], "--kd-weight")
+    assert not list(tmp_path.glob(".out.ckpt*"))
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_written_is_strict(tmp_path: Path) -> None:
+    """A NaN measured value was written as a bare ``NaN``, which ``JSON.parse`` and ``jq`` reject."""
+    from loracompress.core import jsonio
+    from loracompress.gate.records import report_json
+
+    nan = float("nan")
+    doc = {"quality": {"kl": nan, "ppl": [1.0, float("inf")]}, "ok": 0.5}
+    assert _strict_json(report_json(doc)) == {"quality": {"kl": None, "ppl": [1.0, None]}, "ok": 0.5}
+    jsonio.write_json(tmp_path / "r.json", doc)
+    assert _strict_json((tmp_path / "r.json").read_text())["quality"]["kl"] is None
+    import numpy as np
+
+    assert _strict_json(jsonio.dumps({"x": np.float32("nan")}, default=lambda o: o.item())) == {"x": None}
+
+
+def test_no_json_is_written_outside_the_strict_helper() -> None:
+    """One helper (``loracompress.core.jsonio``) writes every JSON; a stray ``json.dump(s)`` would allow NaN."""
+    import re
+
+    strays = []
+    for folder in ("loracompress", "loracompress_cli"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "jsonio.py":
+                continue
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if re.search(r"\bjson\.dumps?\(", line):
+                    strays.append(f"{path.relative_to(REPO)}:{n}")
+    assert strays == []
