@@ -33,6 +33,11 @@ def load_baseline(path: Path) -> dict[str, dict[str, Any]]:
     for key, entry in doc["adapters"].items():
         if not isinstance(entry, dict):
             raise LoraCompressError(f"baseline {path}: entry {key!r} is not an object; {fix}")
+        if not any(entry.get(metric) is not None for metric in GROWTH_METRICS):  # it would pass anything
+            raise LoraCompressError(
+                f"baseline {path}: entry {key!r} holds no sizes ({', '.join(GROWTH_METRICS)}), so nothing could be "
+                f"compared with it; {fix}"
+            )
         for metric in GROWTH_METRICS:
             value = entry.get(metric)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

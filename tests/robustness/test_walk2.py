@@ -240,3 +240,32 @@ def test_no_json_is_written_outside_the_strict_helper() -> None:
                 if re.search(r"\bjson\.dumps?\(", line):
                     strays.append(f"{path.relative_to(REPO)}:{n}")
     assert strays == []
+
+
+# --------------------------------------------------------------------------- 4. the gate never passes on nothing
+
+
+@pytest.mark.parametrize("entry", [{}, {"note": "x"}, {"params": None, "bytes": None}])
+def test_a_baseline_entry_without_sizes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, entry: dict) -> None:
+    """``{"adapters": {"small": {}}}`` printed an empty table, "all 1 adapter pass" and exit 0."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_adapter(tmp_path / "small")
+    Path("sizes.json").write_text(json.dumps({"format": "loracompress-sizes/1", "adapters": {"small": entry}}))
+    line = _refused(capsys, tmp_path, ["check", "small", "--baseline", "sizes.json"], "'small'", "holds no sizes")
+    assert "sizes.json" in line
+
+
+def test_an_adapter_checked_against_nothing_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the baseline and under no limit: nothing was compared, so nothing may pass."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_adapter(tmp_path / "small")
+    write_adapter(tmp_path / "other")
+    assert main(["report", "small", "--json"]) == 0
+    Path("sizes.json").write_text(capsys.readouterr().out)
+    _refused(capsys, tmp_path, ["check", "small", "other", "--baseline", "sizes.json"], "other: nothing to check it against",
+             "--update-baseline")
+    assert main(["check", "small", "other", "--baseline", "sizes.json", "--max-params", "1M"]) == 0  # a limit is a check
