@@ -24,6 +24,7 @@ import typer
 
 from loracompress.core.validate import flag, require_finite
 from loracompress.errors import CheckFailed, LoraCompressError
+from loracompress_cli.common import no_breaks
 
 # typer >= 0.20 vendors its own copy of click: its usage errors and Exit/Abort are not click's classes.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
@@ -167,7 +168,7 @@ def _main(argv: list[str] | None) -> int:
     except LoraCompressError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {no_breaks(str(e))}", file=sys.stderr)  # one line, whatever the paths it names hold
         return e.exit_code
     except CheckFailed as e:
         if str(e):

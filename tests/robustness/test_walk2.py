@@ -269,3 +269,37 @@ def test_an_adapter_checked_against_nothing_is_refused(tmp_path: Path, capsys: p
     _refused(capsys, tmp_path, ["check", "small", "other", "--baseline", "sizes.json"], "other: nothing to check it against",
              "--update-baseline")
     assert main(["check", "small", "other", "--baseline", "sizes.json", "--max-params", "1M"]) == 0  # a limit is a check
+
+
+# --------------------------------------------------------------------------- 9. no workflow-command injection
+
+INJECTED = "x\n::error::injected\r::set-output name=a::b\u2028::add-mask::c"
+
+
+def _command_lines(text: str) -> list[str]:
+    """Lines a CI runner would read as workflow commands (it splits on \\r and \\n; \\u2028 for safety)."""
+    return [line for line in text.replace("\r", "\n").replace("\u2028", "\n").split("\n") if line.startswith("::")]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_check_output_cannot_inject_workflow_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
+    """A ``--message`` or a folder name holding a newline started a line of its own: ``::error::…``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    folder = write_adapter(tmp_path / f"ad{INJECTED.replace('/', '')}")
+    capsys.readouterr()
+    code = main(["check", str(folder.name), "--max-params", "10", "--message", f"{INJECTED} [/oops]",
+                 *(["--json"] if as_json else [])])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    ours = [line for line in _command_lines(out + "\n" + err)]
+    assert ours and all(line.startswith("::error file=") for line in ours), ours  # only our own annotations
+    assert "%0A::error::injected" in out + err and "[/oops]" in out + err
+    assert all(not line.startswith("- ::") and "\n::" not in line for line in summary.read_text().split("\n"))
+
+
+def test_an_error_line_stays_one_line_whatever_the_path_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _refused(capsys, tmp_path, ["inspect", tmp_path / f"missing{INJECTED}"], "no such folder", "%0A::error::injected")
