@@ -19,7 +19,7 @@ import pytest
 
 from loracompress_cli.app import main
 from tests.robustness.hostile import refused as _refused
-from tests.robustness.hostile import stray_temps, write_adapter
+from tests.robustness.hostile import snapshot, stray_temps, tree, write_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -303,3 +303,123 @@ def test_check_output_cannot_inject_workflow_commands(tmp_path: Path, capsys: py
 
 def test_an_error_line_stays_one_line_whatever_the_path_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _refused(capsys, tmp_path, ["inspect", tmp_path / f"missing{INJECTED}"], "no such folder", "%0A::error::injected")
+
+
+# --------------------------------------------------------------------------- 8. the library refuses what the CLI refuses
+
+
+@pytest.mark.parametrize("name", ["../x", "../../escaped.txt", "/tmp/abs.txt", "sub/x.md", "..", ".", "",
+                                  "adapter_model.safetensors", "adapter_config.json", "a\0b"])
+def test_save_adapter_extra_files_stay_plain_names_inside_the_output(tmp_path: Path, name: str) -> None:
+    """``../x`` and absolute names were written outside the output; ``adapter_model.safetensors`` replaced the weights."""
+    from loracompress import LoraCompressError, load_adapter, save_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "in" / "adapter"))
+    work = tmp_path / "work"
+    work.mkdir()
+    before = tree(tmp_path), snapshot(tmp_path)
+    with pytest.raises(LoraCompressError, match="extra_files name"):
+        save_adapter(adapter, work / "out", extra_files={name.replace("/tmp", str(tmp_path)): "payload"})
+    assert (tree(tmp_path), snapshot(tmp_path)) == before
+
+
+def test_save_adapter_writes_the_extra_files_it_may(tmp_path: Path) -> None:
+    from loracompress import load_adapter, save_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    out = save_adapter(adapter, tmp_path / "out", extra_files={"README.md": "hi", "notes.txt": "x"})
+    assert (out / "README.md").read_text() == "hi" and load_adapter(out).num_params == adapter.num_params
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", "int32", "fp8"])
+def test_save_adapter_refuses_a_dtype_load_adapter_would_refuse(tmp_path: Path, dtype: str) -> None:
+    import torch
+
+    from loracompress import LoraCompressError, load_adapter, save_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    value = getattr(torch, dtype) if hasattr(torch, dtype) else dtype
+    with pytest.raises(LoraCompressError, match="fp32|float32"):
+        save_adapter(adapter, tmp_path / "out", dtype=value)
+    assert not (tmp_path / "out").exists() and stray_temps(tmp_path) == []
+
+
+def test_save_adapter_takes_the_dtypes_the_cli_takes(tmp_path: Path) -> None:
+    import torch
+
+    from loracompress import load_adapter, save_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    assert load_adapter(save_adapter(adapter, tmp_path / "a", dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert load_adapter(save_adapter(adapter, tmp_path / "b", dtype="fp16")).dtype == torch.float16
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_rank": 0}, "max_rank must be at least 1"),
+    ({"max_rank": -3}, "max_rank must be at least 1"),
+    ({"min_rank": -1}, "min_rank must be at least 0"),
+    ({"min_rank": 1.5}, "min_rank must be a whole number"),
+    ({"max_rank": True}, "max_rank must be a whole number"),
+    ({"dtype": "int8"}, "unknown dtype"),
+    ({"itemsize": 0}, "itemsize must be at least 1"),
+    ({"select": 3}, "compress_svd(select)"),
+])
+def test_compress_svd_validates_like_the_cli(tmp_path: Path, kwargs: dict, words: str) -> None:
+    """``compress_svd(a, B, max_rank=0)`` returned an adapter with no module left."""
+    from loracompress import Budget, LoraCompressError, compress_svd, load_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    with pytest.raises(LoraCompressError) as err:
+        compress_svd(adapter, Budget.parse("0.5"), **kwargs)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_compress_svd_takes_budget_text_as_the_cli_does(tmp_path: Path) -> None:
+    from loracompress import Budget, compress_svd, load_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    by_text = compress_svd(adapter, "50%", select="energy:0.99").adapter
+    assert by_text.ranks == compress_svd(adapter, Budget.parse("0.5"), select="energy:0.99").adapter.ranks
+
+
+def _public_calls(tmp_path: Path) -> list[tuple[str, object]]:
+    from loracompress import Adapter, Budget, LoraModule, allocate, compress_svd, load_adapter, save_adapter
+
+    adapter = load_adapter(write_adapter(tmp_path / "adapter"))
+    return [
+        ("load_adapter(3)", lambda: load_adapter(3)),
+        ("load_adapter(path, allow_nonfinite='yes')", lambda: load_adapter(tmp_path / "adapter", allow_nonfinite="yes")),
+        ("save_adapter(str, path)", lambda: save_adapter(str(tmp_path), tmp_path / "o")),
+        ("save_adapter(adapter, 3)", lambda: save_adapter(adapter, 3)),
+        ("save_adapter(extra_files=list)", lambda: save_adapter(adapter, tmp_path / "o", extra_files=["README.md"])),
+        ("save_adapter(extra_files={name: bytes})", lambda: save_adapter(adapter, tmp_path / "o", extra_files={"a": b"x"})),
+        ("compress_svd(path, budget)", lambda: compress_svd(tmp_path / "adapter", "0.5")),
+        ("compress_svd(adapter, [0.5])", lambda: compress_svd(adapter, [0.5])),
+        ("Budget.parse(None)", lambda: Budget.parse(None)),
+        ("Budget('percent', 1)", lambda: Budget("percent", 1)),
+        ("Budget('params', nan)", lambda: Budget("params", float("nan"))),
+        ("allocate(list, dict, 3)", lambda: allocate([1.0], {}, 3)),
+        ("allocate(values, costs, '3')", lambda: allocate({"m": [1.0]}, {"m": 2}, "3")),
+        ("allocate without a cost", lambda: allocate({"m": [1.0]}, {}, 3)),
+        ("LoraModule(1, 2)", lambda: LoraModule(1, 2)),
+        ("LoraModule(scale=nan)", lambda: LoraModule(adapter.modules[next(iter(adapter.modules))].A,
+                                                     adapter.modules[next(iter(adapter.modules))].B, float("nan"))),
+        ("Adapter(modules=list)", lambda: Adapter(modules=[], config={})),
+        ("Adapter(modules={p: str})", lambda: Adapter(modules={"m": "x"}, config={})),
+    ]
+
+
+def test_public_functions_raise_the_project_error_for_wrong_types(tmp_path: Path) -> None:
+    """Wrong argument types gave AttributeError/TypeError from deep inside; each is now one line naming it."""
+    from loracompress import LoraCompressError
+
+    for what, call in _public_calls(tmp_path):
+        try:
+            call()
+        except LoraCompressError as err:
+            assert "\n" not in str(err), what
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{what}: {type(err).__name__}: {err}")
+        else:
+            pytest.fail(f"{what}: accepted")
+    assert stray_temps(tmp_path) == [] and not (tmp_path / "o").exists()
