@@ -37,6 +37,7 @@ def export_cmd(
     tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", metavar="", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
+    same_base: bool = typer.Option(False, "--same-base", metavar="", help="ONNX adapters: the adapters name different bases but were all trained on --base-model (refused otherwise)."),
     engine: str = typer.Option("auto", "--engine", help="ONNX: genai (onnxruntime-genai, generating with KV cache; the default for causal LMs) or ort (one forward pass)."),
     device: str = typer.Option("auto", "--device", help="ONNX: where onnxruntime verifies: auto (a GPU provider when there is one) or cpu."),
     cpu: bool = typer.Option(False, "--cpu", metavar="", hidden=True, help="The same as --device cpu (kept for old scripts)."),
@@ -65,7 +66,7 @@ def export_cmd(
         _print_target(record, as_json)
         return
     options = OnnxOptions(base_model=base_model, mode=mode, dtype=dtype or "fp32", tolerance=tolerance,
-                          adapter_only=adapter_only, graph=str(graph) if graph else None, force=force,
+                          adapter_only=adapter_only, graph=str(graph) if graph else None, force=force, same_base=same_base,
                           trust_remote_code=trust_remote_code, prefer_gpu=prefer_gpu, allow_nonfinite=allow_nonfinite, engine=engine)
     report = export_onnx(adapters, out, options)
     if report.get("engine") == "onnxruntime-genai":

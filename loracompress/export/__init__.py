@@ -19,7 +19,7 @@ from loracompress.core import jsonio
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.export.options import GraphOptions, shared
+from loracompress.export.options import GraphOptions, check_same_base, shared
 from loracompress.export.targets import (  # one record name for every export
     REPORT_NAME,
     TARGETS,
@@ -96,10 +96,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     # the same way whether or not the engine is installed.
     inputs = [*sources, options.base_model, options.graph]
     out = check_output_path(output, force=options.force, inputs=inputs)
-    if sources and uses_genai(options, load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite).config.get("task_type")):
+    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
+    check_same_base(adapters, options)
+    if uses_genai(options, adapters[0].config.get("task_type")):
         return _export_genai(sources, output, options)
     import_onnxruntime()
-    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
         raise LoraCompressError(f"the adapters have different task types ({', '.join(sorted(tasks))}); one graph serves one task")

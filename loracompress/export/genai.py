@@ -54,7 +54,7 @@ from loracompress.export.genai_verify import (
     peft_greedy,
     require_passed,
 )
-from loracompress.export.options import GraphOptions
+from loracompress.export.options import GraphOptions, check_same_base
 from loracompress.export.targets import REPORT_NAME
 
 __all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
@@ -204,6 +204,7 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
     for adapter in adapters:
         _check_adapter(adapter)
+    check_same_base(adapters, options)
     base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
     if not base.is_causal_lm:
         raise LoraCompressError("--engine genai exports decoder-only causal LMs; use --engine ort for this model")

@@ -423,3 +423,73 @@ def test_public_functions_raise_the_project_error_for_wrong_types(tmp_path: Path
         else:
             pytest.fail(f"{what}: accepted")
     assert stray_temps(tmp_path) == [] and not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- 3. one graph, one base
+
+
+@pytest.fixture(scope="module")
+def two_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny BERT bases of the same shapes and different weights, and an adapter trained on each."""
+    from tests.tiny import make_adapter, save_tiny_base
+
+    root = tmp_path_factory.mktemp("two_bases")
+    out = {}
+    for key, seed in (("a", 0), ("b", 1)):
+        base = save_tiny_base("bert", root / f"base_{key}", seed=seed)
+        adapter, _ = make_adapter("bert", root / f"adapter_{key}", r=4, seed=seed)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base)
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        out[f"base_{key}"], out[f"adapter_{key}"] = base, adapter
+    return out
+
+
+def _peft_logits(adapter: Path, base: Path) -> object:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.tiny import sample_inputs
+
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(base)), str(adapter)).eval()
+    import torch
+
+    with torch.no_grad():
+        return model(**sample_inputs("bert")).logits
+
+
+def test_adapters_of_different_bases_are_not_put_on_one_graph(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              two_bases: dict[str, Path]) -> None:
+    """The first adapter's base was used for the graph and every check: both passed, and the second adapter
+    served on the wrong weights (0.35 off PEFT on its own base)."""
+    a, b = two_bases["adapter_a"], two_bases["adapter_b"]
+    wrong = (_peft_logits(b, two_bases["base_a"]) - _peft_logits(b, two_bases["base_b"])).abs().max().item()
+    assert wrong > 0.05  # what one graph on base A would serve for adapter B, against stock PEFT on B's own base
+    out = tmp_path / "out"
+    for extra in ([], ["--base-model", two_bases["base_a"]]):
+        _refused(capsys, tmp_path, ["export", a, b, "--format", "onnx", "--mode", "adapters", *extra, "-o", out],
+                 "different base models", "--same-base", str(two_bases["base_b"]))
+    _refused(capsys, tmp_path, ["export", a, b, "--format", "onnx", "--mode", "adapters", "--same-base", "-o", out],
+             "--same-base needs", "--base-model")
+
+
+@pytest.mark.slow  # two tiny ONNX exports: about a minute on a free core, several on a busy machine
+def test_same_base_vouches_and_adapter_only_on_another_base_says_the_base_differs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], two_bases: dict[str, Path]) -> None:
+    """--base-model plus --same-base exports (names can differ for one model: a hub id and a local copy).
+    ``--adapter-only --graph`` on a graph of another base said "raise --tolerance", which would have
+    shipped adapter files for the wrong base; it says the base differs now."""
+    pytest.importorskip("onnxruntime")
+    graph = tmp_path / "graph"
+    code = main(["export", str(two_bases["adapter_a"]), str(two_bases["adapter_b"]), "--format", "onnx", "--mode",
+                 "adapters", "--base-model", str(two_bases["base_a"]), "--same-base", "--device", "cpu", "-o", str(graph)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in graph.glob("*.onnx_adapter")) == ["adapter_a.onnx_adapter", "adapter_b.onnx_adapter"]
+    line = _refused(capsys, tmp_path, ["export", two_bases["adapter_b"], "--format", "onnx", "--mode", "adapters",
+                                       "--adapter-only", "--graph", graph, "--device", "cpu", "-o", tmp_path / "more"],
+                    "the base differs", "--base-model", str(two_bases["base_a"]))
+    assert "tolerance" not in line
+    # the graph's own base is the fix: then the adapter files are written (and verified on that base)
+    assert main(["export", str(two_bases["adapter_b"]), "--format", "onnx", "--mode", "adapters", "--adapter-only",
+                 "--graph", str(graph), "--base-model", str(two_bases["base_a"]), "--device", "cpu",
+                 "-o", str(tmp_path / "more")]) == 0
