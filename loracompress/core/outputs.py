@@ -122,7 +122,7 @@ _NAME_MAX = 255
 _SIBLING_EXTRA = 1 + 5 + 10 + 1 + 8
 
 
-def _sibling_stem(out: Path) -> str:
+def sibling_stem(out: Path) -> str:
     """The part of a temp sibling's name that stands for ``out``: its name, or, when the sibling would then be
     longer than a file name may be (a legal 250-character ``-o``), a prefix of it and a hash of the whole.
     Deterministic, so the next run finds a killed run's leftovers under the same stem."""
@@ -135,14 +135,14 @@ def _sibling_stem(out: Path) -> str:
 
 def _sibling(out: Path, kind: str) -> Path:
     """A fresh ``.NAME.{kind}-PID-RANDOM`` beside ``out`` (the pid tells a later run whether its writer lives)."""
-    return out.parent / f".{_sibling_stem(out)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return out.parent / f".{sibling_stem(out)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _cleanup_stale(out: Path) -> None:
     """Remove temporary siblings left by earlier runs that were killed (kill -9, power loss)."""
     # escape: an output named "run[1]" must not match (and delete) the temp folder of "run1"
     for kind in ("tmp", "old"):
-        for stale in sorted(out.parent.glob(f".{glob.escape(_sibling_stem(out))}.{kind}-*")):
+        for stale in sorted(out.parent.glob(f".{glob.escape(sibling_stem(out))}.{kind}-*")):
             pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
             if pid.isdigit() and _pid_alive(int(pid)):
                 continue  # another run is writing right now

@@ -69,3 +69,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise LoraCompressError(f"cannot write {path}: {err.strerror or err}; check the folder's permissions") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no temporary file is left beside the baseline
+        tmp.unlink(missing_ok=True)
+        raise

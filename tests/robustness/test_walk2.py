@@ -120,6 +120,17 @@ def test_a_killed_run_with_a_long_name_is_cleaned_up_by_the_next(tmp_path: Path)
     assert stray_temps(tmp_path) == []
 
 
+def test_a_long_output_name_keeps_its_checkpoint_folder_name_legal(tmp_path: Path) -> None:
+    """Calibration checkpoints live in ``.NAME.ckpt`` beside the output: 256 bytes for a 250-character name."""
+    from loracompress.pipelines.calibrate import checkpoint_dir
+
+    assert checkpoint_dir(tmp_path / "small").name == ".small.ckpt"  # unchanged: --resume still finds old ones
+    long = checkpoint_dir(tmp_path / ("é" * 125))  # 250 bytes in UTF-8
+    assert len(os.fsencode(long.name)) <= 255 and long.name.endswith(".ckpt")
+    long.mkdir()
+    assert checkpoint_dir(tmp_path / ("é" * 125)) == long  # the same folder every run
+
+
 @pytest.mark.parametrize("name", ["z" * 300, "/proc/x"])
 def test_an_output_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
     if name.startswith("/proc") and not Path("/proc").is_dir():
