@@ -6,16 +6,25 @@ User errors (:class:`LoraCompressError`) exit 2 with one line on stderr and no t
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 import typer
 
+from loracompress.core.validate import flag, require_finite
 from loracompress.errors import CheckFailed, LoraCompressError
+from loracompress_cli.common import no_breaks
 
 # typer >= 0.20 vendors its own copy of click: its usage errors and Exit/Abort are not click's classes.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,)
@@ -63,6 +72,32 @@ def _register_all() -> None:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"loracompress_cli.{name}")
         module.register(app)
+    for info in app.registered_commands:
+        info.callback = _finite_floats(info.callback)
+
+
+def _flag_of(parameter: inspect.Parameter) -> str:
+    decls = getattr(parameter.default, "param_decls", None) or ()
+    longs = [d for d in decls if d.startswith("--")]
+    return longs[0] if longs else flag(parameter.name)
+
+
+def _finite_floats(callback: Any) -> Any:
+    """Refuse ``nan``/``inf`` for every float option of a command, naming its flag, before the command runs.
+
+    typer parses ``--kd-weight nan`` as a float, and ``nan`` then passes every ``x < 0`` check; one
+    wrapper here covers each float option of each command, present and future.
+    """
+    signature = inspect.signature(callback)
+    flags = {name: _flag_of(p) for name, p in signature.parameters.items()}
+
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            require_finite(flags[name], value)
+        return callback(*args, **kwargs)
+
+    return checked
 
 
 _register_all()
@@ -88,8 +123,35 @@ def hoist_debug(args: list[str]) -> list[str]:
     return ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same unwinding as Ctrl-C: every temporary output is removed on the way out
+
+
+@contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (``docker stop``, a CI runner cancelling a job, ``timeout``) stops a command as Ctrl-C does.
+
+    Python's default for SIGTERM ends the process at once, without unwinding, which left a merge's or
+    an export's temporary folder behind. Calibration installs its own handler (finish the step,
+    checkpoint) for its loop and puts this one back after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    with _sigterm_as_sigint():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = hoist_debug(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("LORACOMPRESS_DEBUG") == "1"
     try:
@@ -106,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoraCompressError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {no_breaks(str(e))}", file=sys.stderr)  # one line, whatever the paths it names hold
         return e.exit_code
     except CheckFailed as e:
         if str(e):

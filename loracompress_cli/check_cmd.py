@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loracompress.errors import CheckFailed, LoraCompressError
 from loracompress.gate.check import AdapterResult, CheckResult, Finding, run_check
 from loracompress.gate.config import display_path, load_config
 from loracompress.gate.thresholds import QualityBound, Thresholds, parse_amount, parse_rank, parse_tolerance
-from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.common import console, human, human_bytes, no_breaks, print_json
 
 
 def fmt_value(value: float | None, unit: str) -> str:
@@ -71,6 +72,12 @@ def describe(a: AdapterResult, f: Finding) -> str:
     return text + (f" — {f.message}" if f.message and not f.ok else "")
 
 
+def one_line(text: str) -> str:
+    """Untrusted text (a --message, a folder name) for one line of rich output: line breaks percent-encoded
+    (:func:`~loracompress_cli.common.no_breaks`) and rich markup shown as typed."""
+    return escape(no_breaks(text))
+
+
 def _rows(result: CheckResult) -> list[tuple[AdapterResult, Finding]]:
     return [(a, f) for a in result.adapters for f in a.findings]
 
@@ -89,16 +96,16 @@ def render_table(result: CheckResult) -> None:
         table.add_column(col, justify="left" if col in ("adapter", "check", "result") else "right")
     for a, f in _rows(result):
         status = "[green]pass[/green]" if f.ok else "[bold red]FAIL[/bold red]"
-        table.add_row(a.path, label(f), fmt_value(f.value, f.unit),
+        table.add_row(one_line(a.path), label(f), fmt_value(f.value, f.unit),
                       fmt_limit(f), fmt_value(f.baseline, f.unit) if f.baseline is not None else "", fmt_delta(f),
-                      status + (f" ({f.note})" if f.note else ""))
+                      status + (f" ({one_line(f.note)})" if f.note else ""))
     console.print(table)
     for a, f in result.failures:
-        console.print(f"[red]✘[/red] {describe(a, f)}", soft_wrap=True)
+        console.print(f"[red]✘[/red] {one_line(describe(a, f))}", soft_wrap=True)
     mark = "[green]✔[/green]" if result.ok else "[red]✘[/red]"
     console.print(f"{mark} {_headline(result)}")
     if result.baseline_updated:
-        console.print(f"updated baseline {display_path(result.baseline, Path.cwd())}")
+        console.print(f"updated baseline {one_line(str(display_path(result.baseline, Path.cwd())))}")
 
 
 def summary_markdown(result: CheckResult) -> str:
@@ -107,12 +114,12 @@ def summary_markdown(result: CheckResult) -> str:
              "| adapter | check | value | limit | baseline | Δ | result |", "|---|---|---:|---:|---:|---:|---|"]
     for a, f in _rows(result):
         status = "✅ pass" if f.ok else "❌ **fail**"
-        lines.append(f"| `{a.path}` | {label(f)} | "
+        lines.append(f"| `{no_breaks(a.path)}` | {label(f)} | "
                      f"{fmt_value(f.value, f.unit)} | {fmt_limit(f)} | "
                      f"{fmt_value(f.baseline, f.unit) if f.baseline is not None else ''} | {fmt_delta(f)} | "
-                     f"{status}{f' ({f.note})' if f.note else ''} |")
+                     f"{status}{f' ({no_breaks(f.note)})' if f.note else ''} |")
     if result.failures:
-        lines += ["", *(f"- {describe(a, f)}" for a, f in result.failures)]
+        lines += ["", *(f"- {no_breaks(describe(a, f))}" for a, f in result.failures)]
     if result.baseline_updated:
         lines += ["", f"Baseline `{display_path(result.baseline, Path.cwd())}` updated."]
     return "\n".join(lines) + "\n\n"
@@ -120,7 +127,7 @@ def summary_markdown(result: CheckResult) -> str:
 
 def _escape(text: str, prop: bool = False) -> str:
     # GitHub's workflow-command escaping; properties also escape ':' and ','.
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    text = no_breaks(text.replace("%", "%25"))  # \r -> %0D, \n -> %0A, and every other line break too
     return text.replace(":", "%3A").replace(",", "%2C") if prop else text
 
 

@@ -45,6 +45,7 @@ def export_cmd(
     tolerance: float | None = typer.Option(None, "--tolerance", help="ONNX: largest allowed max abs difference vs PyTorch (default 1e-3 fp32, 0.1 fp16)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", metavar="", help="ONNX adapters: write only .onnx_adapter files for the graph in --graph."),
     graph: Path | None = typer.Option(None, "--graph", help="With --adapter-only: an existing --mode adapters export folder."),
+    same_base: bool = typer.Option(False, "--same-base", metavar="", help="ONNX adapters: the adapters name different bases but were all trained on --base-model (refused otherwise)."),
     engine: str | None = typer.Option(None, "--engine", help="ONNX: genai (onnxruntime-genai, generating with KV cache; the default for causal LMs) or ort (one forward pass)."),
     device: str | None = typer.Option(None, "--device", help="ONNX: where onnxruntime verifies: auto (a GPU provider when there is one; default) or cpu."),
     cpu: bool = typer.Option(False, "--cpu", metavar="", hidden=True, help="The same as --device cpu (kept for old scripts)."),
@@ -59,7 +60,7 @@ def export_cmd(
     out = output or adapters[0].resolve().parent / f"{adapters[0].resolve().name}-{chosen.name}"
     given = {"base_model": base_model, "mode": mode, "dtype": dtype, "tolerance": tolerance, "adapter_only": adapter_only,
              "graph": str(graph) if graph else None, "engine": engine, "device": "cpu" if cpu else device, "rank": rank,
-             "force": force, "trust_remote_code": trust_remote_code, "allow_nonfinite": allow_nonfinite}
+             "same_base": same_base, "force": force, "trust_remote_code": trust_remote_code, "allow_nonfinite": allow_nonfinite}
     report = export(adapters, out, options_for(chosen, given))
     if as_json:
         print_json(report)

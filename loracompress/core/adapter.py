@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import stat
@@ -29,7 +30,9 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.scope import KEY_PREFIX, Scope, Skipped, split_tensors, summary
+from loracompress.core.validate import require_finite, require_type
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
@@ -109,8 +112,13 @@ class LoraModule:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
+        require_type("LoraModule A", self.A, torch.Tensor, "a torch.Tensor [rank, in]")
+        require_type("LoraModule B", self.B, torch.Tensor, "a torch.Tensor [out, rank]")
+        require_type("LoraModule scale", self.scale, numbers.Real, "a number")
+        require_finite("LoraModule scale", float(self.scale))
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"LoRA factors disagree: A {tuple(self.A.shape)}, B {tuple(self.B.shape)}")
+            raise LoraCompressError(f"LoRA factors disagree: A {tuple(self.A.shape)}, B {tuple(self.B.shape)}; "
+                                    "A is [rank, in] and B is [out, rank]")
 
     @property
     def rank(self) -> int:
@@ -155,6 +163,14 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
     skipped: list[Skipped] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require_type("Adapter modules", self.modules, dict, "a dict of module path -> LoraModule")
+        for path, module in self.modules.items():
+            require_type(f"Adapter module {path!r}", module, LoraModule, "a LoraModule")
+        require_type("Adapter config", self.config, dict, "a dict (the adapter_config.json)")
+        require_type("Adapter extra_tensors", self.extra_tensors, dict, "a dict of file key -> torch.Tensor")
+        require_type("Adapter dtype", self.dtype, torch.dtype, "a torch dtype")
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -433,6 +449,8 @@ def load_adapter(path: str | Path, allow_nonfinite: bool = False) -> Adapter:
     Raises:
         LoraCompressError: for anything wrong with the files, with a message naming the fix.
     """
+    require_type("load_adapter(path)", path, (str, os.PathLike), "the adapter folder's path")
+    require_type("load_adapter(allow_nonfinite)", allow_nonfinite, bool, "True or False")
     directory = Path(path)
     if not directory.exists():
         raise LoraCompressError(f"{directory}: no such folder; pass the folder that holds {CONFIG_NAME}")
@@ -673,7 +691,30 @@ def write_adapter_files(adapter: Adapter, directory: Path, dtype: torch.dtype | 
     config = portable_config(adapter)
     metadata = {**adapter.metadata, "format": "pt"}
     write_safetensors(directory / SAFETENSORS_NAME, portable_tensors(adapter, dtype), metadata)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    jsonio.write_json(directory / CONFIG_NAME, config, sort_keys=True)
+
+
+def output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """What ``--dtype`` allows (fp32, fp16, bf16): an adapter written in another dtype cannot be read back."""
+    if dtype is None or isinstance(dtype, str):
+        return parse_dtype(dtype)
+    if dtype not in _DTYPE_NAMES:
+        raise LoraCompressError(f"cannot save LoRA weights as {dtype}: use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def _check_extra_files(extra_files: Any) -> None:
+    """Each name is one plain file beside the adapter: never a path out of the folder, never its own files."""
+    if extra_files is None:
+        return
+    require_type("save_adapter(extra_files)", extra_files, dict, "a dict of file name -> text")
+    for name, text in extra_files.items():
+        require_type("an extra_files name", name, str, "a file name")
+        require_type(f"extra_files[{name!r}]", text, str, "text")
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+            raise LoraCompressError(f"extra_files name {name!r} is not a plain file name; give a name without folders")
+        if name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+            raise LoraCompressError(f"extra_files name {name!r} would overwrite the adapter's own file; choose another name")
 
 
 def save_adapter(
@@ -686,11 +727,16 @@ def save_adapter(
 ) -> Path:
     """Save the portable form atomically (temporary sibling folder, then rename).
 
-    ``extra_files`` maps file names to text written beside the adapter (report, card). ``inputs``: other
-    paths the output must not overlap (the adapter's own source always counts).
+    ``dtype``: fp32, fp16 or bf16 (a torch dtype or its name; default: the adapter's). ``extra_files`` maps
+    plain file names (no folder, not the adapter's own files) to text written beside the adapter (report,
+    card). ``inputs``: other paths the output must not overlap (the adapter's own source always counts).
     """
     from loracompress.core.outputs import atomic_output_dir
 
+    require_type("save_adapter(adapter)", adapter, Adapter, "an Adapter (from load_adapter or compress_svd)")
+    require_type("save_adapter(path)", path, (str, os.PathLike), "a folder path")
+    dtype = output_dtype(dtype)
+    _check_extra_files(extra_files)
     protected = [adapter.source, *inputs]
     with atomic_output_dir(path, force=force, inputs=protected) as tmp:
         write_adapter_files(adapter, tmp, dtype)

@@ -12,16 +12,19 @@ under a budget; every method meets its budget through it.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from loracompress.core.validate import require_int, require_type
 from loracompress.errors import LoraCompressError
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+KINDS = ("fraction", "params", "bytes", "rank")
 _HELP = "use a fraction (0.5), a percentage (50%), a parameter count (1.2M, 300k), a size (4MB, 4MiB) or rank=8"
 
 
@@ -33,8 +36,16 @@ class Budget:
     value: float
     text: str = ""
 
+    def __post_init__(self) -> None:  # a Budget built directly must be one parse could have made
+        if self.kind not in KINDS:
+            raise LoraCompressError(f"Budget kind {self.kind!r} is not one of {', '.join(KINDS)}; use Budget.parse('0.5')")
+        require_type("Budget value", self.value, numbers.Real, "a number")
+        if not (math.isfinite(self.value) and self.value > 0):
+            raise LoraCompressError(f"Budget value must be a positive finite number (got {self.value})")
+
     @classmethod
     def parse(cls, text: str | float) -> Budget:
+        require_type("a budget", text, (str, int, float), "text or a number (0.5, 50%, 1.2M, 4MB, rank=8)")
         raw = str(text).strip()
         s = raw.lower().replace("_", "").replace(",", "")
         if not s:
@@ -170,7 +181,12 @@ def allocate(
     the best *uniform* rank that fits and the better of the two is returned, so the result is
     never worse than uniform truncation of the same size, by construction.
     """
+    require_type("allocate(values)", values, Mapping, "a mapping of module -> component values")
+    require_type("allocate(costs)", costs, Mapping, "a mapping of module -> parameters per component")
+    require_int("allocate(target)", target, 0)
     names = list(values)
+    if missing := [n for n in names if n not in costs]:
+        raise LoraCompressError(f"allocate: no cost for {missing[0]!r}; give costs for every module of values")
     vals = {n: np.asarray(values[n], dtype=np.float64) for n in names}
     lo = {n: min(_bound(min_rank, n, 0), len(vals[n])) for n in names}
     hi = {n: min(_bound(max_rank, n, len(vals[n])), len(vals[n])) for n in names}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import uuid
@@ -98,13 +99,16 @@ def check_output_path(
     the output may not overlap any of them, ``--force`` or not.
     """
     out = Path(path)
-    _check_not_cwd(out)
-    _check_inputs(out, inputs)
-    if out.resolve().parent.is_dir():
-        _cleanup_stale(out.resolve())  # may put back an output that a killed --force run had moved aside
-    if out.exists():
-        _check_replaceable(out, force)
-    anchor = _nearest_existing(out.resolve().parent)
+    try:
+        _check_not_cwd(out)
+        _check_inputs(out, inputs)
+        if out.resolve().parent.is_dir():
+            _cleanup_stale(out.resolve())  # may put back an output that a killed --force run had moved aside
+        if out.exists():
+            _check_replaceable(out, force)
+        anchor = _nearest_existing(out.resolve().parent)
+    except OSError as err:  # a name longer than the file system allows, a path through a file ...
+        raise LoraCompressError(f"cannot write {out} ({err.strerror or err}); choose another -o") from None
     if not anchor.is_dir():
         raise LoraCompressError(f"cannot write {out}: {anchor} is a file, not a folder; choose another -o")
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -112,11 +116,33 @@ def check_output_path(
     return out
 
 
+#: Longest file name (bytes) the common file systems allow; a temp sibling must fit in it too.
+_NAME_MAX = 255
+#: What a sibling adds to the stem: "." + ".tmp-" + a pid (up to 10 digits) + "-" + 8 hex digits.
+_SIBLING_EXTRA = 1 + 5 + 10 + 1 + 8
+
+
+def sibling_stem(out: Path) -> str:
+    """The part of a temp sibling's name that stands for ``out``: its name, or, when the sibling would then be
+    longer than a file name may be (a legal 250-character ``-o``), a prefix of it and a hash of the whole.
+    Deterministic, so the next run finds a killed run's leftovers under the same stem."""
+    raw = os.fsencode(out.name)
+    if len(raw) + _SIBLING_EXTRA <= _NAME_MAX:
+        return out.name
+    prefix = raw[:96].decode("utf-8", "ignore")  # a cut inside a multi-byte character drops that character
+    return f"{prefix}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh ``.NAME.{kind}-PID-RANDOM`` beside ``out`` (the pid tells a later run whether its writer lives)."""
+    return out.parent / f".{sibling_stem(out)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _cleanup_stale(out: Path) -> None:
     """Remove temporary siblings left by earlier runs that were killed (kill -9, power loss)."""
     # escape: an output named "run[1]" must not match (and delete) the temp folder of "run1"
     for kind in ("tmp", "old"):
-        for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+        for stale in sorted(out.parent.glob(f".{glob.escape(sibling_stem(out))}.{kind}-*")):
             pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
             if pid.isdigit() and _pid_alive(int(pid)):
                 continue  # another run is writing right now
@@ -157,13 +183,17 @@ def atomic_output_dir(
     """
     out = check_output_path(path, force=force, inputs=inputs).resolve()
     made = _make_parents(out.parent)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(out, "tmp")
     try:
         tmp.mkdir()
+    except OSError as err:  # /proc/x, a name too long, a folder that vanished: the -o cannot be written
+        _remove_made(made)
+        raise LoraCompressError(f"cannot write {out} ({err.strerror or err}); choose another -o") from None
+    try:
         yield tmp
         if out.exists():
             _check_replaceable(out, force)  # someone may have put files there while we worked
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = _sibling(out, "old")
             out.rename(old)
             try:
                 _move_into_place(tmp, out)

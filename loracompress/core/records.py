@@ -7,7 +7,6 @@ retained energy, and quality before/after when it was measured. ``loracompress c
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from loracompress._version import __version__
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter, dtype_name
 from loracompress.core.linalg import effective_rank, singular_values
 
@@ -155,7 +155,7 @@ def compression_report(
 
 
 def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, default=_jsonable) + "\n"
+    return jsonio.dumps(report, indent=2, default=_jsonable) + "\n"
 
 
 def _jsonable(x: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 
 _ITEMSIZE = {
@@ -150,7 +151,7 @@ def write_safetensors_lazy(
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = jsonio.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
     with path.open("wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))

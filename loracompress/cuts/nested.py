@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import (
     NESTED_ORDER,
     NESTED_RANGE_KEY,
@@ -99,7 +100,7 @@ def truncate_adapter(adapter: Adapter, budget: Budget, itemsize: int | None = No
         p: LoraModule(A=m.A[:ranks[p]].clone(), B=m.B[:, :ranks[p]].clone(), scale=m.scale)
         for p, m in adapter.modules.items() if ranks[p] > 0
     }
-    metadata = {**adapter.metadata, NESTED_VALUES_KEY: json.dumps(
+    metadata = {**adapter.metadata, NESTED_VALUES_KEY: jsonio.dumps(
         {p: [float(x) for x in values[p][:ranks[p]]] for p in modules}, separators=(",", ":"))}
     notes = []
     trained = _trained_range(adapter)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loracompress.core.adapter import Adapter, LoraModule
+from loracompress.core.adapter import Adapter, LoraModule, output_dtype
 from loracompress.core.budget import Budget, allocate
 from loracompress.core.linalg import LowRankCore, LowRankSVD, effective_rank, lowrank_core, lowrank_svd
+from loracompress.core.validate import require_int, require_type
 from loracompress.errors import LoraCompressError
 
 
@@ -104,9 +105,9 @@ def truncated_adapter(
 
 def compress_svd(
     adapter: Adapter,
-    budget: Budget | None,
+    budget: Budget | str | float | None,
     *,
-    select: Selector | None = None,
+    select: Selector | str | None = None,
     min_rank: int = 0,
     max_rank: int | None = None,
     values: Mapping[str, torch.Tensor] | None = None,
@@ -117,8 +118,10 @@ def compress_svd(
     """Compress ``adapter`` to ``budget`` parameters by a global SVD allocation.
 
     Args:
-        budget: the parameter budget (``None`` with a selector: the selector alone decides).
-        select: per-module rank caps (see module docstring).
+        budget: the parameter budget, or its text as ``--budget`` takes it (``None`` with a selector: the
+            selector alone decides).
+        select: per-module rank caps (see module docstring), or their text as ``--select`` takes it.
+        min_rank / max_rank: bounds on every module's rank, at least 0 and 1 (as ``--min-rank``/``--max-rank``).
         values: per-module component values to allocate by, in the order of ``svds``; default
             ``σ²`` (weight space). The activation-aware cut passes output-space ``σ²`` here.
         itemsize: bytes per parameter for byte budgets (default: the adapter's dtype).
@@ -126,6 +129,18 @@ def compress_svd(
             kept factors formed one module at a time; nothing of size ``[d, r]`` is held in float64).
         dtype: dtype of the output factors (default: the adapter's).
     """
+    require_type("compress_svd(adapter)", adapter, Adapter, "an Adapter (from load_adapter)")
+    if budget is not None and not isinstance(budget, Budget):
+        budget = Budget.parse(budget)
+    if select is not None and not isinstance(select, Selector):
+        require_type("compress_svd(select)", select, str, "a Selector or its text (energy:0.9)")
+        select = Selector.parse(select)
+    require_int("min_rank", min_rank, 0)
+    if max_rank is not None:
+        require_int("max_rank", max_rank, 1)  # 0 would cut every module: an empty adapter
+    if itemsize is not None:
+        require_int("itemsize", itemsize, 1)
+    dtype = output_dtype(dtype)
     if budget is None and select is None:
         raise LoraCompressError("nothing to do: give --budget, --select, or both")
     paths = list(adapter.modules)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import KEY_PREFIX, Adapter, load_adapter
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.units import human_bytes
@@ -54,7 +55,7 @@ from loracompress.export.genai_verify import (
     peft_greedy,
     require_passed,
 )
-from loracompress.export.options import GraphOptions
+from loracompress.export.options import GraphOptions, check_same_base
 from loracompress.export.registry import REPORT_NAME, ExportReport
 
 __all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
@@ -138,7 +139,7 @@ def _union_adapter(adapters: Sequence[Adapter], model: torch.nn.Module, director
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "bias": "none",
               "target_modules": paths, "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False}
-    (directory / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (directory / "adapter_config.json").write_text(jsonio.dumps(config), encoding="utf-8")
     return paths
 
 
@@ -220,6 +221,7 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     for adapter in adapters:
         _check_adapter(adapter)
     refuse_packed(resolve_base_model(options.base_model, adapters[0]), "exporting it")
+    check_same_base(adapters, options)
     base = load_base_model(options.base_model, adapters[0], dtype=torch.float32, trust_remote_code=options.trust_remote_code)
     base.model = float_model(base.model, "exporting it")  # bitsandbytes layers dequantized, as merge does
     if not base.is_causal_lm:
@@ -283,7 +285,7 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
             "versions": _versions(og),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, report)
     return GenaiReport(report)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class GenaiGraphSpec:
     @property
     def version(self) -> int:
         """A 31-bit fingerprint written as the ``.onnx_adapter`` model version."""
-        text = json.dumps([[p, m.a, m.b, m.in_features, m.out_features] for p, m in self.modules.items()] + [self.dtype])
+        text = jsonio.dumps([[p, m.a, m.b, m.in_features, m.out_features] for p, m in self.modules.items()] + [self.dtype])
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
     def to_json(self) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def make_lora_inputs(src: Path, dst: Path, peft_paths: list[str], dtype: str) ->
                     value.shape = ir.Shape([*list(value.shape)[:-1], dim])
         modules[path] = LoraInput(a=str(a.name), b=str(b.name), in_features=in_f, out_features=out_f)
     spec = GenaiGraphSpec(modules=modules, dtype=dtype)
-    model.metadata_props[META_KEY] = json.dumps(spec.to_json())
+    model.metadata_props[META_KEY] = jsonio.dumps(spec.to_json())
     dst.mkdir(parents=True, exist_ok=True)
     ir.save(model, str(dst / GRAPH_NAME), external_data=DATA_NAME)
     return spec

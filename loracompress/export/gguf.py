@@ -17,7 +17,6 @@ module's ΔW is compared with the adapter's (PEFT semantics, factored form, no d
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter, LoraModule, base_param_name, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.units import human_bytes
@@ -419,7 +419,7 @@ def export_gguf(
             )
         report["check"] = check
         report["bytes"] = (tmp / GGUF_NAME).stat().st_size
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, report)
     return GgufReport(report)
 
 

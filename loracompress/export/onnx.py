@@ -7,7 +7,6 @@ out (``model.onnx``, ``*.onnx_adapter``, tokenizer, ``export_report.json``), wri
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -17,11 +16,12 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
-from loracompress.export.options import GraphOptions, shared
+from loracompress.export.options import GraphOptions, check_same_base, shared
 from loracompress.export.registry import REPORT_NAME, ExportFormat, ExportReport, register_format
 
 __all__ = ["DEVICES", "ENGINES", "MODES", "OnnxOptions", "OnnxReport", "export_onnx"]
@@ -115,11 +115,11 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     # the same way whether or not the engine is installed.
     inputs = [*sources, options.base_model, options.graph]
     out = check_output_path(output, force=options.force, inputs=inputs)
-    first = load_adapter(sources[0], allow_nonfinite=options.allow_nonfinite)  # _validate: there is one
-    if uses_genai(options, first.config.get("task_type")):
+    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]  # each read once
+    check_same_base(adapters, options)
+    if uses_genai(options, adapters[0].config.get("task_type")):
         return _export_genai(sources, output, options)
     import_onnxruntime()
-    adapters = [first, *(load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources[1:])]
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
         raise LoraCompressError(f"the adapters have different task types ({', '.join(sorted(tasks))}); one graph serves one task")
@@ -159,7 +159,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
         report = _report(sources, out, options, name, tolerance, base.source, result, tmp, time.perf_counter() - t0)
         # what PEFT does not load, per source: not exported
         report["skipped"] = {str(s): [k.to_json() for k in a.skipped] for s, a in zip(sources, adapters) if a.skipped}
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, report)
     return OnnxReport(report)
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracompress.core.adapter import KEY_PREFIX, Adapter, dtype_name, portable_tensors
+from loracompress.core import jsonio
+from loracompress.core.adapter import KEY_PREFIX, Adapter, dtype_name, parse_dtype, portable_tensors
 from loracompress.errors import LoraCompressError
 from loracompress.export.graph import (
     ONNX_NAME,
@@ -39,7 +40,9 @@ from loracompress.export.graph import (
 )
 from loracompress.export.memory import fp32_compute, release
 from loracompress.export.probe import applied, model_outputs, saved_module_params
+from loracompress.export.targets import REPORT_NAME
 from loracompress.export.verify import (
+    DEFAULT_TOLERANCE,
     Check,
     compare,
     import_onnxruntime,
@@ -79,7 +82,7 @@ class GraphSpec:
     @property
     def version(self) -> int:
         """A 31-bit fingerprint written as the ``.onnx_adapter`` model version: adapter and graph must agree."""
-        text = json.dumps([sorted(self.lora.items()), sorted(self.heads.items()), self.dtype])
+        text = jsonio.dumps([sorted(self.lora.items()), sorted(self.heads.items()), self.dtype])
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
     def to_json(self) -> dict[str, Any]:
@@ -212,7 +215,7 @@ def build_graph(model: torch.nn.Module, spec: GraphSpec, outputs: list[str], exa
         overrides[name] = params[name].detach()
     program = export_onnx_program(ServingModule(model, outputs, names), example, overrides, axes, optimize=False)
     _make_optional_inputs(program, spec, head_defaults)
-    model_metadata(program, {"loracompress.mode": "adapters", _META: json.dumps(spec.to_json())})
+    model_metadata(program, {"loracompress.mode": "adapters", _META: jsonio.dumps(spec.to_json())})
     return program
 
 
@@ -233,6 +236,15 @@ def read_graph_spec(graph: Path) -> tuple[Path, GraphSpec]:
             f"{path} was not written by export --mode adapters (no LoRA inputs recorded); export the graph with --mode adapters first"
         )
     return path, GraphSpec.from_json(json.loads(meta[_META]))
+
+
+def _recorded_base(graph: Path) -> str:
+    """`` (its export_report.json names X)`` when the graph's record says which base it was made from."""
+    try:
+        base = json.loads((graph / REPORT_NAME).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (its {REPORT_NAME} names {base!r})" if isinstance(base, str) and base else ""
 
 
 def adapter_file_names(adapters: Sequence[Adapter]) -> list[str]:
@@ -287,12 +299,26 @@ def export_adapters(adapters: Sequence[Adapter], run: ExportRun, graph: Path | N
             "parameters": int(sum(v.size for v in params.values())),
         })
 
+    # An existing graph's heads default to those of the adapter it was made with; the base-only reference
+    # has this run's heads (loaded with the base), so they are fed in: what is left to differ is the base.
+    named = dict(model.named_parameters())
+    head_feeds = {} if graph is None else {  # copies: the model is released next
+        name: named[name].detach().to(parse_dtype(spec.dtype)).cpu().clone().numpy() for name in spec.heads if name in named}
+    del named
     release(model)  # onnxruntime loads the graph next: never both copies at once
     session = open_session(graph_path, prefer_gpu=run.prefer_gpu)
     checks: list[Check] = []
-    if graph is None:
-        got = run_session(session, probe, outputs)
-        checks.append(compare("base only (no adapter active)", got, reference_base, probe["attention_mask"], tolerance))
+    got = run_session(session, probe, outputs, extra_feeds=head_feeds)
+    base_only = compare("base only (no adapter active)", got, reference_base, probe["attention_mask"], tolerance)
+    # Beyond the dtype's default tolerance the graph holds another base's weights than this run's: no
+    # --tolerance can make adapter files for it right (below it, a strict --tolerance is reported as such).
+    if graph is not None and base_only.max_abs_diff > DEFAULT_TOLERANCE.get(spec.dtype, DEFAULT_TOLERANCE["fp16"]):
+        raise LoraCompressError(
+            f"the graph in {graph} was exported from another base model than {run.base.source!r} (with no adapter "
+            f"active the two differ by {base_only.max_abs_diff:.3g}): the base differs, so adapter files for it would "
+            f"be wrong; pass the graph's own base as --base-model{_recorded_base(graph)}, or export a new graph"
+        )
+    checks.append(base_only)
     for name, ref in zip(names, references):
         got = run_session(session, probe, outputs, adapter_file=out_dir / name)
         checks.append(compare(name, got, ref, probe["attention_mask"], tolerance))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 
 #: the record every export writes beside its files
@@ -31,6 +32,9 @@ class ExportOptions:
 
     force: bool = False
     allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:  # every format's options: a nan or inf value is refused
+        reject_nonfinite(self)
 
 
 class ExportReport(dict[str, Any]):

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -158,7 +159,7 @@ def _global_rank(config_path: Path, rank: int, ranks: dict[str, int]) -> None:
     """Rewrite the written config so the global ``r == lora_alpha == rank`` and patterns cover the rest."""
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config.update(r=rank, lora_alpha=rank, **rank_patterns(ranks, rank))
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    jsonio.write_json(config_path, config, sort_keys=True)
 
 
 def export_target(
@@ -207,7 +208,7 @@ def export_target(
         # Reading it back checks that every module's pattern resolves to its own rank.
         written = load_adapter(tmp)
         record.update(params=written.num_params, bytes=written.num_bytes(), modules=len(written.modules))
-        (tmp / REPORT_NAME).write_text(json.dumps({"format": target, **record}, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, {"format": target, **record})
     return TargetReport(record)
 
 

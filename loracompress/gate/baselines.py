@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 from loracompress.gate.measure import _read_json_object
 
@@ -33,6 +33,11 @@ def load_baseline(path: Path) -> dict[str, dict[str, Any]]:
     for key, entry in doc["adapters"].items():
         if not isinstance(entry, dict):
             raise LoraCompressError(f"baseline {path}: entry {key!r} is not an object; {fix}")
+        if not any(entry.get(metric) is not None for metric in GROWTH_METRICS):  # it would pass anything
+            raise LoraCompressError(
+                f"baseline {path}: entry {key!r} holds no sizes ({', '.join(GROWTH_METRICS)}), so nothing could be "
+                f"compared with it; {fix}"
+            )
         for metric in GROWTH_METRICS:
             value = entry.get(metric)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -45,7 +50,7 @@ def baseline_doc(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def baseline_text(entries: Mapping[str, Mapping[str, Any]]) -> str:
-    return json.dumps(baseline_doc(entries), indent=2, sort_keys=True) + "\n"
+    return jsonio.dumps(baseline_doc(entries), indent=2, sort_keys=True) + "\n"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -67,3 +72,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise LoraCompressError(f"cannot write {path}: {err.strerror or err}; check the folder's permissions") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no temporary file is left beside the baseline
+        tmp.unlink(missing_ok=True)
+        raise

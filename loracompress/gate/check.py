@@ -77,6 +77,12 @@ class Finding:
     note: str = ""
 
     @property
+    def compared(self) -> bool:
+        """Whether the adapter was held against something here (a limit, or a baseline size); the note
+        of an adapter new to the baseline is not a check: a gate never passes on nothing."""
+        return self.kind != "baseline" or self.baseline is not None
+
+    @property
     def delta(self) -> float | None:
         if self.value is None or self.baseline is None:
             return None
@@ -212,6 +218,11 @@ def run_check(
             entry = (old or {}).get(baseline_key(target.path, config.root))
             if entry is not None or old is not None:
                 findings += growth_findings(m, entry, tolerance, f"baseline {baseline.name}", enforce=not update_baseline)
+        if not update_baseline and not any(f.compared for f in findings):
+            raise LoraCompressError(
+                f"{m.path}: nothing to check it against (it is not in the baseline {baseline} and no limit applies); "
+                "add it with --update-baseline, or give it a limit (--max-params, a config entry ...)"
+            )
         results.append(AdapterResult(m.path, target.path, m, findings))
     result = CheckResult(results, baseline, tolerance if baseline is not None else None)
     if update_baseline and baseline is not None:

@@ -145,14 +145,17 @@ def plot_ranks(profiles: list[RankProfile], path: str | Path, force: bool = Fals
         if not out.is_file() or not written_by_us(out):
             raise LoraCompressError(f"--plot {out} exists and was not written by loracompress; choose another name")
     fig = rank_figure(profiles)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    os.chmod(tmp, file_mode())  # mkstemp's 0600, else: the PNG would be readable by its owner only
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:96]}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.chmod(tmp, file_mode())  # mkstemp's 0600, else: the PNG would be readable by its owner only
         fig.savefig(tmp, dpi=130, format="png", metadata={"Software": PLOT_SOFTWARE})
         os.replace(tmp, out)  # never a half-written PNG under the final name
+    except OSError as err:  # a read-only or pseudo file system, no permission, a full disk
+        raise LoraCompressError(f"--plot {out}: cannot write it ({err.strerror or err}); choose another path") from None
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return out

@@ -34,7 +34,7 @@ from loracompress.calibration.engine import (
 from loracompress.calibration.methods.registry import get_method
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
-from loracompress.core.outputs import check_output_path
+from loracompress.core.outputs import check_output_path, sibling_stem
 from loracompress.core.records import compression_report
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
@@ -79,7 +79,7 @@ def data_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
 def checkpoint_dir(out: Path) -> Path:
     """Where checkpoints of the run writing ``out`` live: the hidden sibling ``.NAME.ckpt``."""
     out = Path(out).resolve()
-    return out.parent / f".{out.name}.ckpt"
+    return out.parent / f".{sibling_stem(out)}.ckpt"  # a long -o gets a short stem (a file name is 255 bytes)
 
 
 #: ``phase(name, done, total)``: the work after the last calibration step (held-out evaluation, the

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loracompress.core.adapter import Adapter
+from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data import (
     Examples,
@@ -47,6 +48,9 @@ class ModelOptions:
     base_model: str | None = None  # a folder, a cached hub id or a .gguf file; None: the adapter's record
     device: str = "auto"
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:  # inherited by every command's options (prune, truncate, eval)
+        reject_nonfinite(self)
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,6 @@ read, the merged weights are written in its float dtype and the output's config 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import re
 import shutil
@@ -33,8 +32,10 @@ from typing import Any
 
 import torch
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter, dtype_name, load_adapter, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
@@ -86,6 +87,9 @@ class MergeOptions:
     into: str | None = None
     #: the adapter was trained on this 16-bit base loaded in 4-bit (QLoRA): merge into dequant(NF4(W)).
     load_in_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        reject_nonfinite(self)
 
 
 def parse_size(text: str) -> int:
@@ -188,7 +192,7 @@ def _merge_streaming(source: str | Path, out: Path, adapter: Adapter, options: M
                          layout="base" if options.max_shard_size is None else "max_shard_size", shards=shards)
         report["auto_map_dropped"] = dropped
         report.update(base.to_json())
-        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / MERGE_REPORT, report)
     return report
 
 
@@ -337,7 +341,7 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
         report["auto_map_dropped"] = dropped
         report.update((Into("dequantized", "the GGUF base is dequantized on load") if base.gguf_file else
                        Into("original", "the base is not quantized")).to_json())
-        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / MERGE_REPORT, report)
     return report
 
 

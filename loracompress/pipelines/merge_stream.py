@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter, LoraModule, base_param_name
 from loracompress.core.safeio import read_header, read_tensor, torch_dtype, write_safetensors_lazy
 from loracompress.errors import LoraCompressError
@@ -385,7 +386,7 @@ def write_plan(plan: MergePlan, adapter: Adapter, out_dir: Path, check: ModuleCh
     if len(files) > 1:
         weight_map = {t.name: t.file for t in sorted(plan.tensors, key=lambda t: t.name)}
         index = {"metadata": {"total_size": plan.bytes()}, "weight_map": weight_map}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(out_dir / INDEX_NAME, index)
     return files
 
 

@@ -266,10 +266,20 @@ def test_baseline_shrink_passes_and_shows_the_delta(work: Path, capsys: pytest.C
     assert checks["max_rank"]["delta"] < 0 and checks["bytes"]["delta"] < 0
 
 
-def test_new_adapter_passes_and_is_marked(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_new_adapter_with_a_limit_passes_and_is_marked(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_baseline(capsys, "out/a")
-    code, out, _ = run(capsys, "out/a", "out/b", "--baseline", "sizes.json")
+    code, out, _ = run(capsys, "out/a", "out/b", "--baseline", "sizes.json", "--max-params", "10M")
     assert code == 0 and "not in the baseline" in out
+
+
+def test_new_adapter_without_a_limit_is_not_passed_on_nothing(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23: an adapter neither in the baseline nor under any limit was "passed", having been checked
+    against nothing. It is a user error now; --update-baseline adds it."""
+    make_baseline(capsys, "out/a")
+    code, out, err = run(capsys, "out/a", "out/b", "--baseline", "sizes.json")
+    assert code == 2 and "out/b: nothing to check it against" in err and "--update-baseline" in err, err
+    assert run(capsys, "out/a", "out/b", "--baseline", "sizes.json", "--update-baseline")[0] == 0
+    assert run(capsys, "out/a", "out/b", "--baseline", "sizes.json")[0] == 0
 
 
 def test_update_baseline_rewrites_it_atomically(work: Path, capsys: pytest.CaptureFixture[str],

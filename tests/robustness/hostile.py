@@ -114,3 +114,15 @@ def assert_user_error(code: int, err: str, *fix_words: str) -> str:
     for word in fix_words:
         assert word.lower() in line.lower(), f"{word!r} not in {line!r}"
     return line
+
+
+def refused(capsys: Any, root: Path, args: list[object], *words: str) -> str:
+    """Run the CLI in-process; exit 2, one line naming every word, nothing under ``root`` changed."""
+    from loracompress_cli.app import main
+
+    before = tree(root), snapshot(root)
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    line = assert_user_error(code, capsys.readouterr().err, *words)
+    assert (tree(root), snapshot(root)) == before, "a refused run changed the tree"
+    return line

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loracompress_cli.app import main
-from tests.robustness.hostile import assert_user_error, snapshot, stray_temps, tree, write_adapter
+from tests.robustness.hostile import refused, snapshot, stray_temps, tree, write_adapter
 from tests.tiny import save_tiny_base
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,14 +26,7 @@ def _state(root: Path) -> tuple[set[str], dict[str, tuple[int, int]]]:
     return tree(root), snapshot(root)
 
 
-def _refused(capsys: pytest.CaptureFixture[str], root: Path, args: list[object], *words: str) -> str:
-    """Run the CLI; exit 2, one line naming every word, nothing under ``root`` changed."""
-    before = _state(root)
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    line = assert_user_error(code, capsys.readouterr().err, *words)
-    assert _state(root) == before, "a refused run changed the tree"
-    return line
+_refused = refused
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from loracompress.calibration.methods.base import Method
+from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.layers import LoraLayer
 
@@ -73,7 +74,7 @@ class Checkpoints:
             tmp.mkdir()
             save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / CKPT_TENSORS),
                       metadata={"step": str(step)})
-            (tmp / CKPT_JSON).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            jsonio.write_json(tmp / CKPT_JSON, info, indent=1)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.root.glob("step-*"):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 
 #: Without --steps/--epochs: this many passes over the data, capped at DEFAULT_MAX_STEPS steps.
@@ -53,6 +54,7 @@ class EngineConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        reject_nonfinite(self)
         if self.steps is not None and self.steps < 1:
             raise LoraCompressError(f"--steps must be at least 1 (got {self.steps})")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):

@@ -65,6 +65,7 @@ from loracompress.calibration.engine.signals import _StopRequest
 from loracompress.calibration.engine.student import extract
 from loracompress.calibration.engine.teacher import TargetPlan, TopK, plan_targets, targets_nbytes
 from loracompress.calibration.methods.base import CalibContext, Method
+from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.data import model_inputs
@@ -184,7 +185,7 @@ class Engine:
             fp.update(hidden_weight=cfg.hidden_weight, pseudo_labels=cfg.pseudo_labels)
         if cfg.uses_views(task):
             fp.update(token_dropout=cfg.token_dropout)
-        fp = json.loads(json.dumps(fp, default=str))
+        fp = json.loads(jsonio.dumps(fp, default=str))
 
         for p in model.parameters():
             p.requires_grad_(False)

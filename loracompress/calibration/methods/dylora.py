@@ -24,7 +24,6 @@ marks the adapter as DyLoRA-ordered (``loracompress.order = dylora``) and record
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -36,6 +35,7 @@ import torch
 
 from loracompress.calibration.methods.base import CalibContext, Method, MethodSettings
 from loracompress.calibration.methods.components import component_energy, keep_leading, live_layers
+from loracompress.core import jsonio
 from loracompress.core.adapter import NESTED_ORDER, NESTED_RANGE_KEY, NESTED_VALUES_KEY, ORDER_KEY
 from loracompress.core.budget import allocate
 from loracompress.errors import LoraCompressError
@@ -170,8 +170,8 @@ class DyLoRA(Method):
         values = {p: [float(v) for v in self.values[p][:k]] for p, k in self._final.items() if k > 0}
         return {
             ORDER_KEY: NESTED_ORDER,
-            NESTED_VALUES_KEY: json.dumps(values, separators=(",", ":")),
-            NESTED_RANGE_KEY: json.dumps({"min_params": self.low, "max_params": self.target}),
+            NESTED_VALUES_KEY: jsonio.dumps(values, separators=(",", ":")),
+            NESTED_RANGE_KEY: jsonio.dumps({"min_params": self.low, "max_params": self.target}),
         }
 
     def state_dict(self) -> dict[str, Any]:
