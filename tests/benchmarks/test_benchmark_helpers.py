@@ -73,11 +73,11 @@ def test_the_bare_base_is_scored_with_no_lora_at_all(tmp_path):
 
     import torch
     import torch.nn.functional as F
+    from quality import Scorer
 
     from loracompress.core.adapter import load_adapter
     from loracompress.pipelines.evaluate import EvalOptions
     from loracompress.pipelines.inputs import load_base, read_batches
-    from quality import Scorer
     from tests.tiny import make_adapter, save_tiny_base, tiny_sentences
 
     adapter_dir, _ = make_adapter("llama", tmp_path / "adapter")

@@ -21,7 +21,15 @@ from safetensors import safe_open
 from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
-from tests.robustness.hostile import LLAMA_MODULES, assert_user_error, base_config, lora_tensors, snapshot, tree, write_adapter
+from tests.robustness.hostile import (
+    LLAMA_MODULES,
+    assert_user_error,
+    base_config,
+    lora_tensors,
+    snapshot,
+    tree,
+    write_adapter,
+)
 from tests.tiny import save_tiny_base, tiny_sentences
 
 
