@@ -142,8 +142,9 @@ print(max(samples), len(samples), size)
 """
     most, n, size = map(int, _run(script))
     assert n >= 5, f"only {n} samples: the merge was too quick to watch"
-    # one copy (the new fp16 weights, or the old mapped ones) is 1x; both copies at once would be 2x
-    assert most < 1.5 * size, f"merge_cast held {most / size:.2f}x the model (old mapped + new) at its peak"
+    # one copy (the new fp16 weights, or the old mapped ones) is 1x, both at once 2x; measured 1.32x with the
+    # pages handed back (fp32 temporaries, allocator slack) and 2.59x without: the bound is far from both
+    assert most < 1.8 * size, f"merge_cast held {most / size:.2f}x the model (old mapped + new) at its peak"
 
 
 def test_dropping_mapped_pages_is_harmless_and_skips_what_is_still_used(tmp_path):
