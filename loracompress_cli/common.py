@@ -29,11 +29,10 @@ def no_breaks(text: str) -> str:
 
 
 def skipped_line(skipped: list[dict[str, str]] | None, record: str) -> str | None:
-    """``left out 18 LoRA modules or keys that PEFT does not load (adapter_config.json); listed in RECORD``."""
+    """``left out 18 LoRA modules or keys that PEFT does not load (listed with the reason in RECORD)``."""
     if not skipped:
         return None
-    return (f"left out {len(skipped)} LoRA module{'s' if len(skipped) != 1 else ''} or keys that PEFT does not load "
-            f"(see adapter_config.json's target_modules / layers_to_transform / exclude_modules); listed in {record}")
+    return f"left out {len(skipped)} LoRA modules or keys that PEFT does not load (listed with the reason in {record})"
 
 
 def print_json(obj: Any) -> None:
