@@ -177,7 +177,7 @@ def test_every_float_option_refuses_nan_and_inf(tmp_path: Path, capsys: pytest.C
 def test_library_options_refuse_nan_and_inf() -> None:
     from loracompress.calibration.engine.config import EngineConfig
     from loracompress.errors import LoraCompressError
-    from loracompress.export import OnnxOptions
+    from loracompress.export.onnx import OnnxOptions
     from loracompress.pipelines.evaluate import EvalOptions
     from loracompress.pipelines.merge import MergeOptions
     from loracompress.pipelines.prune import PruneOptions
@@ -225,9 +225,8 @@ def _strict_json(text: str) -> object:
 
 def test_every_json_written_is_strict(tmp_path: Path) -> None:
     """A NaN measured value was written as a bare ``NaN``, which ``JSON.parse`` and ``jq`` reject."""
-    from loracompress.gate.records import report_json
-
     from loracompress.core import jsonio
+    from loracompress.core.records import report_json
 
     nan = float("nan")
     doc = {"quality": {"kl": nan, "ppl": [1.0, float("inf")]}, "ok": 0.5}
