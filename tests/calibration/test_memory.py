@@ -354,15 +354,7 @@ def test_a_small_cache_cap_recomputes_the_teacher(llama_files, tmp_path):
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
-@pytest.mark.skipif(HAS_BNB and torch.cuda.is_available(), reason="bitsandbytes and CUDA are here")
-@pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])
-def test_quantized_base_is_refused_cleanly_without_bitsandbytes_or_cuda(llama_files, tmp_path, capsys, flag):
-    code = main(["prune", str(llama_files["adapter"]), "-b", "0.25", "--method", "lorpa", "--data",
-                 str(llama_files["data"]), "--base-model", str(llama_files["base"]), "-o", str(tmp_path / "o"), flag])
-    err = capsys.readouterr().err
-    assert code == 2 and not (tmp_path / "o").exists()
-    assert (("pip install 'loracompress[qlora]'" in err) if not HAS_BNB else ("needs a CUDA GPU" in err)), err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+# On the CPU and the refusals where bitsandbytes cannot run: tests/calibration/test_qlora.py
 
 
 @pytest.mark.skipif(not (HAS_BNB and torch.cuda.is_available()), reason="needs bitsandbytes and a CUDA GPU")
