@@ -21,7 +21,7 @@ LABEL_FIELD = typer.Option(None, "--label-field", help="Label field/column of th
 SEQ_LEN = typer.Option(DataOptions.seq_len, "--seq-len", help="Tokens per sample.")
 DEVICE = typer.Option(ModelOptions.device, "--device", help="auto, cpu, cuda, cuda:1 ...")
 BASE_DTYPE = typer.Option("auto", "--base-dtype", help="Dtype the frozen base is stored in: auto (bf16 on a GPU that has it, else fp32), bf16, fp16 (GPU) or fp32.")
-LOAD_IN_4BIT = typer.Option(False, "--load-in-4bit", metavar="", help="Quantize the base to 4-bit NF4 with bitsandbytes (QLoRA adapters; CUDA only, pip install 'loracompress[qlora]').")
-LOAD_IN_8BIT = typer.Option(False, "--load-in-8bit", metavar="", help="Quantize the base to 8-bit with bitsandbytes (CUDA only, pip install 'loracompress[qlora]').")
+LOAD_IN_4BIT = typer.Option(False, "--load-in-4bit", metavar="", help="Quantize the base to 4-bit NF4 with bitsandbytes (QLoRA adapters; CPU or CUDA, pip install 'loracompress[qlora]').")
+LOAD_IN_8BIT = typer.Option(False, "--load-in-8bit", metavar="", help="Quantize the base to 8-bit with bitsandbytes (CPU or CUDA, pip install 'loracompress[qlora]').")
 LABEL_MAP = typer.Option(None, "--label-map", help="String labels' class indices in the head, e.g. fresh=1,rotten=0 "
                          "(default: the head's own label names; refused without them).")

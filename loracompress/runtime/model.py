@@ -100,7 +100,8 @@ def load_base_model(
 
     The weights are read straight into ``dtype`` on ``device`` (a GPU gets them through ``device_map``):
     never a float32 copy in host RAM first. ``quantization_config`` (a ``BitsAndBytesConfig``, see
-    :mod:`loracompress.runtime.placement`) loads a quantized base; it needs a CUDA ``device``.
+    :mod:`loracompress.runtime.placement`) loads a quantized base onto ``device`` (CPU or GPU, wherever
+    bitsandbytes runs; :func:`~loracompress.runtime.placement.check_bitsandbytes` checked it).
     """
     transformers.utils.logging.disable_progress_bar()
     name = resolve_base_model(spec, adapter)

@@ -10,12 +10,19 @@ On the CPU, fp32 because it was faster: on the 2-core test machine (avx512_bf16,
 bf16-stored base made the student's step 1.7× slower (benchmarks/results/calibration_memory.md),
 and the result moved by about 1% (ΔW) to 3% (held-out KL on the tiny Llama of the tests) from the
 fp32 one. ``--base-dtype bf16`` halves the base's memory and is the setting for large bases on the CPU.
+
+A quantized base (``--load-in-4bit``/``--load-in-8bit``) runs wherever bitsandbytes runs: CUDA GPUs and
+the CPU (bitsandbytes 0.50). Its storage dtype is the compute dtype of the quantized layers and the
+dtype of the parts left unquantized (norms, embeddings, head): on a GPU fp32 becomes bf16 (fp16 without
+bf16), as QLoRA trains; on the CPU it stays what ``--base-dtype`` says (fp32 by default).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,18 +97,58 @@ def resolve_placement(base_dtype: str | None, device: str, load_in_4bit: bool = 
     if name == "bf16" and on_gpu and not cuda_bf16_supported():
         raise LoraCompressError("--base-dtype bf16: this GPU has no bf16 support; use fp16 or fp32")
     if quantize:
-        check_bitsandbytes(f"--load-in-{quantize}", on_gpu)
-        if name == "fp32":  # the non-quantized parts (norms, embeddings, head) and the compute dtype
+        check_bitsandbytes(quantize, place)
+        if name == "fp32" and on_gpu:  # the non-quantized parts (norms, embeddings, head) and the compute dtype
             name = "bf16" if cuda_bf16_supported() else "fp16"
     return BasePlacement(dtype=BASE_DTYPES[name], device=place, quantize=quantize)
 
 
-def check_bitsandbytes(flag: str, on_gpu: bool) -> None:
-    """Refuse quantized loading where it cannot work: no bitsandbytes, or no CUDA GPU."""
+def check_bitsandbytes(quantize: str, device: str) -> None:
+    """Refuse ``--load-in-{quantize}`` only where bitsandbytes itself cannot run on ``device``.
+
+    bitsandbytes (0.50) quantizes and runs on the CPU as well as on CUDA GPUs, so the check is not
+    about the device type: it is that bitsandbytes is installed, imports, has a backend for the
+    device, and quantizes and runs one small layer there (milliseconds; a CUDA build without its
+    native library, say, fails here in one line instead of deep inside the model's loading).
+    """
+    flag = f"--load-in-{quantize}"
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise LoraCompressError(f"{flag} needs bitsandbytes: pip install 'loracompress[qlora]' (on a CUDA machine)")
-    if not on_gpu:
-        raise LoraCompressError(f"{flag} needs a CUDA GPU (bitsandbytes); drop it or run with --device cuda on a GPU")
+        raise LoraCompressError(f"{flag} needs bitsandbytes: pip install 'loracompress[qlora]'")
+    try:
+        bitsandbytes = importlib.import_module("bitsandbytes")
+    except Exception as err:  # noqa: BLE001 - a broken install raises RuntimeError, OSError, ImportError, ...
+        raise LoraCompressError(f"{flag}: bitsandbytes is installed but cannot be imported ({_first_line(err)}); "
+                                "reinstall it: pip install -U 'loracompress[qlora]'") from None
+    kind = torch.device(device).type
+    version = getattr(bitsandbytes, "__version__", "?")
+    if kind not in getattr(bitsandbytes, "supported_torch_devices", {"cuda"}):
+        raise LoraCompressError(f"{flag}: bitsandbytes {version} has no backend for the {kind} device; "
+                                "pip install -U 'loracompress[qlora]' or pick another --device")
+    try:
+        _run_one_layer(bitsandbytes, quantize, device)
+    except Exception as err:  # noqa: BLE001 - whatever its backend raises, the run could not go on
+        raise LoraCompressError(f"{flag}: bitsandbytes {version} cannot run {quantize} layers on {device} here "
+                                f"({_first_line(err)}); pip install -U 'loracompress[qlora]' or drop {flag}") from None
+
+
+def _run_one_layer(bnb: Any, quantize: str, device: str) -> None:
+    """Quantize a 64×64 layer onto ``device`` and run it forward and backward, as calibration will."""
+    dense = torch.nn.Linear(64, 64, bias=False)
+    if quantize == "4bit":
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+    with warnings.catch_warnings():  # e.g. 8-bit on a GPU: "inputs will be cast to float16"; not the user's concern
+        warnings.simplefilter("ignore")
+        layer.load_state_dict(dense.state_dict())
+        layer = layer.to(device)  # quantizes
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()  # the student's gradient flows through the frozen quantized base
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:160]
 
 
 def quantization_config(placement: BasePlacement) -> Any:

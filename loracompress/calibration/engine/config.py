@@ -47,6 +47,9 @@ class EngineConfig:
     teacher_cache_mb: float = 1024.0
     #: causal LMs: 0 the full distribution, k top-k + rest, None (auto) full while it fits the cache cap
     teacher_top_k: int | None = None
+    #: causal LMs: the output head, log-softmax and KL run on chunks of tokens whose float32 logits take at
+    #: most this many MiB (see :func:`.loss.chunked_lm_loss`); 0: the model's whole logits at once
+    loss_chunk_mb: float = 32.0
     #: recompute each transformer block in the backward pass instead of keeping its activations
     gradient_checkpointing: bool = False
     checkpoint_every: int | None = None
@@ -85,6 +88,8 @@ class EngineConfig:
             raise LoraCompressError(
                 f"--teacher-top-k must be an integer >= 0 (0: the full vocabulary; got {self.teacher_top_k})"
             )
+        if not (self.loss_chunk_mb >= 0 and math.isfinite(self.loss_chunk_mb)):
+            raise LoraCompressError(f"loss_chunk_mb must be a number >= 0 (0: no chunks; got {self.loss_chunk_mb})")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise LoraCompressError(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
@@ -94,6 +99,10 @@ class EngineConfig:
         """Whether each step trains on a fresh view of its batch (:mod:`.augment`): classification only,
         a causal LM's next tokens being targets at every position already."""
         return self.token_dropout > 0 and task == "cls"
+
+    def chunk_tokens(self, vocab: int) -> int:
+        """Tokens per chunk of the loss for a ``vocab``-sized head (at least 1)."""
+        return max(1, int(self.loss_chunk_mb * 2**20 // (4 * max(1, vocab))))
 
     def total_steps(self, batches_per_epoch: int) -> int:
         if self.steps is not None:

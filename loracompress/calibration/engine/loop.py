@@ -9,7 +9,9 @@ weights: the *student* (trainable, initialised from the checkpoint in SVD order)
 2. teacher logits: a no-grad forward in ``"teacher"`` mode (cached per batch when the data is
    reused across epochs and the cache fits ``teacher_cache_mb``),
 3. student forward, loss = ``kd_weight · T² · KL(teacher_T ‖ student_T)`` + ``task_weight · CE``
-   (the task term only when the batch has labels), backward (DDP all-reduce),
+   (the task term only when the batch has labels), backward (DDP all-reduce). A causal LM's forward
+   stops before its output head and the loss applies the head a chunk of tokens at a time
+   (:mod:`.head`, :func:`.loss.chunked_lm_loss`): its memory does not grow with the sequence length,
 4. ``method.after_backward(step)``, gradient clipping, AdamW step on the student A/B only
    (learning rate: linear warm-up, then cosine or linear decay),
 5. ``method.after_step(step)``, progress callback, checkpoint every ``checkpoint_every`` steps.
@@ -58,7 +60,8 @@ from loracompress.calibration.engine.accelerator import (
 from loracompress.calibration.engine.augment import delete_tokens
 from loracompress.calibration.engine.checkpoints import Checkpoints
 from loracompress.calibration.engine.config import EngineConfig
-from loracompress.calibration.engine.loss import distillation_loss, hidden_state_loss
+from loracompress.calibration.engine.head import HeadSplit
+from loracompress.calibration.engine.loss import chunked_lm_loss, distillation_loss, hidden_state_loss
 from loracompress.calibration.engine.recompute import gradient_checkpointing
 from loracompress.calibration.engine.schedule import lr_factor
 from loracompress.calibration.engine.signals import _StopRequest
@@ -285,6 +288,30 @@ class _Loop:
         self.step_seconds: list[float] = []
         self.steps_run = self.teacher_runs = 0
         self._hidden_scales: list[float] | None = None
+        #: a causal LM's output head, applied by the loss a chunk of tokens at a time (see :mod:`.head`);
+        #: decided at the first forward: None until then, False where the model's logits are not the head's
+        self._split: HeadSplit | bool | None = None if task == "lm" and cfg.loss_chunk_mb > 0 else False
+        self.vocab = self.chunk = 0  # the head's vocabulary, and the tokens per chunk it allows
+
+    def split(self, inputs: Mapping[str, Any]) -> HeadSplit | None:
+        """The head split when the loss runs in chunks, checked once on the first batch (:meth:`HeadSplit.probe`)."""
+        if self._split is None:
+            split = HeadSplit.find(self.model)
+            vocab = split.probe(self.model, inputs, self.acc.autocast) if split is not None else None
+            self._split = split if vocab is not None else False
+            self.vocab = vocab or 0
+            self.chunk = self.cfg.chunk_tokens(self.vocab)
+        return self._split or None
+
+    def _teacher_forward(self, inputs: Mapping[str, Any], **extra: Any) -> tuple[Any, torch.Tensor | None]:
+        """The teacher's forward (inside its no-grad block): the model's output and, with the head split,
+        the final hidden states (the output then holds no logits)."""
+        split = self.split(inputs)
+        if split is None:
+            return self.model(**inputs, **extra), None
+        with split.hidden() as kept:
+            out = self.model(**inputs, **extra)
+        return out, kept[-1].detach()
 
     def lr_factor(self, step: int) -> float:
         """Warm-up then decay, restarted at each of the method's ``schedule_restarts()`` steps."""
@@ -309,12 +336,22 @@ class _Loop:
             return self.cache[idx]
         t = time.perf_counter()
         with use_mode(self.layers, "teacher"), torch.no_grad(), self.acc.autocast():
-            logits = self.model(**inputs).logits.detach()
-            if self.plan is None:
-                self.plan = plan_targets(self.task, self.cfg.teacher_top_k, logits, len(self.batches),
-                                         self.cfg.teacher_cache_mb)
-            targets = self.plan.make(logits, self.cfg.temperature)
-            del logits  # top-k: the full distribution is gone before the student's forward
+            out, hidden = self._teacher_forward(inputs)
+            split = self.split(inputs)
+            if split is not None and hidden is not None:
+                if self.plan is None:  # decided from the shape of the logits, which never exist whole here
+                    shape = torch.empty((*hidden.shape[:-1], self.vocab), device="meta")
+                    self.plan = plan_targets(self.task, self.cfg.teacher_top_k, shape, len(self.batches),
+                                             self.cfg.teacher_cache_mb)
+                targets = self.plan.make_chunked(hidden, split.logits, self.cfg.temperature, self.chunk)
+            else:
+                logits = out.logits.detach()
+                if self.plan is None:
+                    self.plan = plan_targets(self.task, self.cfg.teacher_top_k, logits, len(self.batches),
+                                             self.cfg.teacher_cache_mb)
+                targets = self.plan.make(logits, self.cfg.temperature)
+                del logits  # top-k: the full distribution is gone before the student's forward
+            del out
         self.teacher_time += time.perf_counter() - t
         self.teacher_runs += 1
         if self.cache is not None:
@@ -332,10 +369,15 @@ class _Loop:
         be ``blocks × tokens × hidden`` floats per batch)."""
         t = time.perf_counter()
         with use_mode(self.layers, "teacher"), torch.no_grad(), self.acc.autocast():
-            out = self.model(**inputs, output_hidden_states=True)
+            out, hidden = self._teacher_forward(inputs, output_hidden_states=True)
+            split = self.split(inputs)
+            if split is not None and hidden is not None:
+                logits = TargetPlan(None, self.vocab).make_chunked(hidden, split.logits, self.cfg.temperature, self.chunk)
+            else:
+                logits = out.logits.detach().float()
         self.teacher_time += time.perf_counter() - t
         self.teacher_runs += 1
-        return out.logits.detach().float(), tuple(h.detach() for h in out.hidden_states)
+        return logits, tuple(h.detach() for h in out.hidden_states)
 
     def hidden_scales(self) -> list[float]:
         """Per block, the teacher's mean ``‖h_teacher − h_base‖²`` per real token over the first few
@@ -380,16 +422,28 @@ class _Loop:
                 and t_logits.shape[-1] > 1):
             labels = t_logits.argmax(-1)
         t = time.perf_counter()
-        out = self.prepared(**batch, output_hidden_states=True) if hidden else self.prepared(**batch)
-        loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
-                                    temperature=cfg.temperature, kd_weight=cfg.kd_weight, task_weight=cfg.task_weight)
+        split = self.split(batch)
+        extra = {"output_hidden_states": True} if hidden else {}
+        if split is not None:  # the model stops before its head; the loss applies it a chunk of tokens at a time
+            with split.hidden() as kept:
+                out = self.prepared(**batch, **extra)
+            anchor = kept[-1]
+            with acc.autocast():  # the head runs in the precision it would inside the forward
+                loss, _ = chunked_lm_loss(anchor, split.logits, t_logits, labels, batch.get("attention_mask"),
+                                          chunk=self.chunk, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+                                          task_weight=cfg.task_weight)
+        else:
+            out = self.prepared(**batch, **extra)
+            anchor = out.logits
+            loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
+                                        temperature=cfg.temperature, kd_weight=cfg.kd_weight, task_weight=cfg.task_weight)
         if hidden:
             loss = loss + cfg.hidden_weight * hidden_state_loss(out.hidden_states, t_hidden,
                                                                 batch.get("attention_mask"), self.hidden_scales())
         if not loss.requires_grad:
             if self.task == "cls":
                 raise LoraCompressError("nothing to train on: the data has no labels and --kd-weight is 0; raise --kd-weight")
-            loss = (out.logits * 0.0).sum()  # an LM batch with no counted token: a no-op step, same on every process
+            loss = (anchor * 0.0).sum()  # an LM batch with no counted token: a no-op step, same on every process
         acc.backward(loss)
         if acc.scaler is not None:
             acc.unscale_gradients()  # hooks and clipping see true gradients
@@ -420,4 +474,6 @@ class _Loop:
     def targets_info(self) -> dict[str, Any]:
         """What the report records of the teacher's targets."""
         info: dict[str, Any] = self.plan.describe() if self.plan is not None else {}
-        return {**info, "cached": self.cache is not None, "cache_cap_mb": self.cfg.teacher_cache_mb}
+        chunked = bool(self._split)
+        return {**info, "cached": self.cache is not None, "cache_cap_mb": self.cfg.teacher_cache_mb,
+                "loss_chunk_tokens": self.chunk if chunked else None}

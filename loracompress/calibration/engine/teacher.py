@@ -16,6 +16,7 @@ calibrated result comes to full-vocabulary distillation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,9 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float) -> TopK:
     return TopK(values.contiguous(), index.to(torch.int32).contiguous(), log_rest.contiguous())
 
 
-def topk_kl(student: torch.Tensor, teacher: TopK, temperature: float) -> torch.Tensor:
-    """Mean over rows of ``KL(teacher ‖ student)`` over the teacher's top-k tokens and the rest bucket, × ``T²``.
+def topk_kl(student: torch.Tensor, teacher: TopK, temperature: float, reduction: str = "mean") -> torch.Tensor:
+    """Mean (``reduction="sum"``: sum) over rows of ``KL(teacher ‖ student)`` over the teacher's top-k tokens
+    and the rest bucket, × ``T²``.
 
     ``student``: logits ``[N, V]``; ``teacher``: a :class:`TopK` of ``N`` rows (float32 throughout).
     """
@@ -65,7 +67,8 @@ def topk_kl(student: torch.Tensor, teacher: TopK, temperature: float) -> torch.T
     top = (p_top * (teacher.logp - log_q_top)).sum(-1)
     # 0 · log(0/q) is 0: no rest bucket when the teacher's top-k hold all of its mass
     rest = torch.where(p_rest > 0, p_rest * (teacher.log_rest - log_q_rest), torch.zeros_like(p_rest))
-    return (top + rest).mean() * temperature**2
+    rows = top + rest
+    return (rows.sum() if reduction == "sum" else rows.mean()) * temperature**2
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,22 @@ class TargetPlan:
 
     def make(self, logits: torch.Tensor, temperature: float) -> torch.Tensor | TopK:
         return logits.float() if self.top_k is None else topk_targets(logits, self.top_k, temperature)
+
+    def make_chunked(self, hidden: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+                     chunk: int) -> torch.Tensor | TopK:
+        """:meth:`make` from the final hidden states ``[..., H]`` and the output head (``logits``), ``chunk``
+        tokens' logits at a time: top-k targets never hold more than one chunk's full distribution, and
+        full targets are written straight into their one float32 ``[..., V]`` tensor."""
+        lead, flat = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])
+        spans = [slice(i, i + chunk) for i in range(0, flat.shape[0], chunk)]
+        if self.top_k is None:
+            out = torch.empty(flat.shape[0], self.vocab, dtype=torch.float32, device=hidden.device)
+            for rows in spans:
+                out[rows] = logits(flat[rows])
+            return out.view(*lead, self.vocab)
+        parts = [topk_targets(logits(flat[rows]), self.top_k, temperature) for rows in spans]
+        return TopK(torch.cat([p.logp for p in parts]).view(*lead, -1), torch.cat([p.index for p in parts]).view(*lead, -1),
+                    torch.cat([p.log_rest for p in parts]).view(lead))
 
     def describe(self) -> dict[str, Any]:
         if self.top_k is None:
