@@ -41,9 +41,9 @@ def bank_cost(slots: Sequence[Slot], ranks: Sequence[int]) -> int:
     return int(sum(s.cost(r) for s, r in zip(slots, ranks)))
 
 
-def floor_ranks(slots: Sequence[Slot]) -> list[int]:
-    """The smallest bank: rank 1 in every module of every cluster (0 where every adapter's update is zero)."""
-    return [min(1, s.r_max) for s in slots]
+def smallest_rank_cost(slots: Sequence[Slot]) -> int:
+    """The least a bank can hold: one rank of its cheapest module (every other module at rank 0, dropped)."""
+    return int(min((s.cost(1) for s in slots if s.r_max > 0), default=0))
 
 
 def resolve_target(budget: Budget, original_params: int, itemsize: int) -> int:
@@ -55,11 +55,11 @@ def resolve_target(budget: Budget, original_params: int, itemsize: int) -> int:
 
 
 def check_floor(slots: Sequence[Slot], target: int, budget: Budget, original_params: int) -> None:
-    floor = bank_cost(slots, floor_ranks(slots))
+    floor = smallest_rank_cost(slots)
     if target < floor:
         raise LoraCompressError(
-            f"budget {budget.text!r} ({target:,} parameters) is below the bank's own minimum: the shared bases and cores "
-            f"at rank 1 in every module cost {floor:,}; give at least {floor:,} parameters "
+            f"budget {budget.text!r} ({target:,} parameters) is below the bank's own minimum: shared bases and cores of "
+            f"one rank of the smallest module cost {floor:,}; give at least {floor:,} parameters "
             f"(a fraction of {floor / original_params:.3g} of the originals)"
         )
 
@@ -70,15 +70,15 @@ def uniform_ranks(slots: Sequence[Slot], rank: int) -> list[int]:
 
 
 def allocate_bank(slots: Sequence[Slot], target: int) -> list[int]:
-    """Ranks per slot within ``target`` parameters (``target`` at least the floor's cost; see :func:`check_floor`).
+    """Ranks per slot within ``target`` parameters; a module no rank is worth its price keeps rank 0 (dropped).
 
     A lazy max-heap of each slot's best affordable chunk (value per parameter): the budget left only
     shrinks, so a stale key can only be too high, and is recomputed when it reaches the top.
     """
-    ranks = floor_ranks(slots)
     if target >= bank_cost(slots, [s.r_max for s in slots]):
         return [s.r_max for s in slots]  # everything fits: exact reconstruction, nothing to choose
-    spent = bank_cost(slots, ranks)
+    ranks = [0] * len(slots)
+    spent = 0
 
     def best(i: int) -> tuple[float, int] | None:
         s, r = slots[i], ranks[i]

@@ -19,8 +19,8 @@ from loracompress.bank.allocate import (
     allocate_bank,
     bank_cost,
     check_floor,
-    floor_ranks,
     resolve_target,
+    smallest_rank_cost,
     uniform_ranks,
 )
 from loracompress.bank.cluster import agglomerate, similarity
@@ -165,7 +165,7 @@ def fit_bank(
         if target is None:
             ranks = uniform_ranks(slots, int(budget.value))
         else:
-            if bank_cost(slots, floor_ranks(slots)) > target:
+            if smallest_rank_cost(slots) > target:
                 if k == ks[0]:
                     check_floor(slots, target, budget, original_params)  # raises: not even the fewest clusters fit
                 continue

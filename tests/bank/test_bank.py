@@ -65,6 +65,9 @@ def test_expanded_folders_are_the_bank_and_peft_reads_them(tmp_path):
         folder = out / "adapters" / src.name
         deltas = peft_deltas(folder, base)
         for path, (U, V) in bf.bank.bases[0].items():
+            if U.shape[1] == 0:  # a module no rank was worth its price: dropped, as prune drops one
+                assert path not in deltas
+                continue
             want = U.double() @ bf.bank.cores[i][path].double() @ V.double().T
             assert torch.allclose(deltas[path].double(), want, atol=1e-6)
             assert torch.equal(load_adapter(folder).modules[path].B, U)  # the shared basis itself

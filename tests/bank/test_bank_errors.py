@@ -55,7 +55,7 @@ def test_one_adapter_alone(tmp_path, capsys, two):
 
 
 def test_a_budget_below_the_bases_own_cost(tmp_path, capsys, two):
-    _refused(capsys, tmp_path, ["bank", *two, "-b", "1500", "-o", tmp_path / "out"], "below the bank's own minimum",
+    _refused(capsys, tmp_path, ["bank", *two, "-b", "0.001", "-o", tmp_path / "out"], "below the bank's own minimum",
              "give at least")
 
 
