@@ -17,7 +17,7 @@ _AS_JSON = typer.Option(False, "--json", metavar="", help="Print the bank manife
 
 
 def bank_cmd(
-    adapters: list[Path] = typer.Argument(..., help="Two or more PEFT adapter folders of one base model."),
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTERS", help="Two or more PEFT adapter folders of one base model."),
     budget: str = typer.Option(..., "--budget", "-b", help="Parameters of the WHOLE bank (shared bases + every core): a "
                                "fraction of the adapters' total LoRA parameters (0.0625, 6.25%), a count (1.2M) or a size "
                                "(4MB); rank=K keeps R=K in every module."),
@@ -43,7 +43,7 @@ def bank_cmd(
 
 def bank_add_cmd(
     bank_dir: Path = typer.Argument(..., help="A bank folder written by `loracompress bank`."),
-    adapters: list[Path] = typer.Argument(..., help="PEFT adapter folders to add (same base and target modules)."),
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTERS", help="PEFT adapter folders to add (same base and target modules)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder: the bank with the new adapters."),
     refit: bool = typer.Option(False, "--refit", metavar="", help="Refit clusters, bases and cores over every adapter at "
                                "the bank's budget (needs the original folders recorded in bank.json, unchanged)."),

@@ -31,6 +31,8 @@ from loracompress.errors import LoraCompressError
 
 #: ``--clusters auto`` tries 1 … this many clusters (never more than there are adapters)
 MAX_AUTO_CLUSTERS = 8
+#: ``--clusters auto`` stops after this many candidates in a row that do no better than the best so far
+AUTO_PATIENCE = 2
 #: alternating refinements of the bases after the ranks are chosen (see :func:`loracompress.bank.fit.refine`)
 REFINE_ITERATIONS = 3
 
@@ -138,7 +140,8 @@ def fit_bank(
 ) -> FitResult:
     """Fit a bank of ``adapters`` (same modules, same shapes: checked by the caller) under ``budget``.
 
-    ``clusters``: a fixed number, or None to choose among 1 … :data:`MAX_AUTO_CLUSTERS` (one cluster for a
+    ``clusters``: a fixed number, or None to choose among 1 … :data:`MAX_AUTO_CLUSTERS`, stopping after
+    :data:`AUTO_PATIENCE` candidates in a row that do no better than the best (one cluster for a
     ``rank=K`` budget, whose parameter count depends on the clustering). A fraction is of ``original_params``.
     ``dtype``: the bases are rounded to the dtype they are stored in before the cores are projected onto them, so the
     stored cores are the least-squares cores of the stored bases (what adding an adapter computes).
@@ -157,6 +160,7 @@ def fit_bank(
     target = None if budget.kind == "rank" else resolve_target(budget, original_params, itemsize)
     search: list[Search] = []
     best: tuple[float, Search, list[Slot], list[int]] | None = None
+    worse = 0
     for k in ks:
         labels = agglomerate(sim, k) if k > 1 else [0] * n
         slots = _slots(stacks, labels, shapes)
@@ -173,7 +177,11 @@ def fit_bank(
         residual = sum(float(s.gains.sum() - s.gains[:r].sum()) for s, r in zip(slots, ranks))
         entry.params, entry.mean_sq_error = bank_cost(slots, ranks), max(residual, 0.0) / n
         if best is None or _better(entry, best[1]):
-            best = (entry.mean_sq_error, entry, slots, ranks)
+            best, worse = (entry.mean_sq_error, entry, slots, ranks), 0
+        else:
+            worse += 1
+            if worse >= AUTO_PATIENCE:  # splitting further has stopped paying twice in a row
+                break
     if best is None:  # the first candidate either fits or raised
         raise RuntimeError("no clustering was tried")
     _, chosen, slots, ranks = best
