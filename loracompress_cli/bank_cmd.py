@@ -10,8 +10,8 @@ from rich.table import Table
 
 from loracompress.bank.build import REFINE_ITERATIONS
 from loracompress.pipelines.bank import BankAddOptions, BankOptions, bank, bank_add
-from loracompress_cli.common import console, human, print_json
-from loracompress_cli.options import ALLOW_NONFINITE, FORCE
+from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 _AS_JSON = typer.Option(False, "--json", metavar="", help="Print the bank manifest (bank.json) as JSON.")
 
@@ -59,6 +59,31 @@ def bank_add_cmd(
           output, as_json)
 
 
+def bank_export_cmd(
+    bank_dir: Path = typer.Argument(..., help="A bank folder written by `loracompress bank` (causal-LM adapters)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder: cluster-<c>/ (graph + .onnx_adapter files)."),
+    base_model: str | None = BASE_MODEL,
+    tolerance: float | None = typer.Option(None, "--tolerance", help="Largest allowed first-step logit difference to PEFT (default 1e-3)."),
+    force: bool = FORCE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the export report as JSON."),
+) -> None:
+    """Export BANK_DIR for onnxruntime-genai: one graph per cluster with the shared bases inside, one
+    .onnx_adapter per adapter holding only its R×R cores; verified against PEFT's tokens before anything is written."""
+    from loracompress.export.genai_bank import BankExportOptions, export_bank_genai
+
+    report = export_bank_genai(bank_dir, output, BankExportOptions(base_model=base_model, tolerance=tolerance, force=force,
+                                                                   trust_remote_code=trust_remote_code))
+    if as_json:
+        print_json(report)
+        return
+    for c in report["clusters"]:
+        sizes = ", ".join(f"{Path(f['file']).name} {human_bytes(f['bytes'])}" for f in c["adapters"])
+        console.print(f"{c['folder']}: graph {human_bytes(c['graph_bytes'])}; {sizes}")
+    console.print(f"onnxruntime-genai gave PEFT's tokens on {report['tokens_identical']} prompts (every adapter, and the "
+                  f"base with none active); wrote {output}")
+
+
 def _show(manifest: dict[str, Any], output: Path, as_json: bool) -> None:
     if as_json:
         print_json(manifest)
@@ -81,3 +106,4 @@ def _show(manifest: dict[str, Any], output: Path, as_json: bool) -> None:
 def register(app: typer.Typer) -> None:
     app.command("bank")(bank_cmd)
     app.command("bank-add")(bank_add_cmd)
+    app.command("bank-export")(bank_export_cmd)
