@@ -100,6 +100,14 @@ def test_params_and_bytes_budgets_count_the_whole_bank(tmp_path):
     assert {t.dtype for t in _tensors(tmp_path / "b").values()} == {torch.float16}
 
 
+def test_a_rank_budget_keeps_that_rank_in_every_module(tmp_path):
+    sources, _ = adapters_of_one_base(tmp_path, 2)
+    assert main(["bank", *map(str, sources), "--budget", "rank=3", "--refine", "0", "-o", str(tmp_path / "r")]) == 0
+    manifest = _strict(tmp_path / "r" / "bank.json")
+    assert manifest["clusters"]["count"] == 1 and {m["rank"][0] for m in manifest["modules"].values()} == {3}
+    assert load_adapter(tmp_path / "r" / "adapters" / sources[0].name).ranks == dict.fromkeys(manifest["modules"], 3)
+
+
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
