@@ -82,6 +82,7 @@ def weights_sha256(folder: Path) -> str:
 
 def manifest(bf: BankFile) -> dict[str, Any]:
     bank = bf.bank
+    originals = sum(m.original_params for m in bf.members)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -91,7 +92,7 @@ def manifest(bf: BankFile) -> dict[str, Any]:
         **bf.info,
         "params": {"bases": bank.base_params, "cores": bank.core_params, "total": bank.num_params,
                    "heads": sum(t.numel() for m in bf.members for t in m.heads.values()),
-                   "originals": sum(m.original_params for m in bf.members)},
+                   "originals": originals, "fraction_of_originals": bank.num_params / originals if originals else None},
         "clusters": {**bf.info.get("clusters", {}), "count": len(bank.bases),
                      "members": [bank.members(c) for c in range(len(bank.bases))]},
         "modules": {p: {"out": o, "in": i, "rank": [bank.rank(c, p) for c in range(len(bank.bases))]}

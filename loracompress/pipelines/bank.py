@@ -86,9 +86,9 @@ def _members(adapters: Sequence[Adapter], names: Sequence[str], sources: Sequenc
 
 def _info(options: BankOptions, budget: Budget, fit: FitResult, original: int, seconds: float) -> dict[str, Any]:
     return {
+        # the bank's own count and share are in the manifest's "params", recomputed when adapters are added
         "budget": {"text": budget.text, "kind": budget.kind, "target_params": fit.target, "of": "originals",
-                   "original_params": original, "params": fit.bank.num_params,
-                   "fraction_of_originals": fit.bank.num_params / original if original else None},
+                   "original_params": original},
         "clusters": {"requested": options.clusters,
                      "search": [{"k": s.k, "labels": s.labels, "params": s.params, "mean_sq_error": s.mean_sq_error}
                                 for s in fit.search]},
