@@ -56,6 +56,7 @@ COMMAND_MODULES = [
     "truncate_cmd",
     "merge_cmd",
     "export_cmd",
+    "bank_cmd",
 ]
 
 

@@ -60,12 +60,14 @@ def make_adapter(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     decay: float = 0.7,
+    lora_seed: int | None = None,
     **extra: Any,
 ) -> tuple[Path, torch.nn.Module]:
     """Save a real PEFT adapter on a tiny ``kind`` model (llama, bert, gpt2); returns (dir, base).
 
     The LoRA factors are random with a geometric spectrum (``decay**i`` per component) so that
-    truncation has something to keep and something to lose.
+    truncation has something to keep and something to lose. ``lora_seed`` (default: ``seed``) draws
+    other LoRA weights on the same base: several adapters of one base, as a bank needs.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -76,7 +78,7 @@ def make_adapter(
                      rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
                      use_rslora=use_rslora, fan_in_fan_out=(kind == "gpt2"), **extra)
     model = get_peft_model(copy.deepcopy(base), cfg)
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed((seed if lora_seed is None else lora_seed) + 1)
     with torch.no_grad():
         for name, mod in model.named_modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):

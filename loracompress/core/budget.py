@@ -93,7 +93,7 @@ class Budget:
         """
         total = int(sum(c * r for c, r in zip(costs, ranks)))
         if self.kind == "fraction" and reference is not None:
-            target = math.floor(self.value * reference)
+            target = self.parameters(reference, itemsize)
             # An adapter compressed to this very fraction holds a little less (allocation keeps whole ranks, so
             # it stops short by less than one rank of a module): within one rank of the largest module, the
             # budget is the adapter as it is (a DyLoRA run at 0.5 holds 0.4995 and truncates at 0.5).
@@ -106,12 +106,8 @@ class Budget:
                     f"{_fmt(target)} parameters, more than this adapter has ({_fmt(total)}); give a fraction of "
                     f"at most {total / reference:.4g}"
                 )
-        elif self.kind == "fraction":
-            target = math.floor(self.value * total)
-        elif self.kind == "params":
-            target = int(self.value)
-        elif self.kind == "bytes":
-            target = int(self.value // itemsize)
+        elif self.kind != "rank":
+            target = self.parameters(total, itemsize)
         else:  # rank: the parameters of uniform rank r (capped by each module's current rank)
             top = max(ranks, default=0)
             if self.value > top:
@@ -134,6 +130,16 @@ class Budget:
                 f"module ({_fmt(smallest)}); give a larger budget"
             )
         return min(target, total)
+
+    def parameters(self, of: int, itemsize: int) -> int:
+        """The budget as a parameter count: a fraction of ``of`` parameters, a count, or bytes at ``itemsize`` each."""
+        if self.kind == "fraction":
+            return math.floor(self.value * of)
+        if self.kind == "params":
+            return int(self.value)
+        if self.kind == "bytes":
+            return int(self.value // itemsize)
+        raise ValueError("a rank budget is not a parameter count")
 
 
 def _number(s: str, raw: str) -> float:

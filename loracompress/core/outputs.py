@@ -21,9 +21,10 @@ from pathlib import Path
 from loracompress.errors import LoraCompressError
 
 #: The record file each loracompress command writes into its output folder (prune: compression_report.json;
-#: truncate with several budgets: truncate_report.json; merge; export). ``--force`` replaces only a folder
+#: truncate with several budgets: truncate_report.json; merge; export; bank: bank.json). ``--force`` replaces only a folder
 #: holding one of these, or an empty folder: never a folder the tool did not make.
-OUTPUT_RECORDS = ("compression_report.json", "truncate_report.json", "merge_report.json", "export_report.json")
+OUTPUT_RECORDS = ("compression_report.json", "truncate_report.json", "merge_report.json", "export_report.json",
+                  "bank.json")
 #: An adapter input given as one of its own files stands for its folder.
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 

@@ -174,6 +174,19 @@ def match_modules(graph_modules: list[str], peft_paths: list[str]) -> dict[str, 
     return mapping
 
 
+def lora_initializers(graph: Any) -> dict[str, dict[str, Any]]:
+    """The builder's LoRA factors of an ``onnx_ir`` graph: builder module name -> ``{"A": value, "B": value}``."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, value in graph.initializers.items():
+        m = _LORA_INIT.match(name)
+        if m:
+            found.setdefault(m["module"], {})[m["part"]] = value
+    incomplete = [k for k, v in found.items() if set(v) != {"A", "B"}]
+    if incomplete:
+        raise LoraCompressError(f"the builder's graph has half a LoRA path at {incomplete[0]}; unsupported builder output")
+    return found
+
+
 def make_lora_inputs(src: Path, dst: Path, peft_paths: list[str], dtype: str) -> GenaiGraphSpec:
     """Read the builder's graph in ``src``, write it to ``dst`` with LoRA factors as inputs.
 
@@ -183,14 +196,7 @@ def make_lora_inputs(src: Path, dst: Path, peft_paths: list[str], dtype: str) ->
 
     model = ir.load(str(src / GRAPH_NAME))
     graph = model.graph
-    found: dict[str, dict[str, Any]] = {}
-    for name, value in graph.initializers.items():
-        m = _LORA_INIT.match(name)
-        if m:
-            found.setdefault(m["module"], {})[m["part"]] = value
-    incomplete = [k for k, v in found.items() if set(v) != {"A", "B"}]
-    if incomplete:
-        raise LoraCompressError(f"the builder's graph has half a LoRA path at {incomplete[0]}; unsupported builder output")
+    found = lora_initializers(graph)
     mapping = match_modules(list(found), peft_paths)
     np_dtype = _NP[dtype]
     modules: dict[str, LoraInput] = {}

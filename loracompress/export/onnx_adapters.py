@@ -40,7 +40,7 @@ from loracompress.export.graph import (
 )
 from loracompress.export.memory import fp32_compute, release
 from loracompress.export.probe import applied, model_outputs, saved_module_params
-from loracompress.export.targets import REPORT_NAME
+from loracompress.export.registry import REPORT_NAME
 from loracompress.export.verify import (
     DEFAULT_TOLERANCE,
     Check,

@@ -22,7 +22,7 @@ from tests.robustness.hostile import assert_user_error, snapshot, tree, write_ad
 from tests.tiny import save_tiny_base
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ["inspect", "prune", "check", "report", "eval", "truncate", "merge", "export"]
+COMMANDS = ["inspect", "prune", "check", "report", "eval", "truncate", "merge", "export", "bank", "bank-add", "bank-export"]
 
 
 def _state(root: Path) -> tuple[set[str], dict[str, tuple[int, int]]]:
@@ -48,7 +48,7 @@ def test_flags_are_shown_without_a_value(command: str, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     shown = [line for line in out.splitlines() if "<bool>" in line and "--help" not in line]
     assert shown == [], shown
-    if command in ("prune", "truncate", "merge", "export"):
+    if command in ("prune", "truncate", "merge", "export", "bank", "bank-add", "bank-export"):
         assert "--force" in out and "loracompress wrote" in out
 
 

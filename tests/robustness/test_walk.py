@@ -88,13 +88,14 @@ def test_force_replaces_an_empty_folder_and_its_own_outputs(tmp_path: Path, caps
 
 def test_every_record_name_a_command_writes_is_known() -> None:
     """--force recognises an output by its record; a command with a new record name must be listed."""
+    from loracompress.bank.io import MANIFEST_NAME as BANK
     from loracompress.core.outputs import OUTPUT_RECORDS
     from loracompress.core.records import COMPRESSION_REPORT as PRUNE
     from loracompress.export import REPORT_NAME as EXPORT
     from loracompress.pipelines.merge import MERGE_REPORT
     from loracompress.pipelines.truncate import SUMMARY_NAME
 
-    assert {EXPORT, PRUNE, MERGE_REPORT, SUMMARY_NAME} == set(OUTPUT_RECORDS)
+    assert {EXPORT, PRUNE, MERGE_REPORT, SUMMARY_NAME, BANK} == set(OUTPUT_RECORDS)
 
 
 def test_merge_never_overwrites_its_base_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
