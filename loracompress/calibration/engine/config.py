@@ -48,6 +48,8 @@ class EngineConfig:
     teacher_top_k: int | None = None
     #: recompute each transformer block in the backward pass instead of keeping its activations
     gradient_checkpointing: bool = False
+    #: shard the frozen base across the processes (FSDP2, :mod:`.sharding`); the LoRA factors stay whole
+    fsdp: bool = False
     checkpoint_every: int | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
