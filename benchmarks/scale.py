@@ -216,6 +216,19 @@ def run_size(size: str, commands: list[str], flags: set[str], ratios: dict[str, 
     return runs
 
 
+def measured_ratios(runs: list[Run]) -> dict[str, float]:
+    """Each command's largest measured peak / file among earlier rows (kept by ``--append``), to project a
+    case from what was measured rather than from :data:`PRIOR_RATIO`; the sharded calibration starts from
+    the one-process calibration's (each of its processes holds at most what one process does)."""
+    out: dict[str, float] = {}
+    for r in runs:
+        if r.rc == 0 and r.peak_rss:
+            out[r.command] = max(out.get(r.command, 0.0), r.peak_rss / r.file_bytes)
+    if "calibrate" in out:
+        out.setdefault("calibrate-fsdp", out["calibrate"])
+    return out
+
+
 def _shown(argv: list[str]) -> list[str]:
     """The command as a user would type it, cache paths relative to the repository."""
     repo = str(HERE.parent) + "/"
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = args.out.with_suffix(".json")
     old = [Run(**r) for r in json.loads(out_json.read_text())] if args.append and out_json.exists() else []
     flags = _prune_flags()
-    ratios: dict[str, float] = {}
+    ratios = measured_ratios([r for r in old if r.size in sizes])  # the same sizes' rows say the most
     runs = []
     for size in sizes:
         runs += run_size(size, commands, flags, ratios, args.timeout)
