@@ -10,6 +10,11 @@ the bf16 file size), ``scale.png`` (log-log, one line per command) and ``scale.j
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/scale.py                 # all sizes
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/scale.py --sizes 0.25B,1.1B --append
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/scale.py --sizes 1.1B --commands calibrate,calibrate-fsdp --append
+
+``calibrate-fsdp`` is the same calibration on two CPU processes with the base sharded between them
+(``torchrun --nproc-per-node 2 ... --fsdp``): its peak is that of the larger process (``/usr/bin/time``
+of torchrun reports its largest descendant), and each process's own peak comes from the report.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ SIZES: dict[str, tuple[LlamaShape, int]] = {
     "3B": (LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8), 2_000_000_000),
 }
 RANK = 64
-COMMANDS = ("baseline", "prune", "merge", "export", "calibrate")
+COMMANDS = ("baseline", "prune", "merge", "export", "calibrate", "calibrate-fsdp")
+#: processes a command starts (the memory projection counts each)
+PROCESSES = {"calibrate-fsdp": 2}
 #: Peak RSS as a multiple of the bf16 file, for projecting a case before running it (measured on
 #: the smaller sizes when they ran first; these are the issue's figures before the fixes).
-PRIOR_RATIO = {"baseline": 0.0, "prune": 0.5, "merge": 3.7, "export": 9.1, "calibrate": 5.4}
+PRIOR_RATIO = {"baseline": 0.0, "prune": 0.5, "merge": 3.7, "export": 9.1, "calibrate": 5.4, "calibrate-fsdp": 5.4}
 SAFETY_BYTES = 3 * GiB  # left free for the other people on the machine
 #: What calibration holds per LoRA parameter, in float32 copies, with the default method (IncreLoRA):
 #: the teacher (the adapter's own tensors), the student, its gradient, AdamW's two moments and the
@@ -69,6 +76,9 @@ class Run:
     note: str = ""
     #: OMP_NUM_THREADS the command ran with (None: rows written before it was recorded)
     omp_threads: str | None = None
+    #: several processes (calibrate-fsdp): each one's peak RSS in bytes, and the base bytes each one held
+    process_peaks: list[int] | None = None
+    shard_bytes: list[int] | None = None
 
 
 # --------------------------------------------------------------------------- building the cases
@@ -128,8 +138,11 @@ def argv_for(command: str, base: Path, lora: Path, data: Path, out: Path, flags:
         # --engine ort: the merged single-forward graph (genai's generating decoder is its own path).
         return [*lc, "export", str(lora), "--base-model", str(base), "--format", "onnx", "--engine", "ort",
                 "--dtype", "fp16", "-o", str(out), "--force"]
-    if command == "calibrate":
+    if command in ("calibrate", "calibrate-fsdp"):
         extra = [f for f in ("--base-dtype", "--gradient-checkpointing") if f in flags]
+        if command == "calibrate-fsdp":
+            lc = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(PROCESSES[command]),
+                  "-m", "loracompress"]
         argv = [*lc, "prune", str(lora), "--budget", "0.5", "--base-model", str(base), "--data", str(data),
                 "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--no-eval", "--no-keep-best",
                 "--device", "cpu", "-o", str(out), "--force"]
@@ -137,7 +150,7 @@ def argv_for(command: str, base: Path, lora: Path, data: Path, out: Path, flags:
             argv += ["--base-dtype", "bf16"]
         if "--gradient-checkpointing" in extra:
             argv += ["--gradient-checkpointing"]
-        return argv
+        return argv + (["--fsdp"] if command == "calibrate-fsdp" else [])
     raise ValueError(command)
 
 
@@ -179,7 +192,7 @@ def run_size(size: str, commands: list[str], flags: set[str], ratios: dict[str, 
     for command in commands:
         out = CACHE / size / f"out-{command}"
         argv = argv_for(command, base, lora, data, out, flags)
-        projected = ratios.get(command, PRIOR_RATIO[command]) * nbytes + 0.5 * GiB
+        projected = (ratios.get(command, PRIOR_RATIO[command]) * nbytes + 0.5 * GiB) * PROCESSES.get(command, 1)
         free = available_memory()
         if projected > free - SAFETY_BYTES:
             note = (f"skipped: projected peak {projected / GiB:.1f} GiB, {free / GiB:.1f} GiB available "
@@ -193,10 +206,27 @@ def run_size(size: str, commands: list[str], flags: set[str], ratios: dict[str, 
               flush=True)
         runs.append(Run(size, command, params, nbytes, peak, round(seconds, 1), rc, _shown(argv), note,
                         os.environ.get("OMP_NUM_THREADS", "unset")))
+        if rc == 0 and command in PROCESSES:
+            sharding = json.loads((out / "compression_report.json").read_text())["settings"]["run"]["sharding"]
+            runs[-1].process_peaks = [int(m * 2**20) for m in sharding["peak_rss_mib"]]
+            runs[-1].shard_bytes = sharding["shard_bytes"]
         if rc == 0:
             ratios[command] = max(ratios.get(command, 0.0), peak / nbytes) if command != "merge" else peak / nbytes
         shutil.rmtree(out, ignore_errors=True)
     return runs
+
+
+def measured_ratios(runs: list[Run]) -> dict[str, float]:
+    """Each command's largest measured peak / file among earlier rows (kept by ``--append``), to project a
+    case from what was measured rather than from :data:`PRIOR_RATIO`; the sharded calibration starts from
+    the one-process calibration's (each of its processes holds at most what one process does)."""
+    out: dict[str, float] = {}
+    for r in runs:
+        if r.rc == 0 and r.peak_rss:
+            out[r.command] = max(out.get(r.command, 0.0), r.peak_rss / r.file_bytes)
+    if "calibrate" in out:
+        out.setdefault("calibrate-fsdp", out["calibrate"])
+    return out
 
 
 def _shown(argv: list[str]) -> list[str]:
@@ -269,6 +299,7 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
     if notes:
         lines += ["", "Notes:", *notes]
     lines += calibration_breakdown(runs)
+    lines += sharded_rows(runs)
     lines += ["", "## Extrapolation", "",
               "A straight line through the measured peaks of each command (peak = a + b · parameters, least "
               "squares), evaluated at Llama-2-7B (6.74B) and Llama-2-70B (69.0B) shapes; the machine is the "
@@ -340,6 +371,29 @@ def calibration_breakdown(runs: list[Run]) -> list[str]:
             "|---|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+def sharded_rows(runs: list[Run]) -> list[str]:
+    """Two processes with the base sharded (``--fsdp``) against one process: each process's peak RSS."""
+    by = {(r.size, r.command): r for r in runs}
+    rows = []
+    for size in SIZES:
+        two, one = by.get((size, "calibrate-fsdp")), by.get((size, "calibrate"))
+        if two is None or two.rc != 0 or not two.process_peaks:
+            continue
+        peaks = ", ".join(f"{p / GiB:.2f}" for p in two.process_peaks)
+        shards = ", ".join(f"{b / GiB:.2f}" for b in two.shard_bytes or [])
+        single = f"{one.peak_rss / GiB:.2f} GiB" if one is not None and one.rc == 0 and one.peak_rss else "not run"
+        ratio = f"{max(two.process_peaks) / one.peak_rss:.2f}×" if one is not None and one.peak_rss else ""
+        rows.append(f"| {size} | {single} | {peaks} GiB | {ratio} | {shards} GiB of {two.file_bytes / GiB:.2f} GiB |")
+    if not rows:
+        return []
+    return ["", "## Calibration on two processes, base sharded (`--fsdp`)", "",
+            "`torchrun --nproc-per-node 2 -m loracompress prune ... --fsdp`, the same 2 steps (each process takes "
+            "every other batch). Per process: the peak RSS each process reports (`ru_maxrss` at the end of "
+            "training) and the base bytes it held after sharding; one process: the `calibrate` row.", "",
+            "| base | one process | two processes, each | larger / one | base held by each |",
+            "|---|---:|---:|---:|---:|", *rows]
+
+
 def _plot(runs: list[Run], out_png: Path) -> None:
     import matplotlib
 
@@ -381,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = args.out.with_suffix(".json")
     old = [Run(**r) for r in json.loads(out_json.read_text())] if args.append and out_json.exists() else []
     flags = _prune_flags()
-    ratios: dict[str, float] = {}
+    ratios = measured_ratios([r for r in old if r.size in sizes])  # the same sizes' rows say the most
     runs = []
     for size in sizes:
         runs += run_size(size, commands, flags, ratios, args.timeout)

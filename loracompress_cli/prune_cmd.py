@@ -93,6 +93,7 @@ def prune_cmd(
     load_in_4bit: bool = LOAD_IN_4BIT,
     load_in_8bit: bool = LOAD_IN_8BIT,
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", metavar="", help="Calibration: recompute each transformer block in the backward pass (less activation memory, about one more forward per step)."),
+    fsdp: bool = typer.Option(False, "--fsdp", metavar="", help="Calibration under torchrun/accelerate launch: shard the frozen base across the processes (torch FSDP2), the LoRA factors whole (docs/calibration.md)."),
     teacher_cache_mb: float | None = typer.Option(None, "--teacher-cache-mb", help="Calibration: cap of the teacher-target cache in MB (default 1024; 0: recompute every step)."),
     teacher_top_k: int | None = typer.Option(None, "--teacher-top-k", help="Causal LMs: distil over the teacher's top-k tokens plus the rest (0: the full vocabulary; default: full while it fits --teacher-cache-mb, else 64)."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
@@ -112,7 +113,7 @@ def prune_cmd(
                            pseudo_labels=pseudo_labels, token_dropout=token_dropout, device=device, precision=precision,
                            trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every, resume=resume,
                            base_dtype=base_dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                           gradient_checkpointing=gradient_checkpointing, teacher_cache_mb=teacher_cache_mb,
+                           gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, teacher_cache_mb=teacher_cache_mb,
                            teacher_top_k=teacher_top_k,
                            evaluate=not no_eval, keep_best=keep_best, method_settings=_method_settings(method_option))
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 talks

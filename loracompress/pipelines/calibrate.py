@@ -31,6 +31,7 @@ from loracompress.calibration.engine import (
     remove_checkpoints,
     svd_student,
 )
+from loracompress.calibration.engine.sharding import QUANTIZED, check_shardable, fsdp_requested
 from loracompress.calibration.methods.registry import get_method
 from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
 from loracompress.core.budget import Budget
@@ -162,12 +163,18 @@ def calibrate(
         checkpoint_dir=ckpt, resume=options.resume, **memory_settings(options),
     )
     placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
+    if config.fsdp:
+        check_shardable(options.precision)
+        if placement.quantize:
+            raise LoraCompressError(QUANTIZED)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     mods = list(adapter.modules.values())
     target = budget.resolve([m.cost for m in mods], [m.rank for m in mods], itemsize)
-    base = load_base(adapter, options, placement=placement)  # straight to the device, in the base dtype
+    # Straight to the device, in the base dtype; a sharded run reads the base into host memory instead and the
+    # engine moves each block to the device as it shards it, so no GPU ever holds the whole base.
+    base = load_base(adapter, options, placement=replace(placement, device="cpu") if config.fsdp else placement)
     data = load_data(base, options)
     config = replace(config, **data_settings(options, data))
     log.info("calibrating with %s on %d %s samples (%d batches), %d held out", options.method, data.samples,
@@ -215,7 +222,7 @@ def calibrate(
 def memory_settings(options: Any) -> dict[str, Any]:
     """The engine's memory settings among ``options`` (unset ones keep the engine's defaults)."""
     given = {"gradient_checkpointing": options.gradient_checkpointing, "teacher_top_k": options.teacher_top_k,
-             "teacher_cache_mb": options.teacher_cache_mb}
+             "teacher_cache_mb": options.teacher_cache_mb, "fsdp": fsdp_requested(options.fsdp) or None}
     return {k: v for k, v in given.items() if v is not None}
 
 

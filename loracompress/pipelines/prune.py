@@ -73,6 +73,8 @@ class PruneOptions(ModelOptions, CalibrationDataOptions):
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     gradient_checkpointing: bool = False
+    #: shard the frozen base across the launched processes (FSDP2); the LoRA factors stay whole
+    fsdp: bool = False
     teacher_cache_mb: float | None = None  # None: the engine's default (1024)
     teacher_top_k: int | None = None  # None: auto; 0: full vocabulary
     #: calibration: write the training-free SVD cut instead when it has the lower held-out KL
@@ -204,6 +206,7 @@ def _check_calibration_only(options: PruneOptions) -> None:
     who passes ``--steps 500`` without ``--data`` expects a calibration, not a silent svd cut."""
     default = PruneOptions()
     given = [flag for flag, on in (("--gradient-checkpointing", options.gradient_checkpointing),
+                                   ("--fsdp", options.fsdp),
                                    ("--teacher-top-k", options.teacher_top_k is not None),
                                    ("--teacher-cache-mb", options.teacher_cache_mb is not None)) if on]
     given += [flag for flag, name in _TRAINING_FLAGS if getattr(options, name) != getattr(default, name)]

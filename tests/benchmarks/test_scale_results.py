@@ -42,3 +42,19 @@ def test_results_keep_hand_written_notes_and_break_the_calibration_peak_down(tmp
     assert row.endswith(f"| {target:.2f}× |")
     scale.write_results(runs, out, tmp_path / "scale.png", tmp_path / "scale.json", set())
     assert out.read_text() == text  # rewriting keeps the notes once, not twice
+
+
+def test_sharded_row_shows_each_process_against_one_process():
+    one = _run("calibrate", 3.89, size="1.1B")
+    two = _run("calibrate-fsdp", 2.60, size="1.1B")
+    two.process_peaks, two.shard_bytes = [int(2.60 * GiB), int(2.50 * GiB)], [int(0.5 * GiB), int(0.5 * GiB)]
+    lines = scale.sharded_rows([one, two])
+    row = next(line for line in lines if line.startswith("| 1.1B"))
+    assert "| 3.89 GiB | 2.60, 2.50 GiB | 0.67× | 0.50, 0.50 GiB of" in row
+    assert scale.sharded_rows([one]) == []  # no sharded run, no section
+
+
+def test_projection_starts_from_measured_rows():
+    ratios = scale.measured_ratios([_run("calibrate", 1.0), _run("merge", 0.5, threads=None)])
+    assert ratios["calibrate"] == ratios["calibrate-fsdp"] == GiB / 533_788_960
+    assert ratios["merge"] == 0.5 * GiB / 533_788_960

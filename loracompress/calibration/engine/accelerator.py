@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,34 +37,15 @@ def make_accelerator(device: str, precision: str) -> Any:
     # Buffers (masks, teacher factors) are the same on every process: no need to broadcast them.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[ddp])
-    check_sharding(accelerator)
     return accelerator
 
 
-def check_sharding(accelerator: Any) -> None:
-    """Say what ``accelerate launch --use_fsdp`` really gives (docs/calibration.md, "Several processes").
-
-    accelerate (1.15) turns FSDP on only for GPU-like processes: CPU processes launched with
-    ``--use_fsdp`` run DDP, each holding the whole base. On GPUs FSDP would shard the LoRA factors
-    together with the base, and the methods read and edit those factors in place: refused until the
-    factors are kept out of the sharding.
-    """
-    kind = parallel_kind(accelerator)
-    if kind == "fsdp":
-        raise LoraCompressError(
-            "sharded calibration (accelerate FSDP) is not supported yet; launch with --multi_gpu (DDP) and fit the "
-            "base on each GPU with --base-dtype bf16, --gradient-checkpointing or --load-in-4bit"
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.is_main_process:
-        log.warning("accelerate runs FSDP on GPUs only: these %d CPU processes use DDP, each holding the whole base",
-                    accelerator.num_processes)
-
-
-def parallel_kind(accelerator: Any) -> str:
-    """``"none"`` (one process), ``"ddp"`` (replicated model, averaged gradients) or ``"fsdp"`` (sharded)."""
-    if accelerator.num_processes == 1:
-        return "none"
-    return "fsdp" if "FSDP" in str(accelerator.distributed_type) else "ddp"
+def parallel_kind(accelerator: Any, sharded: bool = False) -> str:
+    """``"none"`` (one process), ``"ddp"`` (replicated model, averaged gradients) or ``"fsdp"`` (the base
+    sharded by :mod:`.sharding`; also with one process, e.g. ``torchrun --nproc-per-node 1`` on one GPU)."""
+    if sharded:
+        return "fsdp"
+    return "none" if accelerator.num_processes == 1 else "ddp"
 
 
 def reducer(accelerator: Any) -> Callable[[torch.Tensor], torch.Tensor]:

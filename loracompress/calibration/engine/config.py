@@ -52,6 +52,8 @@ class EngineConfig:
     loss_chunk_mb: float = 32.0
     #: recompute each transformer block in the backward pass instead of keeping its activations
     gradient_checkpointing: bool = False
+    #: shard the frozen base across the processes (FSDP2, :mod:`.sharding`); the LoRA factors stay whole
+    fsdp: bool = False
     checkpoint_every: int | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False

@@ -23,7 +23,9 @@ re-factorised in SVD order (scale folded) into the result :class:`~loracompress.
 Built on ``accelerate``: CPU, CUDA, bf16/fp16 mixed precision, and several processes
 (``accelerate launch -m loracompress prune ...``, DDP: every process trains on its own shard of
 the batches; everything a method decides from is identical on every process, or reduced with
-``ctx.reduce_mean``).
+``ctx.reduce_mean``). With ``fsdp`` the processes also split the frozen base between them
+(:mod:`.sharding`, torch's FSDP2); the LoRA factors stay whole and their gradients are averaged
+as DDP would, so every method runs unchanged.
 
 Interruption and resuming: SIGINT/SIGTERM finish the current step, save a checkpoint when
 checkpointing is on, and raise :class:`Interrupted` (nothing is written to the output). A
@@ -44,6 +46,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +67,14 @@ from loracompress.calibration.engine.head import HeadSplit
 from loracompress.calibration.engine.loss import chunked_lm_loss, distillation_loss, hidden_state_loss
 from loracompress.calibration.engine.recompute import gradient_checkpointing
 from loracompress.calibration.engine.schedule import lr_factor
+from loracompress.calibration.engine.sharding import (
+    ShardInfo,
+    average_gradients,
+    check_shardable,
+    fsdp_requested,
+    gather_peak_rss,
+    shard_base,
+)
 from loracompress.calibration.engine.signals import _StopRequest
 from loracompress.calibration.engine.student import extract
 from loracompress.calibration.engine.teacher import TargetPlan, TopK, plan_targets, targets_nbytes
@@ -105,6 +116,8 @@ class EngineResult:
     parallel: str = "none"
     #: full distribution or top-k (+ k, vocab), cached or not, the cache's cap
     teacher_targets: dict[str, Any] = field(default_factory=dict)
+    #: a sharded run (``parallel == "fsdp"``): processes, blocks, the base's bytes and each process's share
+    sharding: ShardInfo | None = None
 
     def summary(self) -> dict[str, Any]:
         tail = self.losses[-max(1, len(self.losses) // 10):] if self.losses else []
@@ -121,6 +134,7 @@ class EngineResult:
             "student_seconds_per_step": round(self.student_seconds_per_step, 5),
             "teacher_seconds_per_step": round(self.teacher_seconds_per_step, 5),
             "resumed_from": self.resumed_from,
+            **({"sharding": self.sharding.describe()} if self.sharding is not None else {}),
         }
 
 
@@ -167,6 +181,9 @@ class Engine:
             raise LoraCompressError("no calibration batches; pass more data")
         t_start = time.perf_counter()
         accelerator = make_accelerator(cfg.device, cfg.precision)
+        sharded = fsdp_requested(cfg.fsdp, accelerator)
+        if sharded:
+            check_shardable(cfg.precision)
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
@@ -199,12 +216,17 @@ class Engine:
         # copy of the factors, for the whole run.
         del student
         prepared: nn.Module | None = None
+        shard: ShardInfo | None = None
         try:
             for layer in layers.values():
                 for p in (layer.A, layer.B):
                     if p.numel() == 0:
                         p.requires_grad_(False)  # an empty factor takes no part (and DDP needs every trainable one used)
-            place_model(model, accelerator.device)
+            if sharded:  # the base may still be on the CPU: each block goes to the device as it is sharded
+                shard = shard_base(model, [p for layer in layers.values() for p in (layer.A, layer.B)],
+                                   accelerator.device)
+            else:
+                place_model(model, accelerator.device)
             params = [p for layer in layers.values() for p in (layer.A, layer.B) if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             depth, num_layers = module_depths(list(layers))
@@ -214,9 +236,12 @@ class Engine:
                 reduce_mean=reducer(accelerator), reset_optimizer=lambda: optimizer.state.clear(),
             )
             method.setup(ctx)
-            with warnings.catch_warnings():  # torch deprecates broadcast_buffers; False is still what we mean
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                prepared, opt = accelerator.prepare(model, optimizer)
+            if sharded:  # fully_shard changed the model in place; no DDP (or accelerate FSDP) wrapper on top
+                prepared, opt = model, optimizer
+            else:
+                with warnings.catch_warnings():  # torch deprecates broadcast_buffers; False is still what we mean
+                    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                    prepared, opt = accelerator.prepare(model, optimizer)
             start = 0
             losses: list[float] = []
             ckpt = Checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
@@ -226,7 +251,8 @@ class Engine:
             elif ckpt is not None and ckpt.latest() is not None and accelerator.is_main_process:
                 log.info("starting afresh; an earlier checkpoint in %s is replaced (pass --resume to continue it)", ckpt.root)
                 ckpt.clear()
-            loop = _Loop(cfg, accelerator, model, prepared, layers, opt, params, method, local, task, total, warmup)
+            loop = _Loop(cfg, accelerator, model, prepared, layers, opt, params, method, local, task, total, warmup,
+                         sharded)
             with _StopRequest() as stop, gradient_checkpointing(model, cfg.gradient_checkpointing):
                 for step in range(start, total):
                     losses.append(loop.step(step))
@@ -242,6 +268,8 @@ class Engine:
                     if stopping and not last:
                         where = f"; checkpoint saved in {ckpt.root}, continue with --resume" if ckpt and cfg.checkpoint_every else ""
                         raise Interrupted(f"interrupted after step {step + 1} of {total}{where}")
+            if shard is not None:
+                gather_peak_rss(shard)
             ranks = method.finalize()
             adapter = extract(layers, ranks, teacher, ctx, method.metadata())
             return EngineResult(
@@ -252,7 +280,8 @@ class Engine:
                 losses=losses,
                 device=str(accelerator.device),
                 num_processes=world,
-                parallel=parallel_kind(accelerator),
+                parallel=parallel_kind(accelerator, sharded),
+                sharding=shard,
                 teacher_cache_mb=loop.cache_mb(),
                 teacher_targets=loop.targets_info(),
                 student_seconds_per_step=loop.student_time / max(1, loop.steps_run),
@@ -261,7 +290,7 @@ class Engine:
                 step_seconds=loop.step_seconds,
             )
         finally:
-            if prepared is not None:
+            if prepared is not None and not sharded:
                 accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drop the autocast wrapper
             detach(model)
 
@@ -271,8 +300,11 @@ class _Loop:
 
     def __init__(self, cfg: EngineConfig, accelerator: Any, model: nn.Module, prepared: nn.Module,
                  layers: dict[str, LoraLayer], optimizer: Any, params: list[nn.Parameter], method: Method,
-                 batches: list[Mapping[str, torch.Tensor]], task: str, total: int, warmup: int):
+                 batches: list[Mapping[str, torch.Tensor]], task: str, total: int, warmup: int, sharded: bool = False):
         self.cfg, self.acc, self.model, self.prepared = cfg, accelerator, model, prepared
+        #: a sharded model is not wrapped by accelerate: its student forward needs autocast here, and the
+        #: LoRA gradients (FSDP's ignored parameters) are averaged by hand
+        self.sharded = sharded
         self.layers, self.opt, self.params, self.method = layers, optimizer, params, method
         self.batches, self.task, self.total, self.warmup = batches, task, total, warmup
         reused = total > len(batches)
@@ -290,7 +322,8 @@ class _Loop:
         self._hidden_scales: list[float] | None = None
         #: a causal LM's output head, applied by the loss a chunk of tokens at a time (see :mod:`.head`);
         #: decided at the first forward: None until then, False where the model's logits are not the head's
-        self._split: HeadSplit | bool | None = None if task == "lm" and cfg.loss_chunk_mb > 0 else False
+        #: a sharded model keeps its head's weights sharded outside its own forward, so it keeps whole logits
+        self._split: HeadSplit | bool | None = None if task == "lm" and cfg.loss_chunk_mb > 0 and not sharded else False
         self.vocab = self.chunk = 0  # the head's vocabulary, and the tokens per chunk it allows
 
     def split(self, inputs: Mapping[str, Any]) -> HeadSplit | None:
@@ -425,7 +458,7 @@ class _Loop:
         split = self.split(batch)
         extra = {"output_hidden_states": True} if hidden else {}
         if split is not None:  # the model stops before its head; the loss applies it a chunk of tokens at a time
-            with split.hidden() as kept:
+            with split.hidden() as kept, acc.autocast() if self.sharded else nullcontext():
                 out = self.prepared(**batch, **extra)
             anchor = kept[-1]
             with acc.autocast():  # the head runs in the precision it would inside the forward
@@ -433,7 +466,8 @@ class _Loop:
                                           chunk=self.chunk, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
                                           task_weight=cfg.task_weight)
         else:
-            out = self.prepared(**batch, **extra)
+            with acc.autocast() if self.sharded else nullcontext():
+                out = self.prepared(**batch, **extra)
             anchor = out.logits
             loss, _ = distillation_loss(out.logits, t_logits, labels, batch.get("attention_mask"), self.task,
                                         temperature=cfg.temperature, kd_weight=cfg.kd_weight, task_weight=cfg.task_weight)
@@ -445,6 +479,8 @@ class _Loop:
                 raise LoraCompressError("nothing to train on: the data has no labels and --kd-weight is 0; raise --kd-weight")
             loss = (anchor * 0.0).sum()  # an LM batch with no counted token: a no-op step, same on every process
         acc.backward(loss)
+        if self.sharded:
+            average_gradients(self.params)
         if acc.scaler is not None:
             acc.unscale_gradients()  # hooks and clipping see true gradients
         self.method.after_backward(step)
