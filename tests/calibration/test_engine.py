@@ -63,6 +63,8 @@ def calib_files(root: Path, kind: str = "bert", n: int = 96, held: int = 48, r: 
 def options(files: dict[str, Path], method: str, budget: str = "0.25", **kw) -> PruneOptions:
     base = {"budget": budget, "method": method, "base_model": str(files["base"]), "data": str(files["data"]),
             "steps": 24, "batch_size": 8, "lr": 5e-3, "device": "cpu", "evaluate": False, "seq_len": 32}
+    if method == "svd":  # the training-free cut refuses training settings (they would be ignored)
+        del base["steps"], base["lr"]
     base.update(kw)
     return PruneOptions(**base)
 
