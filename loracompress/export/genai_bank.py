@@ -14,7 +14,6 @@ adapter's expanded folder (and the base's with no adapter), as ``export --engine
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from loracompress.bank.io import ADAPTERS_DIR, read_bank
+from loracompress.core import jsonio
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai import (
@@ -113,7 +113,7 @@ def bank_graph(src: Path, dst: Path, bases: dict[str, tuple[torch.Tensor, torch.
 
 
 def _version(ranks: dict[str, int]) -> int:
-    text = json.dumps(sorted(ranks.items()))
+    text = jsonio.dumps(sorted(ranks.items()))
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
@@ -175,5 +175,5 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                   "first_step_max_abs_diff": max(c.first_step_max_abs_diff for c in all_checks),
                   "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": _versions(og),
                   "seconds": round(time.perf_counter() - t0, 2)}
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        jsonio.write_json(tmp / REPORT_NAME, report)
     return report
