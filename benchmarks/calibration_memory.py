@@ -84,7 +84,7 @@ def delta_gap(a: Path, b: Path) -> float:
     """Largest relative Frobenius difference of a module's ΔW between two outputs."""
     import torch
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
 
     x, y = load_adapter(a), load_adapter(b)
     gaps = []

@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from loracompress.calibration.engine import Engine, EngineConfig, distillation_loss, svd_student  # noqa: E402
 from loracompress.calibration.methods.base import Method  # noqa: E402
 from loracompress.calibration.methods.registry import get_method  # noqa: E402
-from loracompress.core.adapter import Adapter, load_adapter  # noqa: E402
+from loracompress.core.adapter import Adapter  # noqa: E402
+from loracompress.core.reader import load_adapter  # noqa: E402
 from loracompress.runtime.data import make_batches, model_inputs, read_examples  # noqa: E402
 from loracompress.runtime.device import resolve_device  # noqa: E402
 from loracompress.runtime.model import load_base_model  # noqa: E402

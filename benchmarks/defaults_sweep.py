@@ -74,7 +74,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def run(args: argparse.Namespace) -> None:
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.pipelines.evaluate import EvalOptions
     from loracompress.pipelines.inputs import load_base, read_batches
     from loracompress.pipelines.prune import PruneOptions, prune

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "samples"))
 
-from loracompress.core.adapter import load_adapter  # noqa: E402
+from loracompress.core.reader import load_adapter  # noqa: E402
 from loracompress.export.onnx import OnnxOptions, export_onnx  # noqa: E402
 from loracompress.export.targets import export_target  # noqa: E402
 from loracompress.pipelines.prune import PruneOptions, prune  # noqa: E402

@@ -291,8 +291,8 @@ def _merge_settings(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from loracompress.core.adapter import load_adapter
     from loracompress.core.budget import Budget
+    from loracompress.core.reader import load_adapter
     from loracompress.cuts.nested import truncate_adapter
     from loracompress.pipelines.evaluate import EvalOptions
     from loracompress.pipelines.inputs import load_base, load_data, read_batches
@@ -463,7 +463,8 @@ def measure_base(args: argparse.Namespace) -> None:
     ``seq_len``, ``batch_size`` and ``seed``), written into that JSON as ``base_metric``: for files made
     before runs recorded it. Without the (git-ignored) adapter folder, a perplexity task loads the base from
     the task's spec alone: no LoRA and no head are needed to score the base on language modelling."""
-    from loracompress.core.adapter import Adapter, load_adapter
+    from loracompress.core.adapter import Adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.pipelines.evaluate import EvalOptions, evaluate
     from loracompress.pipelines.inputs import load_base, read_batches
     from loracompress.runtime.data import task_of

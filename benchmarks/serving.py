@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime_genai as og
     from peft import PeftModel
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.export.genai import GenaiOptions, export_genai
     from loracompress.runtime.model import load_base_model
 

@@ -81,7 +81,7 @@ def worker() -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.export.targets import export_target
     from tests.engines.smollm2 import build_case, venv_python
 

@@ -118,8 +118,8 @@ def job_loracompress(src: Path, dst: Path, budget: str) -> dict:
 
 def job_ours_per_layer(src: Path, layers: int, budget: str) -> dict:
     """loracompress's SVD work on the first ``layers`` decoder layers only, for the per-layer comparison."""
-    from loracompress.core.adapter import load_adapter
     from loracompress.core.budget import Budget
+    from loracompress.core.reader import load_adapter
     from loracompress.cuts.svd import compress_svd
 
     adapter = load_adapter(src)

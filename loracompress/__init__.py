@@ -24,8 +24,10 @@ The one-call pipeline behind ``loracompress prune`` writes the report and card b
 """
 
 from loracompress._version import __version__ as __version__  # re-exported: loracompress.__version__
-from loracompress.core.adapter import Adapter, LoraModule, load_adapter, save_adapter
+from loracompress.core.adapter import Adapter, LoraModule
 from loracompress.core.budget import Budget, allocate
+from loracompress.core.reader import load_adapter
+from loracompress.core.writer import save_adapter
 from loracompress.cuts.svd import SvdResult, compress_svd
 from loracompress.errors import CheckFailed, LoraCompressError
 

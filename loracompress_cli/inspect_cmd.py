@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import adapter_stats
 from loracompress_cli.common import console, human, human_bytes, print_json, skipped_line
 from loracompress_cli.options import ALLOW_NONFINITE

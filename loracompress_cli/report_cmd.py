@@ -25,7 +25,7 @@ def report(
     cwd = Path.cwd()
     measurements, entries = report_sizes(paths or [], load_config(config, cwd), cwd)
     if plot is not None:
-        from loracompress.core.adapter import load_adapter
+        from loracompress.core.reader import load_adapter
         from loracompress.gate.plots import plot_ranks, rank_profile
 
         profiles = [rank_profile(m.path, m.report, load_adapter(cwd / m.path).ranks) for m in measurements]

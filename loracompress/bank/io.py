@@ -19,17 +19,11 @@ import torch
 
 from loracompress.bank.build import Bank
 from loracompress.bank.checks import BankShape
-from loracompress.core.adapter import (
-    BIN_NAME,
-    ORIGINAL_PARAMS_KEY,
-    SAFETENSORS_NAME,
-    Adapter,
-    dtype_name,
-    parse_dtype,
-    write_adapter_files,
-)
+from loracompress.core.adapter import BIN_NAME, ORIGINAL_PARAMS_KEY, SAFETENSORS_NAME, Adapter
+from loracompress.core.dtypes import dtype_name, parse_dtype
 from loracompress.core.records import report_json
 from loracompress.core.safeio import read_safetensors, write_safetensors
+from loracompress.core.writer import write_adapter_files
 from loracompress.errors import LoraCompressError
 
 MANIFEST_NAME = "bank.json"

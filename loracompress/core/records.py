@@ -16,7 +16,8 @@ import torch
 
 from loracompress._version import __version__
 from loracompress.core import jsonio
-from loracompress.core.adapter import Adapter, dtype_name
+from loracompress.core.adapter import Adapter
+from loracompress.core.dtypes import dtype_name
 from loracompress.core.linalg import effective_rank, singular_values
 
 COMPRESSION_REPORT = "compression_report.json"

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loracompress.core.adapter import Adapter, LoraModule, output_dtype
+from loracompress.core.adapter import Adapter, LoraModule
 from loracompress.core.budget import Budget, allocate
+from loracompress.core.dtypes import output_dtype
 from loracompress.core.linalg import LowRankCore, LowRankSVD, effective_rank, lowrank_core, lowrank_svd
 from loracompress.core.validate import require_int, require_type
 from loracompress.errors import LoraCompressError

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import KEY_PREFIX, Adapter, load_adapter
+from loracompress.core.adapter import KEY_PREFIX, Adapter
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import (

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import Adapter, LoraModule, base_param_name, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter, LoraModule, base_param_name
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError, brief
 from loracompress.export.registry import (

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import load_adapter, parse_dtype
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
 from loracompress.export.options import GraphOptions, check_same_base, shared

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import KEY_PREFIX, Adapter, dtype_name, parse_dtype, portable_tensors
+from loracompress.core.adapter import KEY_PREFIX, Adapter
+from loracompress.core.dtypes import dtype_name, parse_dtype
+from loracompress.core.writer import portable_tensors
 from loracompress.errors import LoraCompressError
 from loracompress.export.graph import (
     ONNX_NAME,

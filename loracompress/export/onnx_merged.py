@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loracompress.core.adapter import Adapter, dtype_name
+from loracompress.core.adapter import Adapter
+from loracompress.core.dtypes import dtype_name
 from loracompress.export.graph import (
     ONNX_NAME,
     ExportRun,

@@ -25,19 +25,12 @@ from typing import Any, ClassVar
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import (
-    CONFIG_NAME,
-    KEY_PREFIX,
-    Adapter,
-    LoraModule,
-    base_param_name,
-    load_adapter,
-    parse_dtype,
-    rank_patterns,
-    write_adapter_files,
-)
+from loracompress.core.adapter import CONFIG_NAME, KEY_PREFIX, Adapter, LoraModule, base_param_name
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.units import human_bytes
+from loracompress.core.writer import rank_patterns, write_adapter_files
 from loracompress.errors import LoraCompressError
 from loracompress.export.registry import (
     REPORT_NAME,

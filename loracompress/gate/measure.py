@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loracompress.core.adapter import dtype_name, load_adapter
+from loracompress.core.dtypes import dtype_name
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.errors import LoraCompressError
 from loracompress.gate.config import CheckConfig, baseline_key, display_path, resolve_targets

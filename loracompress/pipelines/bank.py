@@ -26,9 +26,11 @@ from loracompress.bank.build import (
 )
 from loracompress.bank.checks import BankShape, check_adapters, folder_names
 from loracompress.bank.io import BankFile, Member, manifest, read_bank, weights_sha256, write_bank
-from loracompress.core.adapter import CONFIG_NAME, Adapter, load_adapter, parse_dtype
+from loracompress.core.adapter import CONFIG_NAME, Adapter
 from loracompress.core.budget import Budget
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 
 

@@ -33,9 +33,11 @@ from loracompress.calibration.engine import (
 )
 from loracompress.calibration.engine.sharding import QUANTIZED, check_shardable, fsdp_requested
 from loracompress.calibration.methods.registry import get_method
-from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter
 from loracompress.core.budget import Budget
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import check_output_path, sibling_stem
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import compression_report
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracompress.core.adapter import Adapter, load_adapter
+from loracompress.core.adapter import Adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import DataOptions, ModelOptions, load_base, read_batches
 from loracompress.runtime.data import IGNORE_INDEX, model_inputs, task_of

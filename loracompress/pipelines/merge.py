@@ -33,8 +33,10 @@ from typing import Any
 import torch
 
 from loracompress.core import jsonio
-from loracompress.core.adapter import Adapter, dtype_name, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter
+from loracompress.core.dtypes import dtype_name, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params

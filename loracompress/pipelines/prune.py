@@ -12,9 +12,11 @@ import torch
 
 from loracompress.calibration.engine.config import EngineConfig
 from loracompress.calibration.methods.base import Method
-from loracompress.core.adapter import Adapter, load_adapter, parse_dtype
+from loracompress.core.adapter import Adapter
 from loracompress.core.budget import Budget
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import compression_report
 from loracompress.cuts.svd import Selector, SvdResult, compress_svd
 from loracompress.errors import LoraCompressError

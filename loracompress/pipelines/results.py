@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, Adapter, save_adapter
+from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, Adapter
 from loracompress.core.records import CARD_NAME, COMPRESSION_REPORT, card, report_json
+from loracompress.core.writer import save_adapter
 
 
 def write_result(

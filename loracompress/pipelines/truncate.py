@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
-from loracompress.core.adapter import NESTED_ORDER, Adapter, load_adapter, parse_dtype
+from loracompress.core.adapter import NESTED_ORDER, Adapter
 from loracompress.core.budget import Budget
+from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import CARD_NAME, compression_report, report_json
 from loracompress.cuts.nested import Cut, truncate_adapter
 from loracompress.errors import LoraCompressError

@@ -12,8 +12,8 @@ import torch
 
 from loracompress.bank.build import assign_clusters, fit_bank, project_cores
 from loracompress.bank.io import read_bank
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress_cli.app import main
 from tests.bank.helpers import adapters_of_one_base, grouped_adapters
 from tests.tiny import sample_inputs

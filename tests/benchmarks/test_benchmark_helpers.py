@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from tests.tiny import make_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -75,7 +75,7 @@ def test_the_bare_base_is_scored_with_no_lora_at_all(tmp_path):
     import torch.nn.functional as F
     from quality import Scorer
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.pipelines.evaluate import EvalOptions
     from loracompress.pipelines.inputs import load_base, read_batches
     from tests.tiny import make_adapter, save_tiny_base, tiny_sentences

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from loracompress.calibration.methods.base import CalibContext, Method
-from loracompress.core.adapter import Adapter, load_adapter
+from loracompress.core.adapter import Adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.svd import decompose, truncated_adapter
 from loracompress.runtime.layers import LoraLayer, attach, use_mode
 from tests.tiny import make_adapter, sample_inputs
@@ -159,7 +160,7 @@ def peft_mismatch(adapter: Adapter, directory: Path, base: torch.nn.Module) -> f
 def check_output(calib: Calib, ranks: dict[str, int], budget: str, out_dir: Path,
                  metadata: dict[str, str] | None = None) -> tuple[float, float]:
     """The output meets ``budget`` exactly and stock PEFT reads it back; returns its held-out KL and the SVD cut's."""
-    from loracompress.core.adapter import save_adapter
+    from loracompress.core.writer import save_adapter
     from loracompress.cuts.svd import compress_svd
 
     target = target_params(calib.original, budget)

@@ -12,8 +12,10 @@ from loracompress.calibration.methods.components import component_energy, keep_l
 from loracompress.calibration.methods.dylora import DyLoRA
 from loracompress.core.adapter import NESTED_RANGE_KEY as RANGE_KEY
 from loracompress.core.adapter import NESTED_VALUES_KEY as VALUES_KEY
-from loracompress.core.adapter import ORDER_KEY, load_adapter, save_adapter
+from loracompress.core.adapter import ORDER_KEY
 from loracompress.core.budget import Budget, allocate
+from loracompress.core.reader import load_adapter
+from loracompress.core.writer import save_adapter
 from loracompress.cuts.nested import truncate_adapter
 from loracompress.cuts.svd import decompose, truncated_adapter
 from loracompress.errors import LoraCompressError

@@ -27,8 +27,9 @@ from loracompress.calibration.engine import (
 )
 from loracompress.calibration.methods.base import Method
 from loracompress.calibration.methods.components import component_magnitude, keep_components
-from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter
+from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME
 from loracompress.core.budget import Budget, allocate
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.svd import compress_svd
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.calibrate import checkpoint_dir

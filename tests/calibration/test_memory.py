@@ -14,8 +14,8 @@ import torch
 from loracompress.calibration.engine import Engine, EngineConfig, distillation_loss, svd_student
 from loracompress.calibration.engine.recompute import gradient_checkpointing
 from loracompress.calibration.engine.teacher import DEFAULT_TOP_K, TopK, plan_targets, topk_kl, topk_targets
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.svd import compress_svd
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.evaluate import compare_adapters

@@ -11,7 +11,7 @@ from loracompress.calibration.engine import module_depths, svd_student
 from loracompress.calibration.methods.base import CalibContext
 from loracompress.calibration.methods.prilora import PriLoRA, depth_of_modules, linear_ranks
 from loracompress.calibration.methods.registry import get_method
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.runtime.layers import attach, use_mode
 from tests.calibration.test_engine import calib_files, check_beats_svd, check_method_output, tiny_bert_run

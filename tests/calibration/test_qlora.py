@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from loracompress.calibration.engine import loop as engine_loop
-from loracompress.core.adapter import LoraModule, load_adapter
+from loracompress.core.adapter import LoraModule
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.prune import prune
 from loracompress.runtime import placement as placement_mod

@@ -11,8 +11,8 @@ import pytest
 
 from loracompress.calibration.methods import registry
 from loracompress.calibration.methods.base import Method, MethodSettings
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import allocate
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
 from tests.calibration.test_engine import calib_files

@@ -16,7 +16,7 @@ import torch
 
 from loracompress.calibration.engine import Engine, EngineConfig, Interrupted, svd_student
 from loracompress.calibration.methods.registry import get_method
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from tests.tiny import make_adapter, tiny_llama
 

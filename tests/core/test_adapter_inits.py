@@ -18,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracompress.core.adapter import LoraModule, load_adapter, save_adapter
+from loracompress.core.adapter import LoraModule
+from loracompress.core.reader import load_adapter
+from loracompress.core.writer import save_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas, sample_inputs, save_tiny_base, tiny_llama

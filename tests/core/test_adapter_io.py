@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracompress.core.adapter import load_adapter, save_adapter
+from loracompress.core.reader import load_adapter
+from loracompress.core.writer import save_adapter
 from tests.tiny import make_adapter, peft_deltas
 
 VARIANTS = [
@@ -149,7 +150,7 @@ def test_scale_conventions():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_all_finite_catches_every_nonfinite_value_and_accepts_huge_finite_ones(dtype):
-    from loracompress.core.adapter import all_finite
+    from loracompress.core.reader import all_finite
 
     t = torch.randn(64, 48).to(dtype)
     assert all_finite(t)

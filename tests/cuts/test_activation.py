@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.activation import (
     InputMoments,
     activation_aware_svd,

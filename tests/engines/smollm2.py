@@ -128,7 +128,7 @@ def build_case(root: Path, budget: str = "0.3", seed: int = 0, reference: bool =
     """Build the compressed SmolLM2 adapter and (unless ``reference=False``) its PEFT reference under ``root``."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
 
     sample = _sample_module()
     model, tokenizer = sample.load_smollm2(torch.float32)

@@ -24,7 +24,7 @@ def test_genai_serves_two_ranked_adapters_and_none_like_peft(genai_python, smoll
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
 
     case = smollm2_case
     second = tmp_path / "compressed-0.15"

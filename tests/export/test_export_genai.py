@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from loracompress.core.adapter import LoraModule, load_adapter
+from loracompress.core.adapter import LoraModule
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import GenaiGraphSpec, LoraInput, adapter_arrays, match_modules, rank_dim
 from loracompress.export.genai_verify import genai_generate

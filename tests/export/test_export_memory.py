@@ -150,7 +150,7 @@ print(max(samples), len(samples), size)
 def test_dropping_mapped_pages_is_harmless_and_skips_what_is_still_used(tmp_path):
     """Pages handed back from a private file map read back from the file: the values stay. A weight
     that another live tensor still views is left alone."""
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.export.memory import MappedShards
     from loracompress.runtime.model import load_base_model
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from loracompress.core.adapter import KEY_PREFIX, load_adapter
+from loracompress.core.adapter import KEY_PREFIX
+from loracompress.core.reader import load_adapter
 from loracompress_cli.app import main
 from tests.tiny import make_adapter
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
 from tests.quantized import qlora, quantized_folder

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export import gguf as gguf_export
 from loracompress_cli.app import main

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loracompress.core.adapter import load_adapter
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export import (
     REPORT_NAME,

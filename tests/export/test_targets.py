@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress.export.targets import VLLM_RANKS, vllm_rank
 from loracompress_cli.app import main

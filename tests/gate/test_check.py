@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.gate.baselines import load_baseline
 from loracompress.gate.config import load_config

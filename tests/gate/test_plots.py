@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.svd import compress_svd
 from loracompress.gate.plots import RankProfile, module_slots, plot_ranks, rank_figure
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
+from loracompress.core.adapter import ORIGINAL_PARAMS_KEY
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.cuts.nested import truncate_adapter
 from loracompress.errors import LoraCompressError

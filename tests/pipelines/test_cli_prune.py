@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress_cli.app import main
 from tests.tiny import make_adapter, peft_deltas
 

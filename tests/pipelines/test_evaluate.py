@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loracompress.core.adapter import load_adapter, save_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
+from loracompress.core.writer import save_adapter
 from loracompress.cuts.svd import compress_svd
 from loracompress.pipelines.evaluate import ReferenceCache, compare_adapters, evaluate
 from loracompress.runtime.data import Example, make_batches, model_inputs, prepare_model, task_of

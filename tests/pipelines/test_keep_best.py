@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.cuts.svd import compress_svd
 from loracompress.pipelines.calibrate import AGREEMENT_Z, agreement_gap, choose, selection_key
 from loracompress.pipelines.inputs import MIN_HELD_OUT, held_out_fraction

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from loracompress.core.adapter import NESTED_VALUES_KEY as VALUES_KEY
-from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME, load_adapter, save_adapter
+from loracompress.core.adapter import ORDER_KEY, SAFETENSORS_NAME
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import COMPRESSION_REPORT as REPORT_NAME
+from loracompress.core.writer import save_adapter
 from loracompress.cuts.nested import truncate_adapter
 from loracompress.cuts.svd import compress_svd, decompose, truncated_adapter
 from loracompress.pipelines.truncate import SUMMARY_NAME

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.pipelines.prune import DEFAULT_CALIBRATION
 from loracompress_cli.app import main
 from tests.robustness.hostile import (
@@ -473,7 +473,7 @@ def test_no_write_permission_system_folder(tmp_path: Path, capsys: pytest.Captur
 
 def test_disk_full_mid_write(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer fails with ENOSPC after half a file: no output, no temp folder, a one-line error."""
-    import loracompress.core.adapter as adapter_mod
+    import loracompress.core.writer as adapter_mod
 
     real = adapter_mod.write_adapter_files
     seen: list[Path] = []

@@ -29,8 +29,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loracompress.core.adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter
+from loracompress.core.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from loracompress.core.budget import Budget
+from loracompress.core.reader import load_adapter
 from loracompress.core.records import adapter_stats
 from loracompress.cuts.svd import compress_svd
 from loracompress.errors import LoraCompressError
@@ -271,7 +272,7 @@ test_byte_flips_long = pytest.mark.slow(SLOW(given(*flip_args)(_flip_body)))
 
 def test_fuzz_catches_a_foreign_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     """The property is not vacuous: a loader that leaks a ValueError fails it."""
-    import loracompress.core.adapter as adapter_mod
+    import loracompress.core.reader as adapter_mod
 
     def leaky(directory: Path) -> dict[str, Any]:
         raise ValueError("leaked")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress_cli.app import main
 from tests.robustness.hostile import base_config, lora_tensors, stray_temps, write_adapter
 
@@ -33,7 +33,7 @@ FROZEN_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import loracompress.core.adapter as adapter_mod
+    import loracompress.core.writer as adapter_mod
     from loracompress_cli.app import main
 
     real = adapter_mod.write_adapter_files
@@ -179,7 +179,7 @@ def test_live_writers_temp_is_kept_and_dead_ones_removed(tmp_path: Path) -> None
 
 def test_failure_inside_the_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception (not a kill) mid-write: the temp folder is removed on the way out."""
-    import loracompress.core.adapter as adapter_mod
+    import loracompress.core.writer as adapter_mod
 
     real = adapter_mod.write_adapter_files
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loracompress.core.adapter import ORIGINAL_PARAMS_KEY, load_adapter
+from loracompress.core.adapter import ORIGINAL_PARAMS_KEY
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
 from tests.robustness.hostile import (

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress_cli.app import main
 from tests.tiny import make_adapter, sample_inputs, save_tiny_base
 

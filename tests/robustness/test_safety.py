@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
 from loracompress_cli.app import main
 from tests.robustness.hostile import (

@@ -173,7 +173,7 @@ def test_missing_parents_of_the_output_are_created(tmp_path: Path) -> None:
 
 def test_a_failed_write_removes_the_parents_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import loracompress.core.adapter as adapter_mod
+    import loracompress.core.writer as adapter_mod
     from loracompress.errors import LoraCompressError
 
     def fail(adapter, directory, dtype=None):  # noqa: ANN001, ANN202
