@@ -101,7 +101,7 @@ def test_merge_cast_frees_each_mapped_weight_as_it_goes(tmp_path):
 import sys, threading, time, torch
 sys.path.insert(0, {str(BENCHMARKS)!r})
 from synthetic import LlamaShape, write_llama_checkpoint, write_lora
-from loracompress.core.adapter import load_adapter
+from loracompress.core.reader import load_adapter
 from loracompress.export.memory import merge_cast
 from loracompress.runtime.model import load_base_model
 def anon():
