@@ -17,7 +17,7 @@ ppl_original)`` (SmolLM2). Also: bytes per added adapter (its cores against a se
 adapter at the same per-adapter share), the shared rank R, and curves of quality against N (banks of
 the first N adapters) and against R (``--budget rank=R``).
 
-Rows go to ``benchmarks/results/bank.json`` as they finish; ``bank.md`` and ``bank.png`` are re-rendered
+Rows go to ``benchmarks/results/bank_<bed>.json`` as they finish; ``bank.md`` and ``bank.png`` are re-rendered
 from it after each row. The onnxruntime-genai tokens/s row is a TODO until the bank ONNX export exists.
 
     OMP_NUM_THREADS=1 python benchmarks/bank.py --bed minilm
@@ -47,7 +47,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-OUT_JSON = RESULTS / "bank.json"
+
+def bed_json(bed: str) -> Path:
+    """One results file per test bed, so that the beds can run at the same time (``bank.md`` shows all)."""
+    return RESULTS / f"bank_{bed}.json"
+
 sys.path.insert(0, str(ROOT / "samples"))
 
 log = logging.getLogger("bank")
@@ -69,10 +73,10 @@ def fraction_text(f: str) -> str:
     return str(float(Fraction(f)))
 
 
-def _write_json(state: dict[str, Any]) -> None:
-    tmp = OUT_JSON.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(OUT_JSON)
+def _write_json(path: Path, bed: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(bed, indent=1))
+    tmp.replace(path)
 
 
 def run_cli(args: list[str], bank_code: str | None) -> float:
@@ -142,20 +146,20 @@ class Scorer:
         finally:
             detach(self.base.model)
 
-    def reference(self) -> dict[str, float]:
-        """The original's metric, and (LM) the bare base's perplexity on the same texts."""
-        if self.task == "lm":
-            r = self._evaluate(self.original, "base", "teacher", None)
-            return {"original": r["perplexity"]["after"], "base": r["perplexity"]["before"]}
-        r = self._evaluate(self.original, "teacher", "student", self.cache)
-        return {"original": r["accuracy"]["before"]}
+    def reference(self) -> dict[str, float] | None:
+        """The bare base's perplexity and the original's (LM); None for a classifier, whose original accuracy
+        comes with every scored variant (the reference pass of :meth:`__call__`), at no extra pass."""
+        if self.task != "lm":
+            return None
+        r = self._evaluate(self.original, "base", "teacher", None)
+        return {"original": r["perplexity"]["after"], "base": r["perplexity"]["before"]}
 
     def __call__(self, adapter_dir: Path) -> dict[str, float]:
         from loracompress.core.adapter import load_adapter
 
         r = self._evaluate(load_adapter(adapter_dir), "teacher", "student", self.cache)
         key = "perplexity" if self.task == "lm" else "accuracy"
-        return {"metric": r[key]["after"], "kl": r["kl"], "agreement": r["agreement"]}
+        return {"metric": r[key]["after"], "original": r[key]["before"], "kl": r["kl"], "agreement": r["agreement"]}
 
 
 def pct(metric: str, value: float, ref: dict[str, float]) -> float:
@@ -183,7 +187,6 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {folder} holds {len(names)} adapters; build the test bed first "
                          f"(python samples/build_bank_{args.bed}.py)")
     base_model = str(base_model_path(key))
-    state = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"beds": {}}
     bed: dict[str, Any] = {
         "metric": metric, "adapters": names, "seq_len": seq_len, "budgets": args.budgets, "curve_n": args.curve_n,
         "curve_budget": args.curve_budget, "curve_eval": args.curve_eval, "max_test": args.max_test, "ranks": args.ranks, "command": " ".join(["python", "benchmarks/bank.py", *sys.argv[1:]]),
@@ -192,11 +195,10 @@ def run(args: argparse.Namespace) -> None:
         "bank_code": "branch `bank` (" + args.bank_code + ")" if args.bank_code else "this checkout",
         "references": {}, "banks": {}, "rows": [], "failures": [],
     }
-    state["beds"][args.bed] = bed
-    _write_json(state)
+    _write_json(bed_json(args.bed), bed)
 
     def save() -> None:
-        _write_json(state)
+        _write_json(bed_json(args.bed), bed)
         render()
 
     with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
@@ -239,13 +241,6 @@ def run(args: argparse.Namespace) -> None:
             info["separate_params_each"] = info["bank_params"] // len(names)
             for n in names:  # cut when scored (below), in the same order
                 variants[n][f"separate@{f}"] = work / f"sep-{f.replace('/', '_')}" / n
-        for k in args.curve_n:
-            if 2 <= k < len(names):
-                make_bank(f"bank@{args.curve_budget} N={k}", names[:k], fraction_text(args.curve_budget),
-                          {"kind": "N", "F": args.curve_budget, "N": k}, args.curve_eval)
-        for r in args.ranks:
-            make_bank(f"bank R={r}", names, f"rank={r}", {"kind": "R", "N": len(names), "R": r}, args.curve_eval)
-
         # 2. scoring, variant by variant in the order of --budgets (the bank, then the separate cuts), so that
         # an interrupted run has every adapter at the first budgets; one base and reference pass per adapter
         scorers: dict[str, Scorer] = {}
@@ -260,21 +255,43 @@ def run(args: argparse.Namespace) -> None:
                     scorers[n] = Scorer(src / n, base_model, folder / n / "data" / "test.jsonl", seq_len, batch_size,
                                         args.max_test or None)
                     ref = scorers[n].reference()
-                    bed["references"][n] = {**ref, "test_samples": len(scorers[n].samples),
+                    bed["references"][n] = {**(ref or {}), "test_samples": len(scorers[n].samples),
                                             "seconds": round(time.perf_counter() - t0, 1)}
-                    log.info("%-26s original %s %.4f%s", n, metric, ref["original"],
-                             f", bare base {ref['base']:.3f}" if "base" in ref else "")
+                    if ref:
+                        log.info("%-26s original %s %.4f, bare base %.3f", n, metric, ref["original"], ref["base"])
                 if label.startswith("separate@"):
                     info = bed["banks"][label.replace("separate@", "bank@")]
                     t0 = time.perf_counter()
                     prune(src / n, path, PruneOptions(budget=str(info["separate_params_each"])))
                     info["separate_seconds"] = round(info.get("separate_seconds", 0.0) + time.perf_counter() - t0, 1)
                 s = scorers[n](path)
+                ref = bed["references"][n]
+                if "original" not in ref:
+                    ref["original"] = s["original"]
+                    log.info("%-26s original %s %.4f", n, metric, s["original"])
                 row = {"adapter": n, "variant": label, "method": label.split("@")[0].split(" ")[0], **s,
-                       "pct": pct(metric, s["metric"], bed["references"][n]), "params": load_adapter(path).num_params}
+                       "pct": pct(metric, s["metric"], ref), "params": load_adapter(path).num_params}
                 bed["rows"].append(row)
                 log.info("%-26s %-22s %s %.4f  %.1f%%  kl %.4f", n, label, metric, s["metric"], row["pct"], s["kl"])
                 save()
+
+        # 3. the curves' banks last: by default they cost no scoring (bank.json's errors are their points)
+        for k in args.curve_n:
+            if 2 <= k < len(names):
+                make_bank(f"bank@{args.curve_budget} N={k}", names[:k], fraction_text(args.curve_budget),
+                          {"kind": "N", "F": args.curve_budget, "N": k}, args.curve_eval)
+        for r in args.ranks:
+            make_bank(f"bank R={r}", names, f"rank={r}", {"kind": "R", "N": len(names), "R": r}, args.curve_eval)
+        if args.curve_eval:
+            for label in [lb for lb in bed["banks"] if bed["banks"][lb]["kind"] in ("N", "R")]:
+                for n in bed["banks"][label]["members"]:
+                    s = scorers[n](variants[n][label])
+                    row = {"adapter": n, "variant": label, "method": "bank", **s,
+                           "pct": pct(metric, s["metric"], bed["references"][n]),
+                           "params": load_adapter(variants[n][label]).num_params}
+                    bed["rows"].append(row)
+                    log.info("%-26s %-22s %s %.4f  %.1f%%", n, label, metric, s["metric"], row["pct"])
+                    save()
 
 
 # --------------------------------------------------------------------------- report
@@ -285,6 +302,18 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"median": statistics.median(v), "worst": min(v), "mean": statistics.fmean(v), "n": len(v)}
 
 
+def _paired(rows: list[dict[str, Any]], f: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The bank's and the separate cut's rows at budget ``f``, for the adapters that have both."""
+    br = {r["adapter"]: r for r in rows if r["variant"] == f"bank@{f}"}
+    sr = {r["adapter"]: r for r in rows if r["variant"] == f"separate@{f}"}
+    both = [n for n in br if n in sr]
+    return [br[n] for n in both], [sr[n] for n in both]
+
+
+def _med(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
 def _budget_table(name: str, bed: dict[str, Any]) -> list[str]:
     rows, banks = bed["rows"], bed["banks"]
     metric = bed["metric"]
@@ -292,15 +321,14 @@ def _budget_table(name: str, bed: dict[str, Any]) -> list[str]:
     out = [f"## {name}: {len(bed['adapters'])} adapters, quality as % {unit}", "",
            f"Command: `OMP_NUM_THREADS=1 {bed['command']}`. Device: {bed['device']}. Bank code: {bed['bank_code']}.", "",
            "| bank budget | R (max / mean) | clusters | total params (bank = separate) | bank median | bank worst "
-           "| separate median | separate worst | margin (median, pts) | bank better on | bytes per added adapter: "
-           "cores / separate | ratio |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| separate median | separate worst | margin (median, pts) | bank better on | KL median: bank / separate "
+           "| top-1 agreement median: bank / separate | bytes per added adapter: cores / separate | ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in bed["budgets"]:
         b = banks.get(f"bank@{f}")
-        br = [r for r in rows if r["variant"] == f"bank@{f}"]
-        sr = [r for r in rows if r["variant"] == f"separate@{f}"]
+        br, sr = _paired(rows, f)
         if b is None or not br or not sr:
-            out.append(f"| {f} | – | – | – | – | – | – | – | – | – | – | – |")
+            out.append(f"| {f} |" + " – |" * 13)
             continue
         bs, ss = _stats(br), _stats(sr)
         by = {r["adapter"]: r["pct"] for r in sr}
@@ -312,8 +340,10 @@ def _budget_table(name: str, bed: dict[str, Any]) -> list[str]:
         out.append(f"| {f} | {b['R_max']} / {b['R_mean']:.1f} | {b['clusters']} | {b['bank_params']:,} "
                    f"({b['fraction']:.4f}) | {bs['median']:.1f}% | {bs['worst']:.1f}% | {ss['median']:.1f}% | "
                    f"{ss['worst']:.1f}% | {bs['median'] - ss['median']:+.1f} | {wins}/{len(br)}"
-                   f"{f' ({ties} ties)' if ties else ''} | {core_bytes / 1024:,.1f} KiB / {sep_bytes / 1024:,.1f} KiB | "
-                   f"{sep_bytes / core_bytes:.1f}× |")
+                   f"{f' ({ties} ties)' if ties else ''} | {_med(br, 'kl'):.4f} / {_med(sr, 'kl'):.4f} | "
+                   f"{_med(br, 'agreement'):.3f} / {_med(sr, 'agreement'):.3f} | {core_bytes / 1024:,.1f} KiB / {sep_bytes / 1024:,.1f} KiB | "
+                   + (f"{sep_bytes / core_bytes:.1f}× |" if b["clusters"] < b["N"] else
+                      "– (a cluster per adapter: no bases are shared) |"))
     out += ["", "Per adapter (% of original; bank / separate):", "",
             "| adapter | original | " + " | ".join(bed["budgets"]) + " |", "|---|---:|" + "---:|" * len(bed["budgets"])]
     for n in bed["adapters"]:
@@ -347,32 +377,33 @@ def _budget_table(name: str, bed: dict[str, Any]) -> list[str]:
 
 def _acceptance(beds: dict[str, Any]) -> list[str]:
     out = ["## Acceptance at a bank budget of 1/16", "",
-           "| bed | median ≥ 98% | worst ≥ 95% | bank beats separate (median margin) |", "|---|---|---|---|"]
+           "| bed | median ≥ 98% | worst ≥ 95% | bank beats separate (median margin) | KL median: bank / separate "
+           "| clusters |", "|---|---|---|---|---:|---:|"]
     for name, bed in beds.items():
-        br = [r for r in bed["rows"] if r["variant"] == "bank@1/16"]
-        sr = [r for r in bed["rows"] if r["variant"] == "separate@1/16"]
+        br, sr = _paired(bed["rows"], "1/16")
         if not br or not sr:
             continue
         bs, ss = _stats(br), _stats(sr)
         yes = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
         out.append(f"| {name} | {yes(bs['median'] >= 98)} ({bs['median']:.1f}%) | {yes(bs['worst'] >= 95)} "
                    f"({bs['worst']:.1f}%) | {yes(bs['median'] > ss['median'])} ({bs['median'] - ss['median']:+.1f} pts; "
-                   f"mean {bs['mean'] - ss['mean']:+.1f}) |")
+                   f"mean {bs['mean'] - ss['mean']:+.1f}) | {_med(br, 'kl'):.4f} / {_med(sr, 'kl'):.4f} | "
+                   f"{bed['banks']['bank@1/16']['clusters']} |")
     return out + [""]
 
 
 def render() -> None:
-    """``bank.md`` and ``bank.png`` from ``bank.json`` (hand-written notes below the marker are kept)."""
+    """``bank.md`` and ``bank.png`` from the ``bank_<bed>.json`` files (hand-written notes below the marker are kept)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not OUT_JSON.exists():
+    beds = {name: json.loads(bed_json(name).read_text()) for name in BEDS if bed_json(name).exists()}
+    if not beds:
         return
-    beds = json.loads(OUT_JSON.read_text())["beds"]
     lines = ["# A bank of adapters against each adapter compressed alone, at equal total parameters", "",
-             "Generated by `benchmarks/bank.py` from `bank.json`. `bank`: `loracompress bank` over all N adapters "
+             "Generated by `benchmarks/bank.py` from `bank_<bed>.json`. `bank`: `loracompress bank` over all N adapters "
              "(shared bases + one core per adapter); `separate`: `loracompress prune --budget P` (the training-free "
              "global SVD cut) of each adapter alone, with P = the bank's total parameters / N, so both hold the "
              "same total. Heads (`modules_to_save`) are kept whole by both and not counted. Bytes per added adapter: "
@@ -392,12 +423,14 @@ def render() -> None:
     path.write_text("\n".join(lines) + "\n" + NOTES_MARKER + notes)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    twins = {ax: ax.twinx() for ax in axes[1:]}  # quality of the scored banks, beside the reconstruction error
+    for twin in twins.values():
+        twin.set_ylabel("% of original (scored banks, dashed)")
     for name, bed in beds.items():
         rows = bed["rows"]
         xs, bank_med, sep_med, bank_worst = [], [], [], []
         for f in bed["budgets"]:
-            br = [r for r in rows if r["variant"] == f"bank@{f}"]
-            sr = [r for r in rows if r["variant"] == f"separate@{f}"]
+            br, sr = _paired(rows, f)
             if br and sr:
                 xs.append(float(Fraction(f)))
                 bank_med.append(_stats(br)["median"])
@@ -418,10 +451,7 @@ def render() -> None:
             q = sorted((b[key], _stats(rr)["median"]) for label, b in bed["banks"].items() if keep(b)
                        for rr in [[r for r in rows if r["variant"] == label]] if rr)
             if q:
-                twin = ax.twinx()
-                twin.plot([p[0] for p in q], [p[1] for p in q], "s--", color="tab:red", label=f"{name}: median quality %")
-                twin.set_ylabel("% of original (scored banks)")
-                twin.legend(fontsize=7, loc="center right")
+                twins[ax].plot([p[0] for p in q], [p[1] for p in q], "s--", label=f"{name}: median quality %")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("total parameters / originals' (bank budget)")
     axes[0].set_ylabel("% of original (accuracy, or perplexity gain)")
@@ -436,6 +466,9 @@ def render() -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    for twin in twins.values():
+        if twin.get_legend_handles_labels()[0]:
+            twin.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(RESULTS / "bank.png", dpi=110)
     plt.close(fig)
@@ -447,14 +480,14 @@ def main() -> None:
     p.add_argument("--budgets", default="1/8,1/16,1/32", help="bank budgets, fractions of the originals' total")
     p.add_argument("--curve-n", default="4,8", help="banks of the first N adapters (at --curve-budget)")
     p.add_argument("--curve-budget", default="1/16")
-    p.add_argument("--ranks", default="2,8,16", help="banks at --budget rank=R, for the curve against R")
+    p.add_argument("--ranks", default="", help="banks at --budget rank=R, for the curve against R")
     p.add_argument("--curve-eval", action="store_true", help="score the curves' banks on the test splits too "
                    "(default: their points are bank.json's reconstruction errors, which cost no evaluation)")
     p.add_argument("--max-test", type=int, default=0, help="score on this many test samples (0: the whole split)")
     p.add_argument("--max-adapters", type=int, default=0, help="only the first K adapters (0: all)")
     p.add_argument("--bank-code", default=None, help="a checkout whose loracompress runs the bank command")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--render", action="store_true", help="only re-render bank.md / bank.png from bank.json")
+    p.add_argument("--render", action="store_true", help="only re-render bank.md / bank.png from the bank_<bed>.json files")
     args = p.parse_args()
     if args.render:
         render()
