@@ -117,7 +117,7 @@ class Scorer:
 
     def __init__(self, original_dir: Path, base_model: str, test: Path, seq_len: int, batch_size: int,
                  max_test: int | None = None):
-        from loracompress.core.adapter import load_adapter
+        from loracompress.core.reader import load_adapter
         from loracompress.pipelines.evaluate import EvalOptions, ReferenceCache
         from loracompress.pipelines.inputs import load_base, read_batches
         from loracompress.runtime.data import task_of
@@ -155,7 +155,7 @@ class Scorer:
         return {"original": r["perplexity"]["after"], "base": r["perplexity"]["before"]}
 
     def __call__(self, adapter_dir: Path) -> dict[str, float]:
-        from loracompress.core.adapter import load_adapter
+        from loracompress.core.reader import load_adapter
 
         r = self._evaluate(load_adapter(adapter_dir), "teacher", "student", self.cache)
         key = "perplexity" if self.task == "lm" else "accuracy"
@@ -175,7 +175,7 @@ def pct(metric: str, value: float, ref: dict[str, float]) -> float:
 def run(args: argparse.Namespace) -> None:
     from base_model_path import base_model_path
 
-    from loracompress.core.adapter import load_adapter
+    from loracompress.core.reader import load_adapter
     from loracompress.pipelines.prune import PruneOptions, prune
 
     folder, key, metric, seq_len, batch_size = BEDS[args.bed]
