@@ -321,10 +321,10 @@ def test_topk_calibration_is_close_to_full_vocabulary_distillation_and_reported(
     full = prune(llama_files["adapter"], tmp_path / "full", options(llama_files, "lorpa", teacher_top_k=0))
     top = prune(llama_files["adapter"], tmp_path / "top", options(llama_files, "lorpa", teacher_top_k=16))
     assert full["settings"]["run"]["teacher_targets"] == {"kind": "full", "vocab": 96, "cached": True,
-                                                         "cache_cap_mb": 1024.0, "loss_chunk_tokens": 87381}
+                                                         "cache_cap_mb": 1024.0, "loss_chunk_tokens": 174762}
     info = top["settings"]["run"]["teacher_targets"]
     assert info == {"kind": "top-k", "top_k": 16, "vocab": 96, "cached": True, "cache_cap_mb": 1024.0,
-                    "loss_chunk_tokens": 87381}  # 32 MiB of float32 logits at 96 tokens
+                    "loss_chunk_tokens": 174762}  # 64 MiB of float32 logits at a vocabulary of 96
     tokens = sum(int(b["attention_mask"].numel()) for b in _file_batches(llama_files))
     assert top["settings"]["run"]["teacher_cache_mb"] == pytest.approx(tokens * (16 * 8 + 4) / 2**20, abs=1e-3)
     assert top["settings"]["engine"]["teacher_top_k"] == 16

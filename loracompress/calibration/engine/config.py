@@ -49,7 +49,7 @@ class EngineConfig:
     teacher_top_k: int | None = None
     #: causal LMs: the output head, log-softmax and KL run on chunks of tokens whose float32 logits take at
     #: most this many MiB (see :func:`.loss.chunked_lm_loss`); 0: the model's whole logits at once
-    loss_chunk_mb: float = 32.0
+    loss_chunk_mb: float = 64.0
     #: recompute each transformer block in the backward pass instead of keeping its activations
     gradient_checkpointing: bool = False
     #: shard the frozen base across the processes (FSDP2, :mod:`.sharding`); the LoRA factors stay whole
