@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracompress.calibration.engine import loop as engine_loop
+from loracompress.calibration.engine import step as engine_step
 from loracompress.core.adapter import LoraModule
 from loracompress.core.reader import load_adapter
 from loracompress.errors import LoraCompressError
@@ -78,7 +78,7 @@ def qlora_files(tmp_path_factory) -> dict[str, Path]:
 def qlora_run(qlora_files, tmp_path_factory):
     """One ``prune --load-in-4bit --device cpu`` run; records every teacher target the engine computed."""
     seen: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
-    original = engine_loop._Loop.teacher_targets
+    original = engine_step.StepLoop.teacher_targets
 
     def spy(self, idx, inputs):
         targets = original(self, idx, inputs)
@@ -87,7 +87,7 @@ def qlora_run(qlora_files, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("qlora_out") / "o"
     mp = pytest.MonkeyPatch()
-    mp.setattr(engine_loop._Loop, "teacher_targets", spy)
+    mp.setattr(engine_step.StepLoop, "teacher_targets", spy)
     try:
         report = prune(qlora_files["adapter"], out, options(qlora_files, "lorpa", steps=8, load_in_4bit=True,
                                                             teacher_top_k=0, keep_best=False))

@@ -163,7 +163,7 @@ def hidden_state_loss(
 
     A dense, label-free signal: a classifier's few logits say little about *how* the student went
     wrong, each block's ``[tokens, hidden]`` output says a lot. ``scales[l]`` is the teacher's own
-    mean ``‖h_t − h_base‖²`` per token at block ``l`` (:meth:`.loop._Loop.hidden_scales`), so 1 means
+    mean ``‖h_t − h_base‖²`` per token at block ``l`` (:meth:`.step.StepLoop.hidden_scales`), so 1 means
     "as far from the teacher as the bare base model is", whatever the model's hidden size.
     """
     total = student[-1].new_zeros((), dtype=torch.float32)
