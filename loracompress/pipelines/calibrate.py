@@ -32,16 +32,15 @@ from loracompress.calibration.engine import (
     svd_student,
 )
 from loracompress.calibration.engine.sharding import QUANTIZED, check_shardable, fsdp_requested
-from loracompress.calibration.methods.registry import get_method
 from loracompress.core.adapter import Adapter
 from loracompress.core.budget import Budget
 from loracompress.core.dtypes import parse_dtype
-from loracompress.core.outputs import check_output_path, sibling_stem
+from loracompress.core.outputs import sibling_stem
 from loracompress.core.reader import load_adapter
 from loracompress.core.records import compression_report
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import CalibrationData, input_paths, load_base, load_data
-from loracompress.runtime.device import resolve_device
+from loracompress.pipelines.plan import PruneOptions, PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "token
                             "epochs": None}
 
 
-def data_settings(options: Any, data: CalibrationData) -> dict[str, Any]:
+def data_settings(options: PruneOptions, data: CalibrationData) -> dict[str, Any]:
     """The training settings that depend on the data: what the options say, and where they say nothing,
     :data:`LABEL_FREE` for unlabelled classification data, else :data:`LABELLED`. Returns EngineConfig
     fields, ``steps`` and ``epochs`` included."""
@@ -127,7 +126,7 @@ class _Counted(Sequence):  # type: ignore[type-arg]
             self.tick()
 
 
-def _evaluation_passes(options: Any, data: CalibrationData, keeps_best: bool) -> int:
+def _evaluation_passes(options: PruneOptions, data: CalibrationData, keeps_best: bool) -> int:
     """Batches the evaluation after training will run: what :func:`_quality` and :func:`_keep_best` do."""
     if not options.evaluate or not data.held_out:
         return 0
@@ -136,27 +135,21 @@ def _evaluation_passes(options: Any, data: CalibrationData, keeps_best: bool) ->
     return 3 * len(data.held_out) + len(data.train)
 
 
-def calibrate(
-    source: str | Path, out: Path, options: Any, progress: ProgressFn | None = None, phase: PhaseFn | None = None
-) -> dict[str, Any]:
-    """Compress the adapter at ``source`` into ``out`` with ``options.method``; returns the report.
+def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseFn | None = None) -> dict[str, Any]:
+    """Compress ``plan.source`` into ``plan.output`` by calibrating with ``plan.method``; returns the report.
 
-    ``options`` is an :class:`loracompress.pipelines.prune.PruneOptions`. ``progress`` is called after
-    each calibration step, ``phase`` through the evaluation that follows (see :data:`PhaseFn`).
+    ``plan`` is what :func:`loracompress.pipelines.prune.prune` checked (output path, budget, method and its
+    settings, device): nothing is parsed or checked again here. ``progress`` is called after each
+    calibration step, ``phase`` through the evaluation that follows (see :data:`PhaseFn`).
     """
     from loracompress.pipelines.results import write_result
     from loracompress.runtime.placement import resolve_placement
 
     t0 = time.perf_counter()
-    out = Path(out)
-    check_output_path(out, force=options.force, inputs=input_paths(source, options))
-    if options.budget is None:
+    source, out, options, budget = plan.source, plan.output, plan.options, plan.budget
+    method = plan.new_method()  # this run's own instance: freed before the evaluation (below)
+    if budget is None:  # prune() refuses it; a plan built by hand must hold one too
         raise LoraCompressError(f"method {options.method!r} needs a --budget (e.g. --budget 0.25)")
-    budget = Budget.parse(options.budget)
-    if options.select or options.min_rank or options.max_rank is not None:
-        raise LoraCompressError("--select, --min-rank and --max-rank apply to --method svd only; drop them")
-    method = get_method(options.method, **options.method_settings)
-    resolve_device(options.device)  # refused here, before the model and data load, not at the engine's start
     ckpt = checkpoint_dir(out)
     config = EngineConfig(
         steps=options.steps, epochs=options.epochs, lr=EngineConfig.lr if options.lr is None else options.lr, warmup=options.warmup, seed=options.seed,
@@ -221,14 +214,14 @@ def calibrate(
     return report
 
 
-def memory_settings(options: Any) -> dict[str, Any]:
+def memory_settings(options: PruneOptions) -> dict[str, Any]:
     """The engine's memory settings among ``options`` (unset ones keep the engine's defaults)."""
     given = {"gradient_checkpointing": options.gradient_checkpointing, "teacher_top_k": options.teacher_top_k,
              "teacher_cache_mb": options.teacher_cache_mb, "fsdp": fsdp_requested(options.fsdp) or None}
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: Any,
+def _quality(base: Any, original: Adapter, compressed: Adapter, data: CalibrationData, options: PruneOptions,
              after: _Phase | None = None) -> dict[str, Any]:
     """Original vs compressed on the held-out batches (the keys ``compare_adapters`` returns)."""
     if not options.evaluate or not data.held_out:
@@ -295,7 +288,7 @@ def choose(scored: dict[str, dict[str, Any]], task: str, preference: Sequence[st
 
 def _keep_best(
     base: Any, original: Adapter, calibrated: Adapter, target: int, quality: dict[str, Any], data: CalibrationData,
-    options: Any, after: _Phase | None = None,
+    options: PruneOptions, after: _Phase | None = None,
 ) -> tuple[Adapter, dict[str, Any], dict[str, Any]]:
     """A guarantee: never write a result that is worse on the held-out data than the training-free cut.
 

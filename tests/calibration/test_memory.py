@@ -206,7 +206,9 @@ def test_training_state_is_freed_before_the_held_out_evaluation(llama_files, tmp
             super().__init__(*args, **kwargs)
             refs["optimizer"] = weakref.ref(self)
 
-    real_method, real_quality = calibrate.get_method, calibrate._quality
+    from loracompress.pipelines.plan import PrunePlan
+
+    real_method, real_quality = PrunePlan.new_method, calibrate._quality
 
     def spy_method(*args, **kwargs):
         method = real_method(*args, **kwargs)
@@ -220,7 +222,7 @@ def test_training_state_is_freed_before_the_held_out_evaluation(llama_files, tmp
         return real_quality(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
-    monkeypatch.setattr(calibrate, "get_method", spy_method)
+    monkeypatch.setattr(PrunePlan, "new_method", spy_method)
     monkeypatch.setattr(calibrate, "_quality", spy_quality)
     report = prune(llama_files["adapter"], tmp_path / "o", options(llama_files, "increlora", steps=3, evaluate=True))
     assert set(refs) == {"optimizer", "method"} and alive == [[]]
