@@ -67,10 +67,7 @@ def export_cmd(
         return
     for line in report.lines():
         console.print(line)
-    skipped = report.get("skipped")  # what PEFT does not load, left out: a list, or one per source
-    if isinstance(skipped, dict):
-        skipped = [key for keys in skipped.values() for key in keys]
-    if line := skipped_line(skipped, REPORT_NAME):
+    if line := skipped_line(report.skipped(), REPORT_NAME):  # what PEFT does not load, left out
         console.print(line)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.prune import (
     DEFAULT_CALIBRATION,
@@ -144,7 +145,7 @@ def prune_cmd(
             console.print(f"  {name}: {value['before']:.4g} → {value['after']:.4g}")
     if kept.get("candidates"):
         console.print(f"  keep-best: {_keep_best_line(kept)}")
-    if line := skipped_line(report.get("skipped"), "compression_report.json"):
+    if line := skipped_line(report.get("skipped"), COMPRESSION_REPORT):
         console.print(line)
     console.print(f"wrote {out}")
 

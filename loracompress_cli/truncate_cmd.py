@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from loracompress.core.records import COMPRESSION_REPORT
 from loracompress.errors import LoraCompressError
 from loracompress.pipelines.inputs import DataOptions
 from loracompress.pipelines.truncate import TruncateOptions, truncate
@@ -86,7 +87,7 @@ def truncate_cmd(
     else:
         console.print(f"fractions are of {adapter} ({human(reports[0]['params_before'])} parameters; it records no "
                       "original)")
-    if line := skipped_line(reports[0].get("skipped"), "compression_report.json"):
+    if line := skipped_line(reports[0].get("skipped"), COMPRESSION_REPORT):
         console.print(line)
     console.print(f"wrote {out}")
 

@@ -63,6 +63,10 @@ class OnnxReport(ExportReport):
         out += [f"  {name}: {human_bytes(size)}" for name, size in self["file_bytes"].items()]
         return [*out, f"wrote {self['output']} (and {REPORT_NAME})"]
 
+    def skipped(self) -> list[dict[str, str]]:
+        """Every source's left-out keys (the record keeps them per source)."""
+        return [key for keys in (self.get("skipped") or {}).values() for key in keys]
+
 
 def uses_genai(options: OnnxOptions, task_type: str | None) -> bool:
     """Causal LMs go to onnxruntime-genai unless ``--engine ort``; everything else stays on onnxruntime."""

@@ -46,6 +46,10 @@ class ExportReport(dict[str, Any]):
     def lines(self) -> list[str]:
         return [f"wrote {self.get('output', '?')} (and {REPORT_NAME})"]
 
+    def skipped(self) -> list[dict[str, str]]:
+        """The LoRA modules and keys of the source that PEFT does not load, left out of the export."""
+        return list(self.get("skipped") or [])
+
 
 @dataclass(frozen=True)
 class ExportFormat:
