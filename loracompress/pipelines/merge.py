@@ -1,7 +1,7 @@
 """``merge``: an adapter folded into its base model, written as a Hugging Face model folder.
 
 A base given as a folder of safetensors (or a cached hub id) is merged **streaming**
-(:mod:`loracompress.pipelines.merge_stream`): shard by shard, one tensor in memory at a time, each
+(:mod:`loracompress.merging.stream`): shard by shard, one tensor in memory at a time, each
 LoRA'd weight gets ``ΔW = B @ A · scale`` added in fp32 and is cast back to its own dtype, the output
 keeps the base's shard layout and dtype. Any other base (a ``.gguf`` file, ``.bin`` weights, a
 checkpoint whose tensors do not map one-to-one onto the model) is loaded whole in fp32, merged in
@@ -16,7 +16,7 @@ memory comfortably. The figures are recorded in ``merge_report.json`` beside the
 A quantized base (block FP8, bitsandbytes 4/8-bit) is dequantized one weight at a time as it is
 read, the merged weights are written in its float dtype and the output's config loses its
 ``quantization_config``; packed formats (GPTQ, AWQ, ...) are refused by name
-(:mod:`loracompress.pipelines.merge_quantized`, :mod:`loracompress.runtime.quantized`).
+(:mod:`loracompress.merging.quantized`, :mod:`loracompress.runtime.quantized`).
 """
 
 from __future__ import annotations
@@ -41,21 +41,17 @@ from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
-from loracompress.pipelines.merge_quantized import (
+from loracompress.merging.check import ModuleCheck
+from loracompress.merging.checkpoint import FLOATS, read_checkpoint
+from loracompress.merging.plan import MergePlan, plan_merge
+from loracompress.merging.quantized import (
     Into,
     check_into,
     choose_base,
     dequantized_base,
     refuse_quantized_in_memory,
 )
-from loracompress.pipelines.merge_stream import (
-    FLOATS,
-    MergePlan,
-    ModuleCheck,
-    plan_merge,
-    read_checkpoint,
-    write_plan,
-)
+from loracompress.merging.stream import write_plan
 from loracompress.runtime.data import prepare_model
 from loracompress.runtime.layers import base_shape, merge_into
 from loracompress.runtime.model import BaseModel, BaseStructure, load_base_model, load_base_structure

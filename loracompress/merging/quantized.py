@@ -22,7 +22,8 @@ import torch
 
 from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
-from loracompress.pipelines.merge_stream import Checkpoint, MergePlan, Reader
+from loracompress.merging.checkpoint import Checkpoint, Reader
+from loracompress.merging.plan import MergePlan
 from loracompress.runtime.model import BaseModel, BaseStructure, resolve_base_model, restore_modules_to_save
 from loracompress.runtime.quantized import (
     Bnb4Settings,
@@ -39,8 +40,8 @@ from loracompress.runtime.quantized import (
 
 
 class _BaseChoice(Protocol):
-    """What the refusal reads of :class:`~loracompress.pipelines.merge.MergeOptions` (a protocol, so that
-    this module does not import the one that imports it)."""
+    """What the refusal reads of :class:`~loracompress.pipelines.merge.MergeOptions` (a protocol: the
+    merging package does not import the pipelines that call it)."""
 
     load_in_4bit: bool
     base_model: str | None
