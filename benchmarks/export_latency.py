@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT / "samples"))
 from loracompress.core.reader import load_adapter  # noqa: E402
 from loracompress.export.onnx import OnnxOptions, export_onnx  # noqa: E402
 from loracompress.export.targets import export_target  # noqa: E402
+from loracompress.merging.inplace import merge_into  # noqa: E402
 from loracompress.pipelines.prune import PruneOptions, prune  # noqa: E402
-from loracompress.runtime.layers import attach, merge_into  # noqa: E402
+from loracompress.runtime.layers import attach  # noqa: E402
 from loracompress.runtime.model import load_base_model  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "minilm-rt"

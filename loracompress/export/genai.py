@@ -208,7 +208,8 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
         LoraCompressError: bad input, a builder failure, or generation that does not match PEFT.
     """
     from loracompress.export.onnx_adapters import adapter_file_names
-    from loracompress.runtime.layers import check_fit, merge_into
+    from loracompress.merging.inplace import merge_into
+    from loracompress.runtime.layers import check_fit
     from loracompress.runtime.model import load_base_model, resolve_base_model
     from loracompress.runtime.quantized import float_model, refuse_packed
 

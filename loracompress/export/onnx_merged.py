@@ -15,9 +15,10 @@ from loracompress.export.graph import (
     model_metadata,
     save_program,
 )
-from loracompress.export.memory import fp32_compute, merge_cast, release
+from loracompress.export.memory import fp32_compute, release
 from loracompress.export.probe import applied, model_outputs
 from loracompress.export.verify import compare, open_session, require_passed, run_session
+from loracompress.merging.inplace import merge_cast
 
 log = logging.getLogger(__name__)
 

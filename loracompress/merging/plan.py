@@ -16,6 +16,7 @@ from torch import nn
 
 from loracompress.core.adapter import Adapter, base_param_name
 from loracompress.merging.checkpoint import FLOATS, SINGLE_NAME, Checkpoint
+from loracompress.merging.weights import is_conv1d, tied_groups
 from loracompress.runtime.quantized import Dequantizer, Requantizer
 
 
@@ -67,14 +68,6 @@ class MergePlan:
         return sum(math.prod(t.shape) * torch.empty(0, dtype=t.dtype).element_size() for t in self.tensors)
 
 
-def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Each parameter name -> every name sharing that tensor (itself included)."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    return {name: names for names in owners.values() for name in names}
-
-
 def plan_merge(
     checkpoint: Checkpoint,
     model: nn.Module,
@@ -93,7 +86,7 @@ def plan_merge(
     into them (scales, quantization states) are not written.
     """
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = _tied_groups(model)
+    tied = tied_groups(model)
     ck = checkpoint.entries
 
     def present(name: str) -> str | None:
@@ -169,7 +162,7 @@ def plan_merge(
         own = dtype_of(key) if key is not None else main_dtype
         file = ck[key][0] if key is not None else checkpoint.files[-1]
         module = modules.get(name)
-        transposed = bool(module is not None and fif and _is_conv1d(model, modules[name]))
+        transposed = bool(module is not None and fif and is_conv1d(model.get_submodule(module)))
         source = Source(key=key if name not in extras else None, extra=extras.get(name), module=module, transposed=transposed)
         planned[name] = Planned(name, file, out_dtype(own), shape, source)
 
@@ -179,10 +172,6 @@ def plan_merge(
         files = _reshard(tensors, list(state), max_shard_bytes)
     return MergePlan(checkpoint=checkpoint, tensors=tensors, files=files, untied=untied, model=model, config=config,
                      quant=quant)
-
-
-def _is_conv1d(model: nn.Module, path: str) -> bool:
-    return type(model.get_submodule(path)).__name__ == "Conv1D"
 
 
 def _main_dtype(checkpoint: Checkpoint) -> torch.dtype:

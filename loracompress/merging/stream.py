@@ -21,6 +21,7 @@ from loracompress.core.safeio import write_safetensors_lazy
 from loracompress.merging.check import ModuleCheck
 from loracompress.merging.checkpoint import INDEX_NAME, Reader
 from loracompress.merging.plan import MergePlan, Planned
+from loracompress.merging.weights import add_delta
 
 
 def write_plan(plan: MergePlan, adapter: Adapter, out_dir: Path, check: ModuleCheck,
@@ -53,11 +54,10 @@ def _value(t: Planned, reader: Reader, adapter: Adapter, check: ModuleCheck) -> 
     if src.module is None:
         return value.to(t.dtype)
     m = adapter.modules[src.module]
-    weight = value.to(torch.float32, copy=True)  # a new tensor: the adapter's own is never changed
-    oriented = weight.T if src.transposed else weight
     x = check.inputs(m)
-    ref = check.reference(oriented, m, x)
-    oriented += m.delta()  # in place through the view: the stored orientation follows
-    cast = weight.to(t.dtype)
-    check.record(src.module, oriented, None if t.dtype == torch.float32 else (cast.T if src.transposed else cast), x, ref)
+    ref = check.reference(value.T if src.transposed else value, m, x)
+    merged = add_delta(value, m, transposed=src.transposed)  # a new tensor: the adapter's own is never changed
+    cast = merged.to(t.dtype)
+    check.record(src.module, merged.T if src.transposed else merged,
+                 None if t.dtype == torch.float32 else (cast.T if src.transposed else cast), x, ref)
     return cast

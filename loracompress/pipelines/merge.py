@@ -43,6 +43,7 @@ from loracompress.export.probe import applied, max_abs_diff, model_outputs, prob
 from loracompress.export.verify import resolve_tolerance
 from loracompress.merging.check import ModuleCheck
 from loracompress.merging.checkpoint import FLOATS, read_checkpoint
+from loracompress.merging.inplace import merge_into
 from loracompress.merging.plan import MergePlan, plan_merge
 from loracompress.merging.quantized import (
     Into,
@@ -52,8 +53,8 @@ from loracompress.merging.quantized import (
     refuse_quantized_in_memory,
 )
 from loracompress.merging.stream import write_plan
+from loracompress.merging.weights import oriented_weight, tied_targets, untie_config
 from loracompress.runtime.data import prepare_model
-from loracompress.runtime.layers import base_shape, merge_into
 from loracompress.runtime.model import BaseModel, BaseStructure, load_base_model, load_base_structure
 
 log = logging.getLogger(__name__)
@@ -202,10 +203,7 @@ def _write_config(structure: BaseStructure, plan: MergePlan, directory: Path) ->
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # every weight was dequantized: the output is a float model
     if plan.untied:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for c in (config, text):  # multimodal configs keep the flag on their text part
-            if getattr(c, "tie_word_embeddings", False):
-                c.tie_word_embeddings = False
+        untie_config(config)
     prepare_model(structure)  # the pad id, as the in-memory merge records it
     config.save_pretrained(str(directory))
     for name in _COPIED_FILES:
@@ -292,17 +290,17 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
     for path, m in adapter.modules.items():
         if m.rank:
             x = check.inputs(m)
-            probes[path] = (x, check.reference(_oriented(model, path), m, x))
+            probes[path] = (x, check.reference(oriented_weight(model, path), m, x))
     full: dict[str, Any] = {}
     probe = reference = None
     if verify == "full":
         probe = probe_batch(model, base.tokenizer, batch=2, seq=16, seed=0)
         with applied(model, adapter):
             reference = model_outputs(model, probe)
-    untied = _tied_targets(model, adapter)
+    untied = tied_targets(model, adapter)
     merge_into(model, adapter)
     for path, (x, ref) in probes.items():
-        check.record(path, _oriented(model, path), None, x, ref)
+        check.record(path, oriented_weight(model, path), None, x, ref)
     _require_modules(check, tolerance)
     if verify == "full":
         diff = max_abs_diff(model_outputs(model, probe, list(reference)), reference, probe["attention_mask"])
@@ -317,7 +315,7 @@ def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: M
     if dtype != torch.float32:
         cast_check = ModuleCheck()
         for path, (x, ref) in probes.items():
-            cast_check.record(path, _oriented(model, path), None, x, ref)
+            cast_check.record(path, oriented_weight(model, path), None, x, ref)
         check.max_abs_diff_cast = cast_check.max_abs_diff if probes else None
         if verify == "full":
             try:
@@ -358,21 +356,6 @@ def _drop_unused_auto_map(model: torch.nn.Module) -> bool:
                 "--trust-remote-code): the merged config.json leaves auto_map out", type(model).__name__)
     del config.auto_map
     return True
-
-
-def _oriented(model: torch.nn.Module, path: str) -> torch.Tensor:
-    """A module's weight as ``[out, in]`` in fp32 (GPT-2's Conv1D stores ``[in, out]``)."""
-    target = model.get_submodule(path)
-    w = target.weight.detach().float()
-    return w.T if type(target).__name__ == "Conv1D" and base_shape(target) is not None else w
-
-
-def _tied_targets(model: torch.nn.Module, adapter: Adapter) -> list[str]:
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-    return sorted(f"{p}.weight" for p, m in adapter.modules.items()
-                  if m.rank and owners.get(id(model.get_submodule(p).weight), 0) > 1)
 
 
 def _save_plain(model: torch.nn.Module, directory: Path, max_shard_size: int | str) -> None:

@@ -102,7 +102,7 @@ import sys, threading, time, torch
 sys.path.insert(0, {str(BENCHMARKS)!r})
 from synthetic import LlamaShape, write_llama_checkpoint, write_lora
 from loracompress.core.reader import load_adapter
-from loracompress.export.memory import merge_cast
+from loracompress.merging.inplace import merge_cast
 from loracompress.runtime.model import load_base_model
 def anon():
     return _status('RssAnon')
@@ -151,7 +151,7 @@ def test_dropping_mapped_pages_is_harmless_and_skips_what_is_still_used(tmp_path
     """Pages handed back from a private file map read back from the file: the values stay. A weight
     that another live tensor still views is left alone."""
     from loracompress.core.reader import load_adapter
-    from loracompress.export.memory import MappedShards
+    from loracompress.merging.inplace import MappedShards
     from loracompress.runtime.model import load_base_model
 
     src, base = make_adapter("llama", tmp_path / "a", r=4)

@@ -28,8 +28,7 @@ def test_export_refuses_a_gptq_base_by_name(tmp_path, capsys):
 
 def test_merge_into_refuses_non_float_weights(tmp_path):
     """FP8 values without their scales are not the weights: adding ΔW to them loses the adapter."""
-    from loracompress.export.memory import merge_cast
-    from loracompress.runtime.layers import merge_into
+    from loracompress.merging.inplace import merge_cast, merge_into
 
     src, base = make_adapter("llama", tmp_path / "a", r=4)
     layer = base.model.layers[0].self_attn.q_proj
