@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from loracompress.core.adapter import Adapter
+from loracompress.merging.weights import published_dtype
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ def storage_dtype(spec: str | Path | None, adapter: Adapter, trust_remote_code: 
     structure = load_base_structure(spec, adapter, trust_remote_code=trust_remote_code)
     if isinstance(structure, str):  # GGUF, uncached id, ...: as before
         return torch.float32
-    config = structure.config
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
+    stored = published_dtype(structure.config)
     return stored if stored in _HALF else torch.float32
 
 

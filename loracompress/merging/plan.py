@@ -8,6 +8,7 @@ returns the reason and the caller merges in memory instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +59,7 @@ class MergePlan:
     @property
     def dtype(self) -> torch.dtype:
         """The output's dtype: the floating dtype holding the most bytes."""
-        sizes: dict[torch.dtype, int] = {}
-        for t in self.tensors:
-            if t.dtype in FLOATS:
-                sizes[t.dtype] = sizes.get(t.dtype, 0) + math.prod(t.shape)
-        return max(sizes, key=lambda d: sizes[d]) if sizes else torch.float32
+        return _largest_float((t.dtype, t.shape) for t in self.tensors)
 
     def bytes(self) -> int:
         return sum(math.prod(t.shape) * torch.empty(0, dtype=t.dtype).element_size() for t in self.tensors)
@@ -175,11 +172,15 @@ def plan_merge(
 
 
 def _main_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    return _largest_float((checkpoint.dtype(k), checkpoint.shape(k)) for k in checkpoint.entries)
+
+
+def _largest_float(tensors: Iterable[tuple[torch.dtype, tuple[int, ...]]]) -> torch.dtype:
+    """The floating dtype holding the most elements (float32 when there is none)."""
     sizes: dict[torch.dtype, int] = {}
-    for key in checkpoint.entries:
-        d = checkpoint.dtype(key)
-        if d in FLOATS:
-            sizes[d] = sizes.get(d, 0) + math.prod(checkpoint.shape(key))
+    for dtype, shape in tensors:
+        if dtype in FLOATS:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
     return max(sizes, key=lambda d: sizes[d]) if sizes else torch.float32
 
 

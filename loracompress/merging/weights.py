@@ -78,6 +78,17 @@ def untie(model: nn.Module, names: list[str]) -> None:
         untie_config(config)
 
 
+def published_dtype(config: Any) -> torch.dtype | None:
+    """The floating dtype a model config says its weights were saved in, else ``None``.
+
+    Read from the config on disk: transformers overwrites a loaded model's with the dtype it loaded in.
+    """
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in FLOATS else None
+
+
 def require_float_weights(model: nn.Module, adapter: Adapter) -> None:
     """Refuse to add ``ΔW`` to a weight that is not a float (FP8 values without their scales, packed
     4-bit or int8): the sum would not be the merged weight, the adapter would be lost."""

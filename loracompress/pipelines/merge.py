@@ -53,7 +53,7 @@ from loracompress.merging.quantized import (
     refuse_quantized_in_memory,
 )
 from loracompress.merging.stream import write_plan
-from loracompress.merging.weights import oriented_weight, tied_targets, untie_config
+from loracompress.merging.weights import oriented_weight, published_dtype, tied_targets, untie_config
 from loracompress.runtime.data import prepare_model
 from loracompress.runtime.model import BaseModel, BaseStructure, load_base_model, load_base_structure
 
@@ -270,10 +270,7 @@ def _published_dtype(base: BaseModel) -> torch.dtype:
         config = AutoConfig.from_pretrained(base.source, local_files_only=True)
     except (OSError, ValueError):
         return torch.float32
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in FLOATS else torch.float32
+    return published_dtype(config) or torch.float32
 
 
 def _merge_in_memory(source: str | Path, out: Path, adapter: Adapter, options: MergeOptions, verify: str,
