@@ -122,3 +122,24 @@ def test_every_installed_package_is_the_folder_of_its_name():
     assert "package-dir" not in setuptools
     for package in setuptools["packages"]:
         assert (root / package.replace(".", "/") / "__init__.py").is_file(), package
+
+
+def test_no_library_module_is_over_450_lines():
+    """A module past a few hundred lines holds more than one job (the first architecture step split five of them)."""
+    long = {name: n for name, path in _modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 450}
+    assert not long, long
+
+
+def test_merging_sits_below_the_pipelines_and_export_that_call_it():
+    """Merging owns W + ΔW and its memory bounds; it reads adapters and bases (core, runtime) and is called by
+    merge, export and the bank, never the other way round (a merging module importing export was how
+    ``_untie`` ended up imported privately across packages)."""
+    above = ("loracompress.pipelines", "loracompress.export", "loracompress.bank", "loracompress.calibration",
+             "loracompress.gate")
+    graph = import_graph()
+    offenders = [f"{m} -> {t}" for m, targets in graph.items() if m.startswith("loracompress.merging")
+                 for t in targets if t.startswith(above)]
+    assert not offenders, offenders
+    callers = {m for m, targets in graph.items() if any(t.startswith("loracompress.merging") for t in targets)}
+    assert {"loracompress.pipelines.merge", "loracompress.export.onnx_merged", "loracompress.export.genai"} <= callers
