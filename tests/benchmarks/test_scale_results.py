@@ -58,3 +58,13 @@ def test_projection_starts_from_measured_rows():
     ratios = scale.measured_ratios([_run("calibrate", 1.0), _run("merge", 0.5, threads=None)])
     assert ratios["calibrate"] == ratios["calibrate-fsdp"] == GiB / 533_788_960
     assert ratios["merge"] == 0.5 * GiB / 533_788_960
+
+
+def test_the_4bit_calibration_is_the_same_run_with_the_base_in_nf4(tmp_path):
+    """The calibrate-4bit row differs from the calibrate row by --load-in-4bit alone, so the two compare."""
+    flags = {"--base-dtype", "--gradient-checkpointing"}
+    paths = (tmp_path / "base", tmp_path / "lora", tmp_path / "calib.jsonl", tmp_path / "out")
+    plain = scale.argv_for("calibrate", *paths, flags)
+    nf4 = scale.argv_for("calibrate-4bit", *paths, flags)
+    assert nf4 == [*plain, "--load-in-4bit"]
+    assert scale.SIZES["7B"][0].parameters() == 6_738_415_616  # Llama-2-7B's count
