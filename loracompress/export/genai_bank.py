@@ -28,15 +28,7 @@ from loracompress.bank.io import ADAPTERS_DIR, read_bank
 from loracompress.core import jsonio
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.errors import LoraCompressError
-from loracompress.export.genai import (
-    ADAPTER_SUFFIX,
-    _eos_ids,
-    _references,
-    _save_hf,
-    _stop_at,
-    _verify,
-    _versions,
-)
+from loracompress.export.genai import ADAPTER_SUFFIX, save_hf
 from loracompress.export.genai_graph import (
     DATA_NAME,
     GRAPH_NAME,
@@ -50,7 +42,12 @@ from loracompress.export.genai_verify import (
     DEFAULT_PROMPTS,
     DEFAULT_TOLERANCE,
     encode_prompts,
+    engine_versions,
+    eos_ids,
+    peft_references,
     require_passed,
+    stop_at_eos,
+    verify_folder,
 )
 from loracompress.export.onnx_adapters import write_onnx_adapter
 from loracompress.export.registry import REPORT_NAME
@@ -138,13 +135,13 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE["fp32"]
     prompts = encode_prompts(base.tokenizer, options.prompts)
     folders = [Path(bank_dir) / ADAPTERS_DIR / m.name for m in bf.members]
-    refs, base_refs = _references(base.model, folders, prompts, options.new_tokens, with_base=True)
+    refs, base_refs = peft_references(base.model, folders, prompts, options.new_tokens, with_base=True)
     clusters: list[dict[str, Any]] = []
     all_checks = []
     with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp, \
             tempfile.TemporaryDirectory(prefix=".genai-work-", dir=str(tmp.parent)) as work_name:
         work = Path(work_name)
-        _save_hf(base, base.model, work / "hf")
+        save_hf(base, base.model, work / "hf")
         for c, bases in enumerate(bf.bank.bases):
             members = [i for i, k in enumerate(bf.bank.clusters) if k == c]
             dest = tmp / f"cluster-{c}"
@@ -161,9 +158,10 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                 write_onnx_adapter(arrays, dest / name, model_version=_version(ranks), adapter_version=i + 1)
                 files.append({"file": f"{dest.name}/{name}", "adapter": bf.members[i].name,
                               "values": int(sum(a.size for a in arrays.values())), "bytes": (dest / name).stat().st_size})
-            eos = _eos_ids(dest)
-            checks = _verify(og, dest, prompts, [_stop_at(refs[i], eos) for i in members], _stop_at(base_refs or [], eos),
-                             [Path(f["file"]).name for f in files], options.new_tokens, tolerance)
+            eos = eos_ids(dest)
+            checks = verify_folder(og, dest, prompts, [stop_at_eos(refs[i], eos) for i in members],
+                                   stop_at_eos(base_refs or [], eos), [Path(f["file"]).name for f in files],
+                                   options.new_tokens, tolerance)
             require_passed(checks)
             all_checks += checks
             clusters.append({"cluster": c, "folder": dest.name, "ranks": ranks, "adapters": files,
@@ -173,7 +171,7 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                   "prompts": list(options.prompts), "new_tokens": options.new_tokens,
                   "tokens_identical": f"{sum(c.identical for c in all_checks)}/{sum(c.prompts for c in all_checks)}",
                   "first_step_max_abs_diff": max(c.first_step_max_abs_diff for c in all_checks),
-                  "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": _versions(og),
+                  "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": engine_versions(og),
                   "seconds": round(time.perf_counter() - t0, 2)}
         jsonio.write_json(tmp / REPORT_NAME, report)
     return report
