@@ -165,8 +165,12 @@ class GenaiReport(ExportReport):
         return [*out, f"wrote {self['output']} (and {REPORT_NAME})"]
 
 
-def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions) -> GenaiReport:
+def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions,
+                 adapters: Sequence[Adapter] | None = None) -> GenaiReport:
     """Build, verify and write the onnxruntime-genai folder; returns the report (also ``export_report.json``).
+
+    ``adapters``: the adapters at ``sources``, when the caller has read them already (``export --format onnx``
+    reads them to choose the engine), so that each file is read once.
 
     Raises:
         LoraCompressError: bad input, a builder failure, or generation that does not match PEFT.
@@ -183,7 +187,10 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     paths = [Path(s) for s in sources]
     inputs = [*paths, options.base_model]  # --force never replaces an input
     out = check_output_path(output, force=options.force, inputs=inputs)
-    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
+    if adapters is None:
+        adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
+    elif len(adapters) != len(paths):
+        raise ValueError(f"export_genai: {len(adapters)} adapters for {len(paths)} sources")
     for adapter in adapters:
         _check_adapter(adapter)
     refuse_packed(resolve_base_model(options.base_model, adapters[0]), "exporting it")
