@@ -1,4 +1,5 @@
-"""``bank-export``: a bank as onnxruntime-genai graphs whose LoRA paths hold the shared bases.
+"""``export BANK_DIR --format bank-genai`` (alias ``bank-export``): a bank as onnxruntime-genai graphs whose
+LoRA paths hold the shared bases.
 
 One graph per cluster. onnxruntime-genai's builder is given one of the cluster's expanded adapters
 (rank R per module), so each targeted projection gets a LoRA path ``(x @ A) @ B`` with ``A`` [in, R] and
@@ -17,6 +18,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import torch
 from loracompress.bank.io import ADAPTERS_DIR, read_bank
 from loracompress.core import jsonio
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai import ADAPTER_SUFFIX, save_hf
 from loracompress.export.genai_graph import (
@@ -49,14 +52,21 @@ from loracompress.export.genai_verify import (
     stop_at_eos,
     verify_folder,
 )
-from loracompress.export.onnx_adapters import write_onnx_adapter
-from loracompress.export.registry import REPORT_NAME
+from loracompress.export.registry import (
+    REPORT_NAME,
+    ExportFormat,
+    ExportOptions,
+    ExportReport,
+    register_format,
+)
 
 CORE_SUFFIX = ".lora_S"
 
 
 @dataclass(kw_only=True)
-class BankExportOptions:
+class BankExportOptions(ExportOptions):
+    """What ``export BANK_DIR --format bank-genai`` can be told (fp32 only, so no ``--dtype``)."""
+
     base_model: str | None = None
     tolerance: float | None = None
     prompts: tuple[str, ...] = tuple(DEFAULT_PROMPTS)
@@ -114,8 +124,22 @@ def _version(ranks: dict[str, int]) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExportOptions) -> dict[str, Any]:
+class BankGenaiReport(ExportReport):
+    """What the bank's export wrote per cluster, and how generation was verified."""
+
+    def lines(self) -> list[str]:
+        out = []
+        for c in self["clusters"]:
+            sizes = ", ".join(f"{Path(f['file']).name} {human_bytes(f['bytes'])}" for f in c["adapters"])
+            out.append(f"{c['folder']}: graph {human_bytes(c['graph_bytes'])}; {sizes}")
+        return [*out, f"onnxruntime-genai gave PEFT's tokens on {self['tokens_identical']} prompts (every adapter, and "
+                      f"the base with none active); wrote {self['output']} (and {REPORT_NAME})"]
+
+
+def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExportOptions) -> BankGenaiReport:
     """Build, verify and write ``output/cluster-<c>/`` per cluster (graph + one ``.onnx_adapter`` per adapter)."""
+    # imported on use (onnx pulls in much): registering the format at every command-line parse stays light
+    from loracompress.export.onnx_adapters import write_onnx_adapter
     from loracompress.runtime.model import load_base_model
 
     t0 = time.perf_counter()
@@ -131,7 +155,7 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
     base = load_base_model(options.base_model, bf.expanded(0), dtype=torch.float32,
                            trust_remote_code=options.trust_remote_code)
     if not base.is_causal_lm:
-        raise LoraCompressError("bank-export builds decoder-only causal LMs for onnxruntime-genai; this base is not one")
+        raise LoraCompressError("--format bank-genai builds decoder-only causal LMs for onnxruntime-genai; this base is not one")
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE["fp32"]
     prompts = encode_prompts(base.tokenizer, options.prompts)
     folders = [Path(bank_dir) / ADAPTERS_DIR / m.name for m in bf.members]
@@ -174,4 +198,13 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                   "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": engine_versions(og),
                   "seconds": round(time.perf_counter() - t0, 2)}
         jsonio.write_json(tmp / REPORT_NAME, report)
-    return report
+    return BankGenaiReport(report)
+
+
+def _export(sources: Sequence[Path], output: Path, options: BankExportOptions) -> BankGenaiReport:
+    return export_bank_genai(sources[0], output, options)
+
+
+register_format(ExportFormat("bank-genai", "a bank folder (loracompress bank) as onnxruntime-genai graphs, the shared "
+                             "bases inside, R×R cores per .onnx_adapter; verified against PEFT's tokens",
+                             BankExportOptions, _export))
