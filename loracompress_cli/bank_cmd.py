@@ -10,7 +10,7 @@ from rich.table import Table
 
 from loracompress.bank.build import REFINE_ITERATIONS
 from loracompress.pipelines.bank import BankAddOptions, BankOptions, bank, bank_add
-from loracompress_cli.common import console, human, human_bytes, print_json
+from loracompress_cli.common import console, human, print_json
 from loracompress_cli.options import ALLOW_NONFINITE, BASE_MODEL, FORCE, TRUST_REMOTE_CODE
 
 _AS_JSON = typer.Option(False, "--json", metavar="", help="Print the bank manifest (bank.json) as JSON.")
@@ -69,19 +69,18 @@ def bank_export_cmd(
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the export report as JSON."),
 ) -> None:
     """Export BANK_DIR for onnxruntime-genai: one graph per cluster with the shared bases inside, one
-    .onnx_adapter per adapter holding only its R×R cores; verified against PEFT's tokens before anything is written."""
-    from loracompress.export.genai_bank import BankExportOptions, export_bank_genai
+    .onnx_adapter per adapter holding only its R×R cores; verified against PEFT's tokens before anything is written.
+    The same as `loracompress export BANK_DIR --format bank-genai` (kept for scripts that use it)."""
+    from loracompress.export import export
+    from loracompress.export.genai_bank import BankExportOptions
 
-    report = export_bank_genai(bank_dir, output, BankExportOptions(base_model=base_model, tolerance=tolerance, force=force,
-                                                                   trust_remote_code=trust_remote_code))
+    report = export([bank_dir], output, BankExportOptions(base_model=base_model, tolerance=tolerance, force=force,
+                                                          trust_remote_code=trust_remote_code))
     if as_json:
         print_json(report)
         return
-    for c in report["clusters"]:
-        sizes = ", ".join(f"{Path(f['file']).name} {human_bytes(f['bytes'])}" for f in c["adapters"])
-        console.print(f"{c['folder']}: graph {human_bytes(c['graph_bytes'])}; {sizes}")
-    console.print(f"onnxruntime-genai gave PEFT's tokens on {report['tokens_identical']} prompts (every adapter, and the "
-                  f"base with none active); wrote {output}")
+    for line in report.lines():
+        console.print(line)
 
 
 def _show(manifest: dict[str, Any], output: Path, as_json: bool) -> None:

@@ -35,7 +35,8 @@ def _format(fmt: str | None, target: str | None) -> str:
 
 
 def export_cmd(
-    adapters: list[Path] = typer.Argument(..., help="PEFT adapter folder(s); several only with --mode adapters."),
+    adapters: list[Path] = typer.Argument(..., help="PEFT adapter folder(s); several only with --mode adapters. "
+                                          "--format bank-genai: a bank folder (loracompress bank)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: ADAPTER-FORMAT)."),
     fmt: str | None = FORMAT,
     target: str | None = typer.Option(None, "--target", hidden=True, help="The same as --format (kept for old scripts)."),
@@ -55,7 +56,8 @@ def export_cmd(
     allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the export report as JSON."),
 ) -> None:
-    """Export ADAPTER as ONNX (verified with onnxruntime), a llama.cpp GGUF, or a peft / vllm / uniform adapter."""
+    """Export ADAPTER as ONNX (verified with onnxruntime), a llama.cpp GGUF, or a peft / vllm / uniform adapter;
+    or a bank of adapters for onnxruntime-genai (--format bank-genai)."""
     chosen = format_named(_format(fmt, target))
     out = output or adapters[0].resolve().parent / f"{adapters[0].resolve().name}-{chosen.name}"
     given = {"base_model": base_model, "mode": mode, "dtype": dtype, "tolerance": tolerance, "adapter_only": adapter_only,

@@ -143,3 +143,33 @@ def test_merging_sits_below_the_pipelines_and_export_that_call_it():
     assert not offenders, offenders
     callers = {m for m, targets in graph.items() if any(t.startswith("loracompress.merging") for t in targets)}
     assert {"loracompress.pipelines.merge", "loracompress.export.onnx_merged", "loracompress.export.genai"} <= callers
+
+
+def private_imports(roots: tuple[Path, ...] = (PACKAGE, PACKAGE.parent / "loracompress_cli")) -> list[str]:
+    """``module:line name`` for each ``from loracompress... import _name`` (a dunder such as ``__version__``
+    is public), read with ``ast`` from the library and the CLI."""
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                        and node.module.split(".")[0] in ("loracompress", "loracompress_cli")):
+                    continue
+                found += [f"{path.relative_to(root.parent)}:{node.lineno} {a.name} from {node.module}" for a in node.names
+                          if a.name.startswith("_") and not (a.name.startswith("__") and a.name.endswith("__"))]
+    return found
+
+
+def test_the_private_import_finder_finds_one(tmp_path: Path):
+    (tmp_path / "loracompress").mkdir()
+    (tmp_path / "loracompress" / "a.py").write_text(
+        "from loracompress._version import __version__\nfrom loracompress.b import public\n"
+        "def f():\n    from loracompress.b import _private\n")
+    assert private_imports((tmp_path / "loracompress",)) == ["loracompress/a.py:4 _private from loracompress.b"]
+
+
+def test_no_module_imports_another_modules_private_name():
+    """What two modules share is public in the module that owns it (export/genai_bank.py imported five of
+    export/genai.py's private helpers; they are now genai_verify's public functions)."""
+    offenders = private_imports()
+    assert not offenders, offenders

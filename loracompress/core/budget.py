@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loracompress.core.units import COUNT_UNITS, human, parse_size
 from loracompress.core.validate import require_int, require_type
 from loracompress.errors import LoraCompressError
 
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 KINDS = ("fraction", "params", "bytes", "rank")
 _HELP = "use a fraction (0.5), a percentage (50%), a parameter count (1.2M, 300k), a size (4MB, 4MiB) or rank=8"
 
@@ -59,8 +58,9 @@ class Budget:
             pct = _number(m[1], raw)
             _check_fraction(pct / 100, raw)
             return cls("fraction", pct / 100, raw)
-        if m := re.fullmatch(r"([0-9.e+-]+)\s*(kib|mib|gib|kb|mb|gb|b)", s):
-            n = _number(m[1], raw) * _BYTES[m[2]]
+        if (n := parse_size(s)) is not None:  # a number and a byte unit (core/units.py)
+            if not math.isfinite(n):
+                raise LoraCompressError(f"budget {raw!r} is not a finite number; {_HELP}")
             if n <= 0:
                 raise LoraCompressError(f"budget {raw!r} must be positive; {_HELP}")
             return cls("bytes", n, raw)
@@ -77,7 +77,7 @@ class Budget:
             if m[2] == "":
                 _check_fraction(x, raw)
                 return cls("fraction", x, raw)
-            n = x * _SUFFIX[m[2]]
+            n = x * COUNT_UNITS[m[2]]
             if n <= 0:
                 raise LoraCompressError(f"budget {raw!r} must be positive; {_HELP}")
             return cls("params", n, raw)
@@ -102,8 +102,8 @@ class Budget:
                 target = total
             if target > total:
                 raise LoraCompressError(
-                    f"budget {self.text!r} of the original adapter ({_fmt(reference)} parameters) is "
-                    f"{_fmt(target)} parameters, more than this adapter has ({_fmt(total)}); give a fraction of "
+                    f"budget {self.text!r} of the original adapter ({human(reference)} parameters) is "
+                    f"{human(target)} parameters, more than this adapter has ({human(total)}); give a fraction of "
                     f"at most {total / reference:.4g}"
                 )
         elif self.kind != "rank":
@@ -120,14 +120,14 @@ class Budget:
             raise LoraCompressError(f"budget {self.text!r} rounds to zero parameters; give a larger budget")
         if target > total and self.kind != "fraction":
             raise LoraCompressError(
-                f"budget {self.text!r} ({_fmt(target)} parameters) is more than the adapter has "
-                f"({_fmt(total)}); give a smaller budget"
+                f"budget {self.text!r} ({human(target)} parameters) is more than the adapter has "
+                f"({human(total)}); give a smaller budget"
             )
         smallest = min((c for c, r in zip(costs, ranks) if r > 0), default=0)
         if target < smallest:
             raise LoraCompressError(
-                f"budget {self.text!r} ({_fmt(target)} parameters) cannot hold even one rank of the smallest "
-                f"module ({_fmt(smallest)}); give a larger budget"
+                f"budget {self.text!r} ({human(target)} parameters) cannot hold even one rank of the smallest "
+                f"module ({human(smallest)}); give a larger budget"
             )
         return min(target, total)
 
@@ -155,13 +155,6 @@ def _number(s: str, raw: str) -> float:
 def _check_fraction(x: float, raw: str) -> None:
     if not 0 < x <= 1:
         raise LoraCompressError(f"budget {raw!r} must be a fraction in (0, 1] of the adapter's parameters; {_HELP}")
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return str(int(n))
 
 
 # --------------------------------------------------------------------------- allocation
@@ -202,7 +195,7 @@ def allocate(
     floor_cost = sum(lo[n] * costs[n] for n in names)
     if floor_cost > target:
         raise LoraCompressError(
-            f"the minimum rank needs {_fmt(floor_cost)} parameters but the budget is {_fmt(target)}; lower the minimum rank or raise the budget"
+            f"the minimum rank needs {human(floor_cost)} parameters but the budget is {human(target)}; lower the minimum rank or raise the budget"
         )
     ranks = dict(lo)
     spent = floor_cost

@@ -16,7 +16,6 @@ first step's logits are within the tolerance (:mod:`loracompress.export.genai_ve
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import tempfile
@@ -35,7 +34,6 @@ from loracompress.core.reader import load_adapter
 from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
 from loracompress.export.genai_graph import (
-    CONFIG_NAME,
     GRAPH_NAME,
     GenaiGraphSpec,
     adapter_arrays,
@@ -48,18 +46,18 @@ from loracompress.export.genai_verify import (
     DEFAULT_NEW_TOKENS,
     DEFAULT_PROMPTS,
     DEFAULT_TOLERANCE,
-    GenerationCheck,
-    Reference,
-    compare,
     encode_prompts,
-    open_model,
-    peft_greedy,
+    engine_versions,
+    eos_ids,
+    peft_references,
     require_passed,
+    stop_at_eos,
+    verify_folder,
 )
 from loracompress.export.options import GraphOptions, check_same_base
 from loracompress.export.registry import REPORT_NAME, ExportReport
 
-__all__ = ["GenaiOptions", "export_genai", "write_genai_adapter"]
+__all__ = ["GenaiOptions", "export_genai", "save_hf", "write_genai_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-def _save_hf(base: Any, model: torch.nn.Module, directory: Path) -> None:
+def save_hf(base: Any, model: torch.nn.Module, directory: Path) -> None:
     """The Hugging Face folder the builder reads: config, weights (float32), tokenizer."""
     plain = _plain_copy(model) if getattr(model, "is_quantized", False) or hasattr(model.config, "quantization_config") else model
     plain.save_pretrained(str(directory))
@@ -144,40 +142,6 @@ def _union_adapter(adapters: Sequence[Adapter], model: torch.nn.Module, director
     return paths
 
 
-def _references(model: torch.nn.Module, sources: Sequence[Path], prompts: list[list[int]], new_tokens: int,
-                with_base: bool) -> tuple[list[list[Reference]], list[Reference] | None]:
-    """Stock PEFT's greedy references for each adapter (and the base alone); ``model`` is left unwrapped."""
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(model, str(sources[0]), adapter_name="a0").eval()
-    for i, src in enumerate(sources[1:], start=1):
-        peft.load_adapter(str(src), adapter_name=f"a{i}")
-    refs = []
-    for i in range(len(sources)):
-        peft.set_adapter(f"a{i}")
-        refs.append(peft_greedy(peft, prompts, new_tokens, eos=set()))
-    base_refs = None
-    if with_base:
-        with peft.disable_adapter():
-            base_refs = peft_greedy(peft, prompts, new_tokens, eos=set())
-    peft.unload()  # the base modules back in place, unmerged
-    return refs, base_refs
-
-
-def _stop_at(refs: list[Reference], eos: set[int]) -> list[Reference]:
-    """References cut after the first end-of-sequence id, as onnxruntime-genai stops there."""
-    out = []
-    for ref in refs:
-        end = next((k + 1 for k, t in enumerate(ref.tokens) if t in eos), len(ref.tokens))
-        out.append(Reference(tokens=ref.tokens[:end], first_logits=ref.first_logits, margins=ref.margins[:end]))
-    return out
-
-
-def _eos_ids(folder: Path) -> set[int]:
-    eos = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model"].get("eos_token_id", [])
-    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
-
-
 def write_genai_adapter(adapter: Adapter, spec: GenaiGraphSpec, path: Path, adapter_version: int = 1) -> int:
     """Write ``adapter`` as an ``.onnx_adapter`` for the graph ``spec``; returns its parameter count."""
     from loracompress.export.onnx_adapters import write_onnx_adapter
@@ -201,8 +165,12 @@ class GenaiReport(ExportReport):
         return [*out, f"wrote {self['output']} (and {REPORT_NAME})"]
 
 
-def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions) -> GenaiReport:
+def export_genai(sources: Sequence[str | Path], output: str | Path, options: GenaiOptions,
+                 adapters: Sequence[Adapter] | None = None) -> GenaiReport:
     """Build, verify and write the onnxruntime-genai folder; returns the report (also ``export_report.json``).
+
+    ``adapters``: the adapters at ``sources``, when the caller has read them already (``export --format onnx``
+    reads them to choose the engine), so that each file is read once.
 
     Raises:
         LoraCompressError: bad input, a builder failure, or generation that does not match PEFT.
@@ -219,7 +187,10 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     paths = [Path(s) for s in sources]
     inputs = [*paths, options.base_model]  # --force never replaces an input
     out = check_output_path(output, force=options.force, inputs=inputs)
-    adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
+    if adapters is None:
+        adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in paths]
+    elif len(adapters) != len(paths):
+        raise ValueError(f"export_genai: {len(adapters)} adapters for {len(paths)} sources")
     for adapter in adapters:
         _check_adapter(adapter)
     refuse_packed(resolve_base_model(options.base_model, adapters[0]), "exporting it")
@@ -233,14 +204,14 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[options.dtype]
     prompts = encode_prompts(base.tokenizer, options.prompts)
     adapters_mode = options.mode == "adapters"
-    refs, base_refs = _references(base.model, paths, prompts, options.new_tokens, with_base=adapters_mode)
+    refs, base_refs = peft_references(base.model, paths, prompts, options.new_tokens, with_base=adapters_mode)
 
     with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp, \
             tempfile.TemporaryDirectory(prefix=".genai-work-", dir=str(tmp.parent)) as work_name:
         work = Path(work_name)
         if not adapters_mode:
             merge_into(base.model, adapters[0])
-        _save_hf(base, base.model, work / "hf")
+        save_hf(base, base.model, work / "hf")
         union = _union_adapter(adapters, base.model, work / "union") if adapters_mode else None
         command = run_builder(work / "hf", tmp if not adapters_mode else work / "build", options.dtype, work,
                               adapter_dir=work / "union" if adapters_mode else None)
@@ -256,10 +227,10 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
                 count = write_genai_adapter(adapter, spec, tmp / name, adapter_version=i + 1)
                 adapter_files.append({"file": name, "source": str(adapter.source), "parameters": count,
                                       "ranks": {p: m.rank for p, m in adapter.modules.items() if m.rank > 0}})
-        eos = _eos_ids(tmp)
-        checks = _verify(og, tmp, prompts, [_stop_at(r, eos) for r in refs],
-                         _stop_at(base_refs, eos) if base_refs is not None else None,
-                         [a["file"] for a in adapter_files], options.new_tokens, tolerance)
+        eos = eos_ids(tmp)
+        checks = verify_folder(og, tmp, prompts, [stop_at_eos(r, eos) for r in refs],
+                               stop_at_eos(base_refs, eos) if base_refs is not None else None,
+                               [a["file"] for a in adapter_files], options.new_tokens, tolerance)
         require_passed(checks)
         files = sorted(p.name for p in tmp.iterdir())
         report = {
@@ -284,37 +255,8 @@ def export_genai(sources: Sequence[str | Path], output: str | Path, options: Gen
             "builder_command": " ".join(command[1:]),
             "files": files,
             "file_bytes": {name: (tmp / name).stat().st_size for name in files},
-            "versions": _versions(og),
+            "versions": engine_versions(og),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         jsonio.write_json(tmp / REPORT_NAME, report)
     return GenaiReport(report)
-
-
-def _verify(og: Any, folder: Path, prompts: list[list[int]], refs: list[list[Reference]], base_refs: list[Reference] | None,
-            adapter_files: list[str], new_tokens: int, tolerance: float) -> list[GenerationCheck]:
-    """Generate under onnxruntime-genai (CPU) and compare with the references, one check per adapter."""
-    model = open_model(folder, cpu=True)
-    if not adapter_files:  # merged
-        return [compare("merged graph", model, prompts, refs[0], new_tokens, tolerance)]
-    loaded = og.Adapters(model)
-    for name in adapter_files:
-        loaded.load(str(folder / name), name)
-    checks = [compare(name, model, prompts, ref, new_tokens, tolerance, loaded, name) for name, ref in zip(adapter_files, refs)]
-    if base_refs is not None:
-        checks.append(compare("base only (no adapter active)", model, prompts, base_refs, new_tokens, tolerance))
-    return checks
-
-
-def _versions(og: Any) -> dict[str, str]:
-    import onnxruntime
-    import transformers
-
-    try:
-        import peft
-        peft_version = peft.__version__
-    except ImportError:  # pragma: no cover - the references need it
-        peft_version = "missing"
-    return {"onnxruntime-genai": og.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft_version}
-

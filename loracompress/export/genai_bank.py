@@ -1,4 +1,5 @@
-"""``bank-export``: a bank as onnxruntime-genai graphs whose LoRA paths hold the shared bases.
+"""``export BANK_DIR --format bank-genai`` (alias ``bank-export``): a bank as onnxruntime-genai graphs whose
+LoRA paths hold the shared bases.
 
 One graph per cluster. onnxruntime-genai's builder is given one of the cluster's expanded adapters
 (rank R per module), so each targeted projection gets a LoRA path ``(x @ A) @ B`` with ``A`` [in, R] and
@@ -17,6 +18,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +29,9 @@ import torch
 from loracompress.bank.io import ADAPTERS_DIR, read_bank
 from loracompress.core import jsonio
 from loracompress.core.outputs import atomic_output_dir, check_output_path
+from loracompress.core.units import human_bytes
 from loracompress.errors import LoraCompressError
-from loracompress.export.genai import (
-    ADAPTER_SUFFIX,
-    _eos_ids,
-    _references,
-    _save_hf,
-    _stop_at,
-    _verify,
-    _versions,
-)
+from loracompress.export.genai import ADAPTER_SUFFIX, save_hf
 from loracompress.export.genai_graph import (
     DATA_NAME,
     GRAPH_NAME,
@@ -50,16 +45,28 @@ from loracompress.export.genai_verify import (
     DEFAULT_PROMPTS,
     DEFAULT_TOLERANCE,
     encode_prompts,
+    engine_versions,
+    eos_ids,
+    peft_references,
     require_passed,
+    stop_at_eos,
+    verify_folder,
 )
-from loracompress.export.onnx_adapters import write_onnx_adapter
-from loracompress.export.registry import REPORT_NAME
+from loracompress.export.registry import (
+    REPORT_NAME,
+    ExportFormat,
+    ExportOptions,
+    ExportReport,
+    register_format,
+)
 
 CORE_SUFFIX = ".lora_S"
 
 
 @dataclass(kw_only=True)
-class BankExportOptions:
+class BankExportOptions(ExportOptions):
+    """What ``export BANK_DIR --format bank-genai`` can be told (fp32 only, so no ``--dtype``)."""
+
     base_model: str | None = None
     tolerance: float | None = None
     prompts: tuple[str, ...] = tuple(DEFAULT_PROMPTS)
@@ -117,8 +124,22 @@ def _version(ranks: dict[str, int]) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExportOptions) -> dict[str, Any]:
+class BankGenaiReport(ExportReport):
+    """What the bank's export wrote per cluster, and how generation was verified."""
+
+    def lines(self) -> list[str]:
+        out = []
+        for c in self["clusters"]:
+            sizes = ", ".join(f"{Path(f['file']).name} {human_bytes(f['bytes'])}" for f in c["adapters"])
+            out.append(f"{c['folder']}: graph {human_bytes(c['graph_bytes'])}; {sizes}")
+        return [*out, f"onnxruntime-genai gave PEFT's tokens on {self['tokens_identical']} prompts (every adapter, and "
+                      f"the base with none active); wrote {self['output']} (and {REPORT_NAME})"]
+
+
+def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExportOptions) -> BankGenaiReport:
     """Build, verify and write ``output/cluster-<c>/`` per cluster (graph + one ``.onnx_adapter`` per adapter)."""
+    # imported on use (onnx pulls in much): registering the format at every command-line parse stays light
+    from loracompress.export.onnx_adapters import write_onnx_adapter
     from loracompress.runtime.model import load_base_model
 
     t0 = time.perf_counter()
@@ -134,17 +155,17 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
     base = load_base_model(options.base_model, bf.expanded(0), dtype=torch.float32,
                            trust_remote_code=options.trust_remote_code)
     if not base.is_causal_lm:
-        raise LoraCompressError("bank-export builds decoder-only causal LMs for onnxruntime-genai; this base is not one")
+        raise LoraCompressError("--format bank-genai builds decoder-only causal LMs for onnxruntime-genai; this base is not one")
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE["fp32"]
     prompts = encode_prompts(base.tokenizer, options.prompts)
     folders = [Path(bank_dir) / ADAPTERS_DIR / m.name for m in bf.members]
-    refs, base_refs = _references(base.model, folders, prompts, options.new_tokens, with_base=True)
+    refs, base_refs = peft_references(base.model, folders, prompts, options.new_tokens, with_base=True)
     clusters: list[dict[str, Any]] = []
     all_checks = []
     with atomic_output_dir(out, force=options.force, inputs=inputs) as tmp, \
             tempfile.TemporaryDirectory(prefix=".genai-work-", dir=str(tmp.parent)) as work_name:
         work = Path(work_name)
-        _save_hf(base, base.model, work / "hf")
+        save_hf(base, base.model, work / "hf")
         for c, bases in enumerate(bf.bank.bases):
             members = [i for i, k in enumerate(bf.bank.clusters) if k == c]
             dest = tmp / f"cluster-{c}"
@@ -161,9 +182,10 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                 write_onnx_adapter(arrays, dest / name, model_version=_version(ranks), adapter_version=i + 1)
                 files.append({"file": f"{dest.name}/{name}", "adapter": bf.members[i].name,
                               "values": int(sum(a.size for a in arrays.values())), "bytes": (dest / name).stat().st_size})
-            eos = _eos_ids(dest)
-            checks = _verify(og, dest, prompts, [_stop_at(refs[i], eos) for i in members], _stop_at(base_refs or [], eos),
-                             [Path(f["file"]).name for f in files], options.new_tokens, tolerance)
+            eos = eos_ids(dest)
+            checks = verify_folder(og, dest, prompts, [stop_at_eos(refs[i], eos) for i in members],
+                                   stop_at_eos(base_refs or [], eos), [Path(f["file"]).name for f in files],
+                                   options.new_tokens, tolerance)
             require_passed(checks)
             all_checks += checks
             clusters.append({"cluster": c, "folder": dest.name, "ranks": ranks, "adapters": files,
@@ -173,7 +195,16 @@ def export_bank_genai(bank_dir: str | Path, output: str | Path, options: BankExp
                   "prompts": list(options.prompts), "new_tokens": options.new_tokens,
                   "tokens_identical": f"{sum(c.identical for c in all_checks)}/{sum(c.prompts for c in all_checks)}",
                   "first_step_max_abs_diff": max(c.first_step_max_abs_diff for c in all_checks),
-                  "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": _versions(og),
+                  "checks": [c.to_json() for c in all_checks], "clusters": clusters, "versions": engine_versions(og),
                   "seconds": round(time.perf_counter() - t0, 2)}
         jsonio.write_json(tmp / REPORT_NAME, report)
-    return report
+    return BankGenaiReport(report)
+
+
+def _export(sources: Sequence[Path], output: Path, options: BankExportOptions) -> BankGenaiReport:
+    return export_bank_genai(sources[0], output, options)
+
+
+register_format(ExportFormat("bank-genai", "a bank folder (loracompress bank) as onnxruntime-genai graphs, the shared "
+                             "bases inside, R×R cores per .onnx_adapter; verified against PEFT's tokens",
+                             BankExportOptions, _export))

@@ -8,10 +8,14 @@ at the same end-of-sequence ids. A check passes when
 * the token ids are identical, except that a sequence may part ways at a step where PEFT's own top
   two logits are within ``tolerance`` of each other: a near tie that any rounding can flip (fp16
   rounding does). Such a step is reported, never hidden.
+
+``export --engine genai`` (:mod:`.genai`) and the bank's export (:mod:`.genai_bank`) both verify through
+here: :func:`peft_references` for PEFT's side, :func:`verify_folder` for the built folder's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from loracompress.errors import LoraCompressError
+from loracompress.export.genai_graph import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +158,66 @@ def require_passed(checks: Sequence[GenerationCheck]) -> None:
                f"generated tokens differ from PEFT's at step {c.mismatches[0]['step']} of prompt {c.mismatches[0]['prompt']}")
         raise LoraCompressError(f"{c.name} under onnxruntime-genai: {why}; nothing was written (--tolerance sets the bound)")
 
+
+def peft_references(model: torch.nn.Module, sources: Sequence[Path], prompts: list[list[int]], new_tokens: int,
+                    with_base: bool) -> tuple[list[list[Reference]], list[Reference] | None]:
+    """Stock PEFT's greedy references for each adapter (and the base alone); ``model`` is left unwrapped."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(sources[0]), adapter_name="a0").eval()
+    for i, src in enumerate(sources[1:], start=1):
+        peft.load_adapter(str(src), adapter_name=f"a{i}")
+    refs = []
+    for i in range(len(sources)):
+        peft.set_adapter(f"a{i}")
+        refs.append(peft_greedy(peft, prompts, new_tokens, eos=set()))
+    base_refs = None
+    if with_base:
+        with peft.disable_adapter():
+            base_refs = peft_greedy(peft, prompts, new_tokens, eos=set())
+    peft.unload()  # the base modules back in place, unmerged
+    return refs, base_refs
+
+
+def stop_at_eos(refs: list[Reference], eos: set[int]) -> list[Reference]:
+    """References cut after the first end-of-sequence id, as onnxruntime-genai stops there."""
+    out = []
+    for ref in refs:
+        end = next((k + 1 for k, t in enumerate(ref.tokens) if t in eos), len(ref.tokens))
+        out.append(Reference(tokens=ref.tokens[:end], first_logits=ref.first_logits, margins=ref.margins[:end]))
+    return out
+
+
+def eos_ids(folder: Path) -> set[int]:
+    """The end-of-sequence ids of a built folder (its genai_config.json): where onnxruntime-genai stops."""
+    eos = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model"].get("eos_token_id", [])
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def verify_folder(og: Any, folder: Path, prompts: list[list[int]], refs: list[list[Reference]],
+                  base_refs: list[Reference] | None, adapter_files: list[str], new_tokens: int, tolerance: float) -> list[GenerationCheck]:
+    """Generate under onnxruntime-genai (CPU) and compare with the references, one check per adapter."""
+    model = open_model(folder, cpu=True)
+    if not adapter_files:  # merged
+        return [compare("merged graph", model, prompts, refs[0], new_tokens, tolerance)]
+    loaded = og.Adapters(model)
+    for name in adapter_files:
+        loaded.load(str(folder / name), name)
+    checks = [compare(name, model, prompts, ref, new_tokens, tolerance, loaded, name) for name, ref in zip(adapter_files, refs)]
+    if base_refs is not None:
+        checks.append(compare("base only (no adapter active)", model, prompts, base_refs, new_tokens, tolerance))
+    return checks
+
+
+def engine_versions(og: Any) -> dict[str, str]:
+    """The versions of both sides of the check, for the report."""
+    import onnxruntime
+    import transformers
+
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:  # pragma: no cover - the references need it
+        peft_version = "missing"
+    return {"onnxruntime-genai": og.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft_version}

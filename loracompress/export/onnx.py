@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from loracompress.core import jsonio
+from loracompress.core.adapter import Adapter
 from loracompress.core.dtypes import parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.reader import load_adapter
@@ -123,7 +124,7 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     adapters = [load_adapter(s, allow_nonfinite=options.allow_nonfinite) for s in sources]  # each read once
     check_same_base(adapters, options)
     if uses_genai(options, adapters[0].config.get("task_type")):
-        return _export_genai(sources, output, options)
+        return _export_genai(sources, output, options, adapters)
     import_onnxruntime()
     tasks = {str(a.config.get("task_type")) for a in adapters}
     if len(tasks) > 1:
@@ -168,12 +169,14 @@ def export_onnx(sources: Sequence[str | Path], output: str | Path, options: Onnx
     return OnnxReport(report)
 
 
-def _export_genai(sources: Sequence[str | Path], output: str | Path, options: OnnxOptions) -> ExportReport:
+def _export_genai(sources: Sequence[str | Path], output: str | Path, options: OnnxOptions,
+                  adapters: Sequence[Adapter]) -> ExportReport:
+    """The causal-LM export, on the adapters already read here (each file is read once)."""
     from loracompress.export.genai import GenaiOptions, export_genai
 
     if options.adapter_only or options.graph:
         raise LoraCompressError("--adapter-only is not supported with --engine genai yet; export all adapters together")
-    return export_genai(sources, output, GenaiOptions(**shared(options)))
+    return export_genai(sources, output, GenaiOptions(**shared(options)), adapters=adapters)
 
 
 def _write_model_files(base: Any, directory: Path) -> None:

@@ -23,7 +23,7 @@ from loracompress.errors import LoraCompressError
 REPORT_NAME = "export_report.json"
 
 #: the formats that ship with loracompress, imported (and so registered) on first use
-_BUILTIN = ("onnx", "targets", "gguf")
+_BUILTIN = ("onnx", "targets", "gguf", "genai_bank")
 
 
 @dataclass(kw_only=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from loracompress.core import jsonio
 from loracompress.errors import LoraCompressError
-from loracompress.gate.measure import _read_json_object
+from loracompress.gate.measure import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def load_baseline(path: Path) -> dict[str, dict[str, Any]]:
     fix = "regenerate it with `loracompress report PATH... --json > FILE` or `check --update-baseline`"
     if not path.is_file():
         raise LoraCompressError(f"baseline {path}: no such file; {fix}")
-    doc = _read_json_object(path, f"baseline {path}", fix)
+    doc = read_json_object(path, f"baseline {path}", fix)
     if not isinstance(doc.get("adapters"), dict):
         raise LoraCompressError(f"baseline {path}: expected an object with an \"adapters\" table; {fix}")
     if doc.get("format", BASELINE_FORMAT) != BASELINE_FORMAT:

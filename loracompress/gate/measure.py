@@ -55,10 +55,10 @@ def folder_bytes(folder: Path) -> int:
 def read_report(folder: Path) -> dict[str, Any] | None:
     """The folder's ``compression_report.json``, or None when there is none."""
     path = folder / COMPRESSION_REPORT
-    return _read_json_object(path, str(path), "re-run the compression that wrote it") if path.is_file() else None
+    return read_json_object(path, str(path), "re-run the compression that wrote it") if path.is_file() else None
 
 
-def _read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -61,21 +61,45 @@ LABELLED: dict[str, Any] = {"hidden_weight": 0.0, "pseudo_labels": False, "token
                             "epochs": None}
 
 
-def data_settings(options: PruneOptions, data: CalibrationData) -> dict[str, Any]:
-    """The training settings that depend on the data: what the options say, and where they say nothing,
-    :data:`LABEL_FREE` for unlabelled classification data, else :data:`LABELLED`. Returns EngineConfig
-    fields, ``steps`` and ``epochs`` included."""
+#: The settings that :data:`LABEL_FREE` and :data:`LABELLED` choose when the options leave them unset (None)
+#: (their ``epochs`` only sizes ``steps``: see :func:`data_defaults`).
+DATA_DEPENDENT = ("hidden_weight", "pseudo_labels", "token_dropout", "lr")
+
+
+def data_defaults(options: PruneOptions, data: CalibrationData) -> dict[str, Any]:
+    """The EngineConfig fields that the options leave unset and that depend on the data read: :data:`LABEL_FREE`
+    for unlabelled classification data, else :data:`LABELLED`, and for unlabelled data that nobody sized
+    (no ``--steps``, no ``--epochs``) the steps of its epochs over the batches, capped. Nothing the user gave
+    is here. These cannot be in the :class:`~loracompress.pipelines.plan.PrunePlan`: it is built before any
+    data is read, and whether the data is labelled and how many batches it makes is known only after."""
     label_free = data.task == "cls" and not data.labelled
     auto = LABEL_FREE if label_free else LABELLED
-    chosen = {k: (getattr(options, k) if getattr(options, k, None) is not None else v) for k, v in auto.items()}
-    if options.steps is not None or options.epochs is not None:  # the user sized the run
-        chosen.update(steps=options.steps, epochs=options.epochs)
-    elif label_free:  # sized here like the engine sizes a labelled run: epochs over the batches, capped
+    chosen = {k: auto[k] for k in DATA_DEPENDENT if getattr(options, k, None) is None}
+    if label_free and options.steps is None and options.epochs is None:  # sized like a labelled run: epochs, capped
         steps = math.ceil(LABEL_FREE["epochs"] * len(data.train))
-        chosen.update(steps=max(1, min(LABEL_FREE_MAX_STEPS, steps)), epochs=None)
-    else:
-        chosen.update(steps=None, epochs=None)
+        chosen["steps"] = max(1, min(LABEL_FREE_MAX_STEPS, steps))
     return chosen
+
+
+def data_settings(options: PruneOptions, data: CalibrationData) -> dict[str, Any]:
+    """Every training setting that depends on the data, as the run uses it: what the options give, and where
+    they say nothing, :func:`data_defaults`. Returns EngineConfig fields, ``steps`` and ``epochs`` included
+    (for a caller that builds its own EngineConfig, such as the quality benchmark's scratch LoRA)."""
+    given = {k: getattr(options, k, None) for k in (*DATA_DEPENDENT, "steps", "epochs")}
+    return {**given, **data_defaults(options, data)}
+
+
+def engine_config(options: PruneOptions, out: Path) -> EngineConfig:
+    """The engine's settings as the options give them, checked: a bad ``--steps``, ``--epochs`` or ``--lr`` is
+    refused here, before any model loads. What the options leave to the data (:func:`data_defaults`) keeps
+    the engine's defaults until :func:`calibrate` has read the data."""
+    given = {k: getattr(options, k) for k in DATA_DEPENDENT if getattr(options, k) is not None}
+    return EngineConfig(
+        steps=options.steps, epochs=options.epochs, warmup=options.warmup, seed=options.seed,
+        kd_weight=options.kd_weight, task_weight=options.task_weight, temperature=options.temperature,
+        device=options.device, precision=options.precision, checkpoint_every=options.checkpoint_every,
+        checkpoint_dir=checkpoint_dir(out), resume=options.resume, **given, **memory_settings(options),
+    )
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -139,7 +163,8 @@ def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseF
     """Compress ``plan.source`` into ``plan.output`` by calibrating with ``plan.method``; returns the report.
 
     ``plan`` is what :func:`loracompress.pipelines.prune.prune` checked (output path, budget, method and its
-    settings, device): nothing is parsed or checked again here. ``progress`` is called after each
+    settings, device, the engine's settings as the options give them): nothing is parsed or checked again
+    here. Only what the options leave to the data (:func:`data_defaults`) is filled in, once it is read. ``progress`` is called after each
     calibration step, ``phase`` through the evaluation that follows (see :data:`PhaseFn`).
     """
     from loracompress.pipelines.results import write_result
@@ -150,13 +175,10 @@ def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseF
     method = plan.new_method()  # this run's own instance: freed before the evaluation (below)
     if budget is None:  # prune() refuses it; a plan built by hand must hold one too
         raise LoraCompressError(f"method {options.method!r} needs a --budget (e.g. --budget 0.25)")
+    if plan.engine is None:  # prune() builds it for every method that trains
+        raise LoraCompressError(f"method {options.method!r} trains: its plan needs the engine settings (PrunePlan.engine)")
+    config = plan.engine
     ckpt = checkpoint_dir(out)
-    config = EngineConfig(
-        steps=options.steps, epochs=options.epochs, lr=EngineConfig.lr if options.lr is None else options.lr, warmup=options.warmup, seed=options.seed,
-        kd_weight=options.kd_weight, task_weight=options.task_weight, temperature=options.temperature,
-        device=options.device, precision=options.precision, checkpoint_every=options.checkpoint_every,
-        checkpoint_dir=ckpt, resume=options.resume, **memory_settings(options),
-    )
     placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
     if config.fsdp:
         check_shardable(options.precision)
@@ -171,7 +193,7 @@ def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseF
     # engine moves each block to the device as it shards it, so no GPU ever holds the whole base.
     base = load_base(adapter, options, placement=replace(placement, device="cpu") if config.fsdp else placement)
     data = load_data(base, options)
-    config = replace(config, **data_settings(options, data))
+    config = replace(config, **data_defaults(options, data))  # what the options left to the data
     log.info("calibrating with %s on %d %s samples (%d batches), %d held out", options.method, data.samples,
              "labelled" if data.labelled else "unlabelled", len(data.train), data.held_out_samples)
 

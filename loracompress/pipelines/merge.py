@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from loracompress.core.adapter import Adapter
 from loracompress.core.dtypes import dtype_name, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.reader import load_adapter
+from loracompress.core.units import parse_size
 from loracompress.core.validate import reject_nonfinite
 from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
@@ -91,15 +92,13 @@ class MergeOptions:
         reject_nonfinite(self)
 
 
-def parse_size(text: str) -> int:
-    """``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"100KB"`` or a byte count, as bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(text), flags=re.IGNORECASE)
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-    unit = (m.group(2) or "").lower() if m else None
-    if m is None or unit not in units or float(m.group(1)) * units[unit] < 1:
+def max_shard_bytes(text: str) -> int:
+    """``--max-shard-size`` as bytes: ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"100KB"`` or a byte count
+    (:func:`~loracompress.core.units.parse_size`; a bare ``2G`` is 2 GB), at least one byte."""
+    size = parse_size(text, bare=True)
+    if size is None or not 1 <= size < math.inf:
         raise LoraCompressError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or 1.5GiB")
-    return int(float(m.group(1)) * units[unit])
+    return int(size)
 
 
 def _check_verify(mode: str) -> str:
@@ -140,7 +139,7 @@ def merge_adapter(source: str | Path, output: str | Path, options: MergeOptions)
     t0 = time.perf_counter()
     verify = _check_verify(options.verify)
     requested = parse_dtype(options.dtype)
-    max_shard = parse_size(options.max_shard_size) if options.max_shard_size is not None else None
+    max_shard = max_shard_bytes(options.max_shard_size) if options.max_shard_size is not None else None
     tolerance = resolve_tolerance(options.tolerance, "fp32")
     out = check_output_path(output, force=options.force, inputs=merge_inputs(source, options))
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)

@@ -91,7 +91,12 @@ class PrunePlan:
     budget and selector, the output path (``--force`` rules applied) and every option as given.
 
     The plan holds no method *instance*: the run builds its own with :meth:`new_method` and frees it (with
-    the layers, gradients and statistics its context holds) before the held-out evaluation."""
+    the layers, gradients and statistics its context holds) before the held-out evaluation.
+
+    ``engine`` is the training settings as the options give them (None for a training-free method). The
+    settings the options leave to the data (unlabelled classification data trains longer, with a larger
+    learning rate) are not in it: the plan is built before any data is read, so the calibration fills
+    them in once it has read the data (:func:`loracompress.pipelines.calibrate.data_defaults`)."""
 
     source: Path
     output: Path
@@ -100,6 +105,7 @@ class PrunePlan:
     settings: MethodSettings
     budget: Budget | None
     select: Selector | None = None
+    engine: EngineConfig | None = None
 
     def new_method(self) -> Method:
         return self.method(self.settings)

@@ -75,9 +75,10 @@ def prune(
             raise LoraCompressError(f"method {options.method!r} needs a --budget (e.g. --budget 0.25)")
         if select or options.min_rank or options.max_rank is not None:
             raise LoraCompressError("--select, --min-rank and --max-rank apply to --method svd only; drop them")
-        from loracompress.pipelines.calibrate import calibrate
+        from loracompress.pipelines.calibrate import calibrate, engine_config
 
-        plan = PrunePlan(Path(source), out, options, type(method), method.config, budget)
+        plan = PrunePlan(Path(source), out, options, type(method), method.config, budget,
+                         engine=engine_config(options, out))  # a bad --steps, --lr, ... is refused here
         return calibrate(plan, progress=progress, phase=phase)
     adapter = load_adapter(source, allow_nonfinite=options.allow_nonfinite)
     out_dtype = parse_dtype(options.dtype) or adapter.dtype

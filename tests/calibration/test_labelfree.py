@@ -12,7 +12,13 @@ import torch
 
 from loracompress.calibration.engine import EngineConfig, hidden_state_loss
 from loracompress.errors import LoraCompressError
-from loracompress.pipelines.calibrate import LABEL_FREE, LABEL_FREE_MAX_STEPS, LABELLED, data_settings
+from loracompress.pipelines.calibrate import (
+    LABEL_FREE,
+    LABEL_FREE_MAX_STEPS,
+    LABELLED,
+    data_defaults,
+    data_settings,
+)
 from loracompress.pipelines.prune import prune
 from tests.calibration.test_engine import calib_files, options
 
@@ -83,6 +89,30 @@ def test_label_free_settings_are_chosen_when_the_data_has_no_labels(labelled, ta
                               **given})
     data = SimpleNamespace(labelled=labelled, task=task, train=[{}] * batches)
     assert data_settings(opts, data) == expected
+    # what calibrate() fills in after reading the data: never a setting the options gave
+    sized = "steps" in given or "epochs" in given
+    assert not set(data_defaults(opts, data)) & {k for k in given if k not in ("steps", "epochs")}
+    assert "steps" not in data_defaults(opts, data) or not sized
+
+
+def test_prune_plans_the_engine_settings_once_and_refuses_bad_ones_before_any_model_loads(unlabelled, tmp_path,
+                                                                                          monkeypatch):
+    """The plan holds the settings the options give, checked; calibrate() adds only what the data decides."""
+    import loracompress.pipelines.calibrate as calibrate_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(calibrate_module, "load_base", no_model)
+    for bad, flag in (({"steps": 0}, "--steps"), ({"lr": -1.0}, "--lr"), ({"epochs": 0.0, "steps": None}, "--epochs"),
+                      ({"token_dropout": 1.5}, "--token-dropout")):
+        with pytest.raises(LoraCompressError, match=flag):
+            prune(unlabelled["adapter"], tmp_path / "bad", options(unlabelled, "increlora", **bad))
+    plans = []
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda plan, **kw: plans.append(plan) or {})
+    prune(unlabelled["adapter"], tmp_path / "p", options(unlabelled, "increlora", steps=None, epochs=2.0, lr=5e-4))
+    assert len(plans) == 1 and (plans[0].engine.epochs, plans[0].engine.steps, plans[0].engine.lr) == (2.0, None, 5e-4)
+    assert plans[0].engine.token_dropout == 0.0  # left to the data: filled in once it is read
 
 
 def test_prune_on_unlabelled_data_trains_longer_and_faster_unless_told(unlabelled, tmp_path):

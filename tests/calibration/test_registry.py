@@ -43,8 +43,7 @@ class ToyKeep(Method):
         ToyKeep.calls["after_step"] = ToyKeep.calls.get("after_step", 0) + 1
 
     def finalize(self) -> dict[str, int]:
-        ctx = self.ctx
-        assert ctx is not None
+        ctx = self.context  # the run's context; an error before setup()
         values = {p: [float(x) for x in layer.B.detach().norm(dim=0) * layer.A.detach().norm(dim=1)]
                   for p, layer in ctx.layers.items()}
         return allocate(values, {p: ctx.cost(p) for p in ctx.layers}, ctx.target_params, min_rank=self.config.floor)
@@ -122,3 +121,13 @@ def test_capabilities_not_names_decide_keep_best_and_held_out_sizing():
     assert held_out_fraction(SimpleNamespace(**vars(opts), method="toykeep"), 1000) == 0.2  # 200 of 1000
     assert held_out_fraction(SimpleNamespace(**vars(opts), method="toynested"), 1000) == 0.1
     assert held_out_fraction(SimpleNamespace(**vars(opts), method="svd"), 1000) == 0.1
+
+
+@pytest.mark.parametrize("name", ["adalora", "dylora", "increlora", "lorpa", "prilora", "toykeep"])
+def test_a_method_used_before_setup_says_so(name):
+    """One guard on the base class (``Method.context``), the same error from every method's hooks."""
+    method = registry.get_method(name)
+    with pytest.raises(RuntimeError, match=f"^{name}: setup\\(\\) was not called$"):
+        method.finalize()
+    with pytest.raises(RuntimeError, match="setup\\(\\) was not called"):
+        _ = method.context

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from loracompress.core.adapter import Adapter, LoraModule
 from loracompress.core.budget import Budget, allocate
 from loracompress.core.linalg import effective_rank, lowrank_svd
+from loracompress.core.units import parse_size
 from loracompress.cuts.svd import Selector, compress_svd, decompose
 from loracompress.errors import LoraCompressError
 
@@ -44,6 +45,19 @@ def test_budget_parse(text, kind, value):
 def test_budget_parse_rejects_nonsense(text):
     with pytest.raises(LoraCompressError):
         Budget.parse(text)
+
+
+@pytest.mark.parametrize(("text", "bare", "size"), [
+    ("4MB", False, 4e6), ("4 mib", False, 4 * 2**20), ("1.5GiB", False, 1.5 * 2**30), ("2TB", False, 2e12),
+    ("100kb", False, 1e5), ("512B", False, 512), ("-3MB", False, -3e6),  # the caller refuses a size <= 0
+    ("2G", False, None), ("4096", False, None), ("2G", True, 2e9), ("4096", True, 4096), (" 2 gb ", True, 2e9),
+    ("2ki", True, None), ("big", True, None), ("1.2.3mb", False, None), ("", True, None),
+])
+def test_one_size_parser_serves_budgets_and_shard_sizes(text, bare, size):
+    """``--budget 4MB`` and ``merge --max-shard-size 2GB`` read sizes with the one unit table (core/units.py)."""
+    assert parse_size(text, bare=bare) == size
+    if size is not None and size > 0 and not bare:
+        assert Budget.parse(text) == Budget("bytes", size, text)
 
 
 def test_budget_resolve_rejects_more_than_adapter():

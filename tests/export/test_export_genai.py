@@ -87,6 +87,38 @@ def test_engine_genai_refuses_an_encoder(tmp_path, capsys):
     assert code == 2 and "causal LMs" in capsys.readouterr().err
 
 
+def test_export_onnx_through_genai_reads_each_adapter_once(tmp_path, monkeypatch):
+    """Regression: ``export --format onnx`` read every adapter to choose the engine and check the bases,
+    then ``export_genai`` read them all again. Stopped where the base model would load."""
+    import loracompress.export.genai as genai
+    import loracompress.export.onnx as onnx
+    import loracompress.runtime.model as model
+    from loracompress.export.onnx import OnnxOptions, export_onnx
+
+    (a, base), (b, _) = (make_adapter("llama", tmp_path / name, r=4, lora_seed=seed) for name, seed in (("a", 1), ("b", 2)))
+    base.save_pretrained(str(tmp_path / "base"))
+    sources = [a, b]
+    reads: list[str] = []
+
+    def counted(source, **kwargs):
+        reads.append(str(source))
+        return load_adapter(source, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def no_base(*args, **kwargs):
+        raise Stop
+
+    for module in (onnx, genai):
+        monkeypatch.setattr(module, "load_adapter", counted)
+    monkeypatch.setattr(genai, "import_genai", lambda: None)  # no engine needed: the run stops before it is used
+    monkeypatch.setattr(model, "load_base_model", no_base)
+    with pytest.raises(Stop):
+        export_onnx(sources, tmp_path / "o", OnnxOptions(engine="genai", mode="adapters", base_model=str(tmp_path / "base")))
+    assert sorted(reads) == sorted(map(str, sources))
+
+
 # --------------------------------------------------------------------------- tiny Llama under onnxruntime-genai
 
 

@@ -68,7 +68,7 @@ from loracompress.calibration.engine.sharding import (
     gather_peak_rss,
     shard_base,
 )
-from loracompress.calibration.engine.signals import _StopRequest
+from loracompress.calibration.engine.signals import StopRequest
 from loracompress.calibration.engine.step import StepLoop
 from loracompress.calibration.engine.student import extract
 from loracompress.calibration.methods.base import CalibContext, Method
@@ -245,7 +245,7 @@ class Engine:
                 ckpt.clear()
             loop = StepLoop(cfg, accelerator, model, prepared, layers, opt, params, method, local, task, total, warmup,
                          sharded)
-            with _StopRequest() as stop, gradient_checkpointing(model, cfg.gradient_checkpointing):
+            with StopRequest() as stop, gradient_checkpointing(model, cfg.gradient_checkpointing):
                 for step in range(start, total):
                     losses.append(loop.step(step))
                     if progress is not None and accelerator.is_main_process:

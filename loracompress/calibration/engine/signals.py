@@ -10,14 +10,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-class _StopRequest:
+class StopRequest:
     """SIGINT/SIGTERM set a flag that the loop reads after each step; a second signal stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.getsignal(sig)

@@ -147,12 +147,11 @@ class AdaLoRA(Method):
             self._allocate(self.budget_at(done), done)
 
     def finalize(self) -> dict[str, int]:
-        if self.ctx is None:
-            raise RuntimeError("finalize() before setup()")
+        ctx = self.context
         if not self._final_done:
-            self._allocate(self.target, self.ctx.total_steps)
+            self._allocate(self.target, ctx.total_steps)
             self._final_done = True
-        ranks = {p: 0 for p in self.ctx.layers}
+        ranks = {p: 0 for p in ctx.layers}
         for p, layer in self.layers.items():
             keep = torch.nonzero(layer.mask != 0).flatten()
             perm = move_to_front(layer, keep)

@@ -134,6 +134,14 @@ class Method:
         self.settings: dict[str, Any] = asdict(self.config)
         self.ctx: CalibContext | None = None
 
+    @property
+    def context(self) -> CalibContext:
+        """The run's context, for the hooks after :meth:`setup`: a method used before it is a programming error,
+        said by one message here rather than a ``None`` failing somewhere inside a hook."""
+        if self.ctx is None:
+            raise RuntimeError(f"{self.name}: setup() was not called")
+        return self.ctx
+
     def setup(self, ctx: CalibContext) -> None:
         self.ctx = ctx
 

@@ -153,15 +153,14 @@ class DyLoRA(Method):
         self._saved = {}
 
     def finalize(self) -> dict[str, int]:
-        if self.ctx is None:
-            raise RuntimeError("finalize() before setup()")
+        ctx = self.context
         cut = self.cut(self.target)
         with torch.no_grad():
             for p, layer in self.layers.items():
                 layer.mask.fill_(1)  # the last step's sampled cut is not the output's
                 keep_leading(layer, cut[p])
         self._final = dict(cut)
-        return {p: cut.get(p, 0) for p in self.ctx.layers}
+        return {p: cut.get(p, 0) for p in ctx.layers}
 
     def metadata(self) -> dict[str, str]:
         """Safetensors metadata of the output: DyLoRA order, component values, trained range."""

@@ -181,11 +181,10 @@ class IncreLoRA(Method):
             self._grow(last=self._round == len(self.round_steps), step=done)
 
     def finalize(self) -> dict[str, int]:
-        if self.ctx is None:
-            raise RuntimeError("finalize() before setup()")
+        ctx = self.context
         if not self.finished:  # the run ended before growth finished: fill what is left now
-            self._grow(last=True, step=self.ctx.total_steps, warm=False)
-        ranks = {p: 0 for p in self.ctx.layers}
+            self._grow(last=True, step=ctx.total_steps, warm=False)
+        ranks = {p: 0 for p in ctx.layers}
         for p, layer in self.layers.items():
             keep_leading(layer, self.active[p])
             ranks[p] = self.active[p]

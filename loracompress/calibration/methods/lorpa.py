@@ -104,7 +104,7 @@ class LoRPA(Method):
         return [s + 1 for s in self.prune_at]
 
     def finalize(self) -> dict[str, int]:
-        ctx = self._ctx()
+        ctx = self.context
         ranks = {p: layer.active_rank for p, layer in ctx.layers.items()}
         spent = sum(r * ctx.cost(p) for p, r in ranks.items())
         if spent > ctx.target_params:
@@ -121,30 +121,25 @@ class LoRPA(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for p in self._ctx().layers:
+        for p in self.context.layers:
             if f"rewind.{p}.A" in state:
                 self.rewind_to[p] = (state[f"rewind.{p}.A"], state[f"rewind.{p}.B"])
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _ctx(self) -> CalibContext:
-        if self.ctx is None:
-            raise RuntimeError("lorpa: setup() was not called")
-        return self.ctx
-
     def _record_rewind_point(self) -> None:
-        self.rewind_to = {p: (layer.A.detach().clone(), layer.B.detach().clone()) for p, layer in self._ctx().layers.items()}
+        self.rewind_to = {p: (layer.A.detach().clone(), layer.B.detach().clone()) for p, layer in self.context.layers.items()}
 
     def _round_target(self, k: int) -> int:
         """Parameters kept after round ``k`` (0-based): geometric from the full adapter to the budget."""
-        ctx = self._ctx()
+        ctx = self.context
         if k == self.rounds - 1:
             return ctx.target_params
         ratio = ctx.target_params / max(self.full_params, 1)
         return int(self.full_params * ratio ** ((k + 1) / self.rounds))
 
     def _prune_round(self, k: int) -> None:
-        ctx = self._ctx()
+        ctx = self.context
         target = self._round_target(k)
         values: dict[str, np.ndarray] = {}
         order: dict[str, torch.Tensor] = {}

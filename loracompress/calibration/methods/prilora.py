@@ -145,7 +145,7 @@ class PriLoRA(Method):
         log.debug("prilora: depth-linear ranks %s", self.ranks)
 
     def after_step(self, step: int) -> None:
-        ctx = self._ctx()
+        ctx = self.context
         last_event = step + 1 > ctx.total_steps - self.interval
         event = (step + 1) % self.interval == 0 and not last_event
         if event:
@@ -154,7 +154,7 @@ class PriLoRA(Method):
             self._structured_cut(step)
 
     def finalize(self) -> dict[str, int]:
-        ctx = self._ctx()
+        ctx = self.context
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -169,14 +169,9 @@ class PriLoRA(Method):
         return {f"ema.{p}": v for p, v in self.ema.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema = {p: state[f"ema.{p}"] for p in self._ctx().layers if f"ema.{p}" in state}
+        self.ema = {p: state[f"ema.{p}"] for p in self.context.layers if f"ema.{p}" in state}
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _ctx(self) -> CalibContext:
-        if self.ctx is None:
-            raise RuntimeError("prilora: setup() was not called")
-        return self.ctx
 
     def _allocate(self, ctx: CalibContext) -> dict[str, int]:
         """Depth-linear ranks as parameter shares per block, filled within each block by energy per parameter."""
@@ -214,13 +209,13 @@ class PriLoRA(Method):
         ema = self.ema.get(path)
         if ema is None:  # no statistics yet: plain magnitude
             return torch.ones(layer.A.shape[1], device=layer.A.device)
-        return self._ctx().reduce_mean(ema.clone())
+        return self.context.reduce_mean(ema.clone())
 
     def _prune_elements(self) -> None:
         if self.fraction <= 0:
             return
         with torch.no_grad():
-            for p, layer in self._ctx().layers.items():
+            for p, layer in self.context.layers.items():
                 if layer.active_rank == 0:
                     continue
                 S = layer.A.abs() * self._input_norms(p, layer)[None, :]
@@ -237,7 +232,7 @@ class PriLoRA(Method):
 
     def _structured_cut(self, step: int) -> None:
         """Mask components down to the cubic schedule's count for ``step`` (the final ranks at ``cut_step``)."""
-        ctx = self._ctx()
+        ctx = self.context
         progress = min(1.0, (step + 1) / (self.cut_step + 1))
         with torch.no_grad():
             for p, layer in ctx.layers.items():
