@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -181,12 +182,17 @@ def measure(argv: list[str], timeout: float) -> tuple[int, int, float, str]:
     """
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         t0 = time.perf_counter()
+        # its own process group: on a timeout the command itself is killed, not only ``time`` (whose
+        # orphaned child once went on calibrating beside the next case)
+        child = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, start_new_session=True)
         try:
-            done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, timeout=timeout)
-            rc, err = done.returncode, done.stderr.decode(errors="replace")
-        except subprocess.TimeoutExpired as exc:
-            rc, err = -9, f"timed out after {timeout:.0f} s {(exc.stderr or b'').decode(errors='replace')}"
+            _, stderr = child.communicate(timeout=timeout)
+            rc, err = child.returncode, stderr.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            _, stderr = child.communicate()
+            rc, err = -9, f"timed out after {timeout:.0f} s {stderr.decode(errors='replace')}"
         seconds = time.perf_counter() - t0
         lines = [ln for ln in Path(report.name).read_text().split() if ln.strip().isdigit()]
     peak = int(lines[-1]) * 1024 if lines else 0  # GNU time reports KiB
@@ -296,6 +302,8 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
             r = by.get((s, c))
             if r is None:
                 cells.append("")
+            elif r.rc == -9 and "timed out" in r.note:  # killed: /usr/bin/time never reported a peak
+                cells.append(f"timed out ({r.seconds:.0f} s)")
             elif r.peak_rss is None or r.rc != 0:
                 cells.append("skipped" if r.peak_rss is None else f"failed ({r.peak_rss / GiB:.2f} GiB)")
             else:

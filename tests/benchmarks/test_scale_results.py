@@ -68,3 +68,16 @@ def test_the_4bit_calibration_is_the_same_run_with_the_base_in_nf4(tmp_path):
     nf4 = scale.argv_for("calibrate-4bit", *paths, flags)
     assert nf4 == [*plain, "--load-in-4bit"]
     assert scale.SIZES["7B"][0].parameters() == 6_738_415_616  # Llama-2-7B's count
+
+
+def test_a_timed_out_case_is_killed_not_left_running(tmp_path):
+    """Regression: on a timeout only /usr/bin/time was killed; its child (a 7B calibration) went on beside the
+    next case for minutes, holding 15 GB."""
+    import subprocess
+    import uuid
+
+    marker = f"lc-timeout-{uuid.uuid4().hex}"
+    rc, _, seconds, err = scale.measure([sys.executable, "-c", f"import time; time.sleep(60)  # {marker}"], timeout=1)
+    assert rc == -9 and "timed out" in err and seconds < 30
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.strip()
+    assert not left, f"the command is still running: {left}"
