@@ -18,8 +18,8 @@ Two measurements on a causal-LM test bed (``--bed smollm2``: the 4 SmolLM2-135M 
   prompt; both graphs open in one process and measured in alternating rounds. Also the bytes on disk
   of each side's graph and adapter files.
 
-Rows go to ``benchmarks/results/bank_genai.json`` as they finish and ``bank.md`` is re-rendered
-(``bank.py --render`` shows them too)::
+Rows go to ``benchmarks/results/bank_genai.json`` as they finish, one entry per measurement, bank budget and
+clusters (a rerun replaces its own entry only), and ``bank.md`` is re-rendered (``bank.py --render`` too)::
 
     OMP_NUM_THREADS=1 python benchmarks/bank_genai.py check --bed smollm2 --budget 1/16
     OMP_NUM_THREADS=1 python benchmarks/bank_genai.py speed --bed smollm2 --budget 1/16 --clusters 1
@@ -267,7 +267,7 @@ def speed(args: argparse.Namespace) -> None:
         srcs, base_model, what = sources(args, work)
         entry = {**header(args, what), "new_tokens": args.new_tokens, "rounds": args.rounds, "threads": args.threads,
                  "prompts": list(DEFAULT_PROMPTS), "N": len(srcs), "rows": []}
-        res = Results(Path(args.results), "speed", entry)
+        res = Results(Path(args.results), "speed", entry, key=f"{args.budget}, clusters {args.clusters}")
         reuse = args.reuse and (work / SETUP_JSON).is_file()
         setup = json.loads((work / SETUP_JSON).read_text()) if reuse else speed_setup(args, work, srcs, base_model)
         entry.update(sides=setup["sides"], setup_seconds=setup["setup_seconds"], setup_reused=reuse)
@@ -349,21 +349,28 @@ def section(path: Path = GENAI_JSON) -> list[str]:
     for c in checks.values():
         out += _check_lines(c)
     out += ["## onnxruntime-genai tokens/s: N adapters from one bank graph against N separate multi-LoRA adapters", ""]
-    s = data.get("speed")
-    if not s or not s.get("rows"):
-        out += [f"Not measured yet: `{SPEED_COMMAND}`." + (" (A run started but has no rows.)" if s else ""), ""]
-        return out
+    speeds = {k: v for k, v in (data.get("speed") or {}).items() if v.get("rows")}
+    if not speeds:
+        out += [f"Not measured yet: `{SPEED_COMMAND}` (about 10 minutes; `--budget 1/32` is the bank whose one "
+                "cluster `--clusters auto` chooses).", ""]
+    for entry in speeds.values():
+        out += _speed_lines(entry)
+    return out
+
+
+def _speed_lines(s: dict[str, Any]) -> list[str]:
     sides = s["sides"]
-    out += [f"Command: `OMP_NUM_THREADS=1 {s['command']}` ({s['date']}; {s['device']}; onnxruntime-genai "
-            f"{s['versions']['onnxruntime-genai']}, CPU, {s['threads']} intra-op thread(s)). {s['inputs']}, N = {s['N']}. "
-            f"`bank`: one graph (`bank-export`, the shared bases U, V inside), each adapter's file only its R×R cores "
-            f"(R ≤ {sides['bank']['R_max']}). `separate`: `export --format onnx --engine genai --mode adapters` of the "
-            f"N adapters, each cut alone (`prune --budget {sides['separate']['params_each']:,}`, the bank's "
-            f"{sides['bank']['params']:,} parameters / N). Per round, each side decodes the {len(s['prompts'])} prompts "
-            f"× {s['new_tokens']} greedy tokens (no early stop) with each of the N adapters in turn, one generator "
-            "per sequence; rounds alternate the order of the sides; median over rounds.", "",
-            "| side | graph on disk | adapter files (N total / each) | parameters | tokens/s (median) | rounds "
-            "| vs separate |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = [f"### Bank budget {s['budget']}, one cluster", "",
+           f"Command: `OMP_NUM_THREADS=1 {s['command']}` ({s['date']}; {s['device']}; onnxruntime-genai "
+           f"{s['versions']['onnxruntime-genai']}, CPU, {s['threads']} intra-op thread(s)). {s['inputs']}, N = {s['N']}. "
+           f"`bank`: one graph (`bank-export`, the shared bases U, V inside), each adapter's file only its R×R cores "
+           f"(R ≤ {sides['bank']['R_max']}). `separate`: `export --format onnx --engine genai --mode adapters` of the "
+           f"N adapters, each cut alone (`prune --budget {sides['separate']['params_each']:,}`, the bank's "
+           f"{sides['bank']['params']:,} parameters / N). Per round, each side decodes the {len(s['prompts'])} prompts "
+           f"× {s['new_tokens']} greedy tokens (no early stop) with each of the N adapters in turn, one generator "
+           "per sequence; rounds alternate the order of the sides; median over rounds.", "",
+           "| side | graph on disk | adapter files (N total / each) | parameters | tokens/s (median) | rounds "
+           "| vs separate |", "|---|---:|---:|---:|---:|---:|---:|"]
     med = {}
     for label in dict.fromkeys(r["side"] for r in s["rows"]):
         med[label] = statistics.median(r["tokens_per_s"] for r in s["rows"] if r["side"] == label)
@@ -379,7 +386,9 @@ def section(path: Path = GENAI_JSON) -> list[str]:
             out.append(f"| {label} | (the separate graph) | – | – | {med[label]:.1f} | {n} | {ratio} |")
     if "bank" in med and "separate" in med:
         out += ["", f"Ratio bank / separate: **{med['bank'] / med['separate']:.2f}×** tokens/s; adapter files "
-                f"{sides['separate']['adapter_bytes'] / max(sides['bank']['adapter_bytes'], 1):.1f}× smaller in the bank."]
+                f"{sides['separate']['adapter_bytes'] / max(sides['bank']['adapter_bytes'], 1):.1f}× smaller in the bank. "
+                f"Both exports verified greedy tokens against PEFT before anything was timed: bank "
+                f"{sides['bank']['tokens_identical']}, separate {sides['separate']['tokens_identical']} identical."]
     return out + [""]
 
 

@@ -36,7 +36,7 @@ def test_check_and_speed_rows_on_two_tiny_adapters(tmp_path):
     assert rows["t0"]["differs_from_base"] + rows["t1"]["differs_from_base"] > 0  # the cores act
 
     bank_genai.main(["speed", *common, "--new-tokens", "3", "--rounds", "2", "--work", str(tmp_path / "work")])
-    speed = json.loads(results.read_text())["speed"]
+    speed = json.loads(results.read_text())["speed"]["1/2, clusters 1"]
     assert "check" in json.loads(results.read_text())  # the other measurement is kept
     assert [(r["round"], r["side"]) for r in speed["rows"]] == [
         (0, "bank"), (0, "separate"), (0, "none active (separate graph)"),
@@ -50,8 +50,9 @@ def test_check_and_speed_rows_on_two_tiny_adapters(tmp_path):
 
     text = "\n".join(bank_genai.section(results))
     assert "| t0 | 0 |" in text and "Ratio bank / separate" in text and "Not measured" not in text
+    assert text.count("### Bank budget 1/2") == 2  # the check's entry and the speed entry
 
     bank_genai.main(["speed", *common, "--new-tokens", "2", "--rounds", "1", "--work", str(tmp_path / "work"),
                      "--reuse"])  # measures the graphs left in --work: no bank, no export
-    again = json.loads(results.read_text())["speed"]
+    again = json.loads(results.read_text())["speed"]["1/2, clusters 1"]
     assert again["setup_reused"] and again["sides"] == sides and len(again["rows"]) == 3
