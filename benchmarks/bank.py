@@ -18,7 +18,8 @@ adapter at the same per-adapter share), the shared rank R, and curves of quality
 the first N adapters) and against R (``--budget rank=R``).
 
 Rows go to ``benchmarks/results/bank_<bed>.json`` as they finish; ``bank.md`` and ``bank.png`` are re-rendered
-from it after each row. The onnxruntime-genai tokens/s row is a TODO until the bank ONNX export exists.
+from it after each row. The onnxruntime-genai sections (the bank graph's tokens against PEFT, and its tokens/s
+against N separate multi-LoRA adapters) come from ``benchmarks/bank_genai.py`` and its ``bank_genai.json``.
 
     OMP_NUM_THREADS=1 python benchmarks/bank.py --bed minilm
     OMP_NUM_THREADS=1 python benchmarks/bank.py --bed smollm2 --budgets 1/16,1/32 --curve-n "" --ranks ""
@@ -424,10 +425,9 @@ def render() -> None:
     lines += _acceptance(beds)
     for name, bed in beds.items():
         lines += _budget_table(name, bed)
-    lines += ["## onnxruntime-genai tokens/s", "",
-              "| N adapters | one bank graph (cores only per adapter) | N separate multi-LoRA adapters |",
-              "|---|---|---|",
-              "| TODO | not measured: the bank ONNX export (issue 26, item 2) does not exist yet | – |", ""]
+    from bank_genai import section  # its own results file: bank_genai.json
+
+    lines += section()
     path = RESULTS / "bank.md"
     notes = ""
     if path.exists() and NOTES_MARKER in path.read_text():
