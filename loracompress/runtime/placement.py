@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from loracompress.errors import LoraCompressError
+from loracompress.runtime.bf16_compute import native_bf16_matmul
 from loracompress.runtime.device import resolve_device
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,13 +152,21 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:160]
 
 
+def compute_dtype(placement: BasePlacement) -> torch.dtype:
+    """The dtype a 4-bit base's layers compute in: the base dtype, but fp32 for bf16 on a CPU without native
+    bf16 products (:mod:`loracompress.runtime.bf16_compute`: its fallback kernel is 200x slower in backward)."""
+    if placement.dtype == torch.bfloat16 and not native_bf16_matmul(placement.device):
+        return torch.float32
+    return placement.dtype
+
+
 def quantization_config(placement: BasePlacement) -> Any:
     """The ``BitsAndBytesConfig`` for a quantized placement (NF4 with double quantization, as QLoRA)."""
     from transformers import BitsAndBytesConfig
 
     if placement.quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=placement.dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype(placement))
     if placement.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"not a quantized placement: {placement}")

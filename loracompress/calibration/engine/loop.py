@@ -75,6 +75,7 @@ from loracompress.calibration.methods.base import CalibContext, Method
 from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter
 from loracompress.errors import LoraCompressError
+from loracompress.runtime.bf16_compute import native_bf16_matmul, upcast_frozen_linears
 from loracompress.runtime.layers import attach, detach
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,11 @@ class Engine:
             p.requires_grad_(False)
         model.eval()  # dropout off: the student learns the teacher's deterministic function
         layers = attach(model, student, teacher=teacher, trainable=True)
+        if accelerator.device.type == "cpu" and not native_bf16_matmul("cpu"):
+            # before sharding: fully_shard swaps the layers' classes, the instance's forward stays
+            upcast = upcast_frozen_linears(model)
+            if upcast:
+                log.info("this CPU has no native bf16 products: %d bf16 layers compute in fp32", upcast)
         # The layers hold their own copy of the student's factors: drop this reference so that a student
         # passed in by value (``svd_student(adapter)`` in the call) is freed instead of living on, a second
         # copy of the factors, for the whole run.
