@@ -337,10 +337,10 @@ def write_results(runs: list[Run], out_md: Path, out_png: Path, out_json: Path, 
             row.append(f"| {peak / GiB:.1f} GiB | {machines(peak)} ")
         lines.append("".join(row) + "|")
     lines += ["", "Commands as run (paths relative to the repository):", ""]
-    for s in sizes[:1]:
-        for c in COMMANDS:
-            if (s, c) in by:
-                lines.append(f"- {c}: `{' '.join(_shown(by[(s, c)].argv))}`")
+    for c in COMMANDS:  # each command as run on the smallest size that ran it
+        first = next((s for s in sizes if (s, c) in by), None)
+        if first is not None:
+            lines.append(f"- {c}: `{' '.join(_shown(by[(first, c)].argv))}`")
     cal = "with `--base-dtype bf16 --gradient-checkpointing`" if {"--base-dtype", "--gradient-checkpointing"} <= flags \
         else "without `--base-dtype`/`--gradient-checkpointing` (not offered by this `prune` yet)"
     lines += ["", f"Calibration ran {cal}."]
