@@ -144,6 +144,11 @@ def refuse_packed(name: str | Path, doing: str) -> None:
             raise refusal(q, doing)
 
 
+#: weights a merge can add ``ΔW`` to (float8 counts as floating point to torch, but holds FP8 values without
+#: their scales)
+_FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def float_model(model: nn.Module, doing: str) -> nn.Module:
     """``model`` with float weights everywhere a merge adds ``ΔW``: bitsandbytes layers are dequantized by
     transformers (``model.dequantize()``), an FP8 model that transformers left quantized is refused.
@@ -151,6 +156,10 @@ def float_model(model: nn.Module, doing: str) -> nn.Module:
     On a machine without a GPU transformers dequantizes FP8 checkpoints on load already.
     """
     if getattr(model, "hf_quantizer", None) is None:
+        return model
+    if all(p.dtype in _FLOAT_WEIGHTS for p in model.parameters()):
+        # dequantized on load (a GGUF file always; FP8 without a GPU) though transformers still marks it
+        # quantized: the weights are floats, nothing to convert (the GGUF base was refused as "gguf-quantized")
         return model
     q = detect(getattr(model, "config", None))
     if q is not None and q.method.startswith("bnb"):

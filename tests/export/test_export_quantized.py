@@ -55,3 +55,20 @@ def test_onnx_merged_export_of_a_4bit_base_matches_peft_on_the_4bit_model(tmp_pa
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
     assert float(np.abs(got - ref).max()) <= 1e-4
+
+
+def test_export_from_a_gguf_base(tmp_path, capsys):
+    """Regression: a .gguf base (dequantized by transformers on load, but still marked quantized) was refused as
+    "gguf-quantized ... transformers kept its quantized layers on load (a GPU is visible)" by every ONNX export."""
+    from loracompress_cli.app import main
+    from tests.tiny import make_adapter, save_tiny_gguf
+
+    save_tiny_gguf(tmp_path / "tiny.gguf")
+    src, _ = make_adapter("llama", tmp_path / "a", r=4)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    rc = main(["export", str(src), "--base-model", str(tmp_path / "tiny.gguf"), "--format", "onnx", "--engine", "ort",
+               "-o", str(out), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert (out / "model.onnx").is_file() and report["max_abs_diff"] <= report["tolerance"]
