@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+#: The floating dtypes weights are stored and written in.
+FLOATS = tuple(_DTYPES.values())
+#: The weights a merge can add ``ΔW`` to (float8 is floating point to torch, but holds FP8 values without their scales).
+MERGEABLE = (*FLOATS, torch.float64)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -21,7 +21,6 @@ from loracompress.runtime.quantized import Dequantizer, Requantizer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass

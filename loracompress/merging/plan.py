@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from loracompress.core.adapter import Adapter, base_param_name
-from loracompress.merging.checkpoint import FLOATS, SINGLE_NAME, Checkpoint
+from loracompress.core.dtypes import FLOATS
+from loracompress.merging.checkpoint import SINGLE_NAME, Checkpoint
 from loracompress.merging.weights import is_conv1d, tied_groups
 from loracompress.runtime.quantized import Dequantizer, Requantizer
 

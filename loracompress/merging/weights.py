@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from loracompress.core.adapter import Adapter, LoraModule
+from loracompress.core.dtypes import FLOATS, MERGEABLE
 from loracompress.errors import LoraCompressError
-from loracompress.merging.checkpoint import FLOATS
 from loracompress.runtime.layers import base_shape
 
 
@@ -94,6 +94,6 @@ def require_float_weights(model: nn.Module, adapter: Adapter) -> None:
     4-bit or int8): the sum would not be the merged weight, the adapter would be lost."""
     for path, m in adapter.modules.items():
         weight = getattr(model.get_submodule(path), "weight", None)
-        if m.rank and weight is not None and weight.dtype not in (*FLOATS, torch.float64):
+        if m.rank and weight is not None and weight.dtype not in MERGEABLE:
             raise LoraCompressError(f"{path}.weight is {str(weight.dtype).replace('torch.', '')}: the base is quantized "
                                     "and must be dequantized before a merge; use the unquantized base with --base-model ORIGINAL")

@@ -34,7 +34,7 @@ import torch
 
 from loracompress.core import jsonio
 from loracompress.core.adapter import Adapter
-from loracompress.core.dtypes import dtype_name, parse_dtype
+from loracompress.core.dtypes import FLOATS, dtype_name, parse_dtype
 from loracompress.core.outputs import atomic_output_dir, check_output_path
 from loracompress.core.reader import load_adapter
 from loracompress.core.units import parse_size
@@ -43,7 +43,7 @@ from loracompress.errors import LoraCompressError
 from loracompress.export.probe import applied, max_abs_diff, model_outputs, probe_batch, saved_module_params
 from loracompress.export.verify import resolve_tolerance
 from loracompress.merging.check import ModuleCheck
-from loracompress.merging.checkpoint import FLOATS, read_checkpoint
+from loracompress.merging.checkpoint import read_checkpoint
 from loracompress.merging.inplace import merge_into
 from loracompress.merging.plan import MergePlan, plan_merge
 from loracompress.merging.quantized import (

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracompress.core.dtypes import MERGEABLE
 from loracompress.errors import LoraCompressError
 
 #: quant_method -> what the base is, for the refusal (formats whose weights are packed integers).
@@ -144,11 +145,6 @@ def refuse_packed(name: str | Path, doing: str) -> None:
             raise refusal(q, doing)
 
 
-#: weights a merge can add ``ΔW`` to (float8 counts as floating point to torch, but holds FP8 values without
-#: their scales)
-_FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def float_model(model: nn.Module, doing: str) -> nn.Module:
     """``model`` with float weights everywhere a merge adds ``ΔW``: bitsandbytes layers are dequantized by
     transformers (``model.dequantize()``), an FP8 model that transformers left quantized is refused.
@@ -157,7 +153,7 @@ def float_model(model: nn.Module, doing: str) -> nn.Module:
     """
     if getattr(model, "hf_quantizer", None) is None:
         return model
-    if all(p.dtype in _FLOAT_WEIGHTS for p in model.parameters()):
+    if all(p.dtype in MERGEABLE for p in model.parameters()):
         # dequantized on load (a GGUF file always; FP8 without a GPU) though transformers still marks it
         # quantized: the weights are floats, nothing to convert (the GGUF base was refused as "gguf-quantized")
         return model
