@@ -178,7 +178,6 @@ def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseF
     if plan.engine is None:  # prune() builds it for every method that trains
         raise LoraCompressError(f"method {options.method!r} trains: its plan needs the engine settings (PrunePlan.engine)")
     config = plan.engine
-    ckpt = checkpoint_dir(out)
     placement = resolve_placement(options.base_dtype, options.device, options.load_in_4bit, options.load_in_8bit)
     if config.fsdp:
         check_shardable(options.precision)
@@ -231,7 +230,7 @@ def calibrate(plan: PrunePlan, progress: ProgressFn | None = None, phase: PhaseF
     )
     if _is_main_process():
         write_result(chosen, out, report, out_dtype, options.force, input_paths(source, options))
-        remove_checkpoints(ckpt)
+        remove_checkpoints(config.checkpoint_dir)
     _wait_for_everyone()
     return report
 

@@ -204,7 +204,7 @@ class Engine:
             p.requires_grad_(False)
         model.eval()  # dropout off: the student learns the teacher's deterministic function
         layers = attach(model, student, teacher=teacher, trainable=True)
-        if accelerator.device.type == "cpu" and not native_bf16_matmul("cpu"):
+        if not native_bf16_matmul(str(accelerator.device)):
             # before sharding: fully_shard swaps the layers' classes, the instance's forward stays
             upcast = upcast_frozen_linears(model)
             if upcast:
